@@ -1,0 +1,70 @@
+"""The reference backend: plain torch, the oracle that every other backend is tested against.
+
+Token dispatch works on flat (token, expert, weight) pairs, which covers top-k routing
+(k pairs per token) and expert choice (a variable number per token) alike:
+
+1. `permute`: stable sort of the pairs by expert; per-expert counts.
+2. `grouped_ffn`: each expert's FFN on its contiguous segment of gathered rows.
+3. `combine`: weight each row and add it back into its token's output (index_add).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..activations import get_activation
+
+__all__ = ["permute", "grouped_ffn", "combine"]
+
+
+def permute(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable order that groups the pairs by expert, and the number of pairs per expert."""
+    order = torch.argsort(expert_idx, stable=True)
+    counts = torch.bincount(expert_idx, minlength=num_experts)
+    return order, counts
+
+
+def grouped_ffn(
+    x: torch.Tensor,
+    counts: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: torch.Tensor | None = None,
+    b1: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    b3: torch.Tensor | None = None,
+    activation: str = "relu",
+    dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """Rows of `x` grouped by expert (`counts[e]` rows for expert e) through each expert's FFN.
+
+    Weights are stacked [E, out, in]: w1 [E, I, H], w2 [E, H, I], w3 [E, I, H] (gated form only).
+    """
+    act = get_activation(activation)
+    outs = []
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n == 0:
+            continue
+        seg = x[start : start + n]
+        start += n
+        h = F.linear(seg, w1[e], None if b1 is None else b1[e])
+        h = act(h)
+        if w3 is not None:
+            h = h * F.linear(seg, w3[e], None if b3 is None else b3[e])
+        if dropout > 0.0 and training:
+            h = F.dropout(h, dropout, training=True)
+        outs.append(F.linear(h, w2[e], None if b2 is None else b2[e]))
+    if not outs:
+        return x.new_zeros((0, w2.shape[1]))
+    return torch.cat(outs, dim=0)
+
+
+def combine(
+    y: torch.Tensor, token_idx: torch.Tensor, weight: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """Sum of `weight[p] * y[p]` into row `token_idx[p]` of a [num_tokens, H] output."""
+    out = y.new_zeros((num_tokens, y.shape[-1]))
+    return out.index_add(0, token_idx, y * weight.to(y.dtype).unsqueeze(-1))

@@ -1,0 +1,95 @@
+"""`Router`: token-to-expert assignment in float32, with the balancing and z losses recorded."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MoEConfig
+
+__all__ = ["Router", "Routing"]
+
+
+@dataclass
+class Routing:
+    """Flat (token, expert, weight) pairs: pair p sends token `token_idx[p]` to `expert_idx[p]`."""
+
+    token_idx: torch.Tensor
+    expert_idx: torch.Tensor
+    weight: torch.Tensor
+
+
+class Router(nn.Module):
+    """A linear gate over the hidden state; `forward(x [T, H]) -> Routing`.
+
+    After each forward, `aux` holds the layer's Switch load-balancing loss `E * sum_i f_i P_i`
+    (f_i: share of assignments to expert i, P_i: mean router probability of expert i) and the
+    ST-MoE z-loss `mean(logsumexp(logits)^2)`, both differentiable.
+    """
+
+    def __init__(self, hidden_size: int, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        # The router weight stays float32 whatever the model's dtype (Switch Transformer, sec. 2.4).
+        self.weight = nn.Parameter(torch.zeros(config.num_experts, hidden_size, dtype=torch.float32))
+        self.aux: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        cfg = self.config
+        dtype = getattr(torch, cfg.router_dtype)
+        xr = x.to(dtype)
+        if self.training and cfg.jitter > 0:
+            xr = xr * torch.empty_like(xr).uniform_(1.0 - cfg.jitter, 1.0 + cfg.jitter)
+        logits = F.linear(xr, self.weight.to(dtype))
+        probs = logits.softmax(dim=-1)
+        if cfg.router == "expert-choice":
+            routing = self._expert_choice(probs)
+        else:
+            routing = self._token_choice(probs)
+        self._record_losses(logits, probs, routing.expert_idx)
+        return routing
+
+    def _token_choice(self, probs: torch.Tensor) -> Routing:
+        cfg = self.config
+        t, e = probs.shape
+        k = cfg.top_k
+        weight, expert = probs.topk(k, dim=-1)  # [T, k]
+        if cfg.router == "topk" and cfg.normalize:
+            weight = weight / weight.sum(dim=-1, keepdim=True)
+        # Pairs in priority order: every token's first choice before any second choice (GShard).
+        token_idx = torch.arange(t, device=probs.device).repeat(k)
+        expert_idx = expert.t().reshape(-1)
+        weight = weight.t().reshape(-1)
+        if cfg.capacity_factor is not None:
+            capacity = math.ceil(cfg.capacity_factor * t * k / e)
+            order = torch.argsort(expert_idx, stable=True)
+            counts = torch.bincount(expert_idx, minlength=e)
+            starts = torch.cumsum(counts, 0) - counts
+            position = torch.empty_like(expert_idx)
+            position[order] = torch.arange(expert_idx.numel(), device=probs.device) - starts[expert_idx[order]]
+            keep = position < capacity
+            token_idx, expert_idx, weight = token_idx[keep], expert_idx[keep], weight[keep]
+        return Routing(token_idx, expert_idx, weight)
+
+    def _expert_choice(self, probs: torch.Tensor) -> Routing:
+        cfg = self.config
+        t, e = probs.shape
+        capacity = min(t, max(1, math.ceil(cfg.capacity_factor * t * cfg.top_k / e)))
+        weight, token = probs.t().topk(capacity, dim=-1)  # [E, C]: each expert picks its tokens
+        expert_idx = torch.arange(e, device=probs.device).repeat_interleave(capacity)
+        return Routing(token.reshape(-1), expert_idx, weight.reshape(-1))
+
+    def _record_losses(self, logits: torch.Tensor, probs: torch.Tensor, expert_idx: torch.Tensor) -> None:
+        e = probs.shape[-1]
+        if probs.shape[0] == 0:
+            zero = logits.sum() * 0.0
+            self.aux = {"load_balancing": zero, "z_loss": zero}
+            return
+        share = torch.bincount(expert_idx, minlength=e).to(probs.dtype) / max(1, expert_idx.numel())
+        balance = e * torch.sum(share * probs.mean(dim=0))
+        z = torch.logsumexp(logits, dim=-1).square().mean()
+        self.aux = {"load_balancing": balance, "z_loss": z}
