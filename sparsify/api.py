@@ -1,0 +1,82 @@
+"""The one-call public API: upcycle, save, load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch.nn as nn
+
+from .errors import OptionError, PlanError
+from .formats.native import load_native, save_native
+from .io.sources import Source, load_source
+from .passes import FindFFN, PassManager, SelectLayers, UpcycleFFN
+from .plan import UpcyclePlan
+
+__all__ = ["upcycle", "upcycle_with_plan", "save", "load"]
+
+
+def upcycle_with_plan(
+    model: nn.Module | str,
+    experts: int = 8,
+    top_k: int | None = 2,
+    every: int | None = 2,
+    layers: Sequence[int] | None = None,
+    router: str = "topk",
+    normalize: bool = True,
+    capacity_factor: float | None = None,
+    noise: float = 0.0,
+    router_init_std: float = 0.02,
+    seed: int = 0,
+    example_inputs: tuple | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    source: Source | None = None,
+    **moe_options: Any,
+) -> tuple[nn.Module, UpcyclePlan, Source]:
+    """`upcycle`, also returning the plan and the resolved source."""
+    if every is not None and layers is not None and every != 2:
+        raise OptionError("give either --every or --layers, not both")
+    # Validate every option before the (possibly slow) load.
+    convert = UpcycleFFN(experts=experts, top_k=top_k, router=router, normalize=normalize, noise=noise,
+                         router_init_std=router_init_std, seed=seed, capacity_factor=capacity_factor, **moe_options)
+    select = SelectLayers(every=every if layers is None else None, layers=layers)
+    if isinstance(model, (str, Path)):
+        model, source = load_source(str(model))
+    elif source is None:
+        source = Source(type(model).__name__, "module")
+    result = PassManager([FindFFN(), select, convert]).run(
+        model, example_inputs=example_inputs, example_kwargs=example_kwargs
+    )
+    result.plan.source = source.describe()
+    result.model.sparsify_plan = result.plan
+    result.model.sparsify_source = source
+    return result.model, result.plan, source
+
+
+def upcycle(model: nn.Module | str, experts: int = 8, top_k: int | None = 2, every: int | None = 2, **options: Any) -> nn.Module:
+    """Turn a dense model into an MoE model whose experts start as copies of its FFNs.
+
+    `model` is an `nn.Module` or a source string (a local directory, a hub id, `demo:NAME`).
+    Within each stack, FFN number j becomes MoE when `j % every == every - 1`, or when j is in
+    `layers=[...]`. Other options: `router` (topk | switch | expert-choice), `normalize`,
+    `capacity_factor`, `noise`, `router_init_std`, `seed`, and `example_inputs=(x,)` for a
+    module whose inputs cannot be made from a Hugging Face config. Returns the rewritten module
+    (its plan is `module.sparsify_plan`).
+    """
+    return upcycle_with_plan(model, experts=experts, top_k=top_k, every=every, **options)[0]
+
+
+def save(model: nn.Module, out: str | Path, force: bool = False, shard_size: int | str = "5GB") -> Path:
+    """Write an upcycled model to directory `out` in the native format (atomically)."""
+    plan = getattr(model, "sparsify_plan", None)
+    if not isinstance(plan, UpcyclePlan):
+        raise PlanError("this model was not made by sparsify.upcycle or sparsify.load; nothing says how it was converted")
+    source = getattr(model, "sparsify_source", None)
+    provenance = plan.source or (source.describe() if isinstance(source, Source) else dict(source or {}))
+    source_dir = source.path if isinstance(source, Source) else None
+    return save_native(model, out, plan, provenance, source_dir=source_dir, shard_size=shard_size, force=force)
+
+
+def load(path: str | Path) -> nn.Module:
+    """Load a model written by `sparsify.save` / `sparsify upcycle` (no tracing is needed)."""
+    return load_native(path)

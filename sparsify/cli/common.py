@@ -1,0 +1,64 @@
+"""Helpers shared by the commands: loading any model argument, parameter counts, tables."""
+
+from __future__ import annotations
+
+
+import torch.nn as nn
+from rich.table import Table
+
+from ..formats.native import load_native
+from ..io.sources import Source, is_native, load_source, resolve_source
+from ..plan import UpcyclePlan
+
+__all__ = ["load_any", "count_params", "sites_table", "parse_layers", "human"]
+
+
+def load_any(spec: str) -> tuple[nn.Module, Source]:
+    """A dense source or an upcycled directory, as a model."""
+    src = resolve_source(spec)
+    if is_native(src.path):
+        return load_native(src.path), src
+    return load_source(src)
+
+
+def count_params(model: nn.Module) -> int:
+    """Unique parameters of `model` (tied tensors once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def human(n: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit in ("", "K", "M", "B", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g}P"
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """'1,3,5' -> [1, 3, 5]."""
+    if text is None:
+        return None
+    from ..errors import OptionError
+
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise OptionError(f"--layers takes comma-separated FFN indices like 1,3,5, got {text!r}") from None
+
+
+def sites_table(plan: UpcyclePlan, title: str) -> Table:
+    """The FFN sites of `plan` as a rich table."""
+    table = Table(title=title, title_justify="left")
+    for col in ("stack", "#", "module", "form", "activation", "hidden x ffn", "MoE"):
+        table.add_column(col)
+    chosen = set(plan.selected)
+    for s in plan.sites:
+        moe = ""
+        if s.path in chosen and plan.moe:
+            moe = f"{plan.moe.num_experts} experts, {plan.moe.router} k={plan.moe.top_k}"
+        table.add_row(s.stack or "-", str(s.index), s.path + (f" (+ {s.exit_path})" if s.exit_path else ""),
+                      s.form, s.activation, f"{s.hidden_size} x {s.intermediate_size}", moe)
+    return table
+
+

@@ -1,0 +1,72 @@
+"""The `sparsify` command. Each command lives in its own module and registers itself here.
+
+Errors a user can cause (`SparsifyError`) print one line and exit non-zero; no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from ..errors import SparsifyError
+
+__all__ = ["app", "main", "console", "err_console"]
+
+app = typer.Typer(
+    name="sparsify",
+    help="Turn dense transformer checkpoints into Mixture-of-Experts models (sparse upcycling).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Without a terminal rich assumes 80 columns; tables of module paths need more.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+def _register() -> None:
+    # Each module adds its command(s) to `app` on import.
+    from . import inspect, upcycle, verify  # noqa: F401
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True)) -> None:
+    if version:
+        from .. import __version__
+
+        console.print(f"sparsify {__version__}")
+        raise typer.Exit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    _register()
+    try:
+        app(args=argv, standalone_mode=False)
+    except SparsifyError as err:
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        return err.exit_code
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]; nothing was written")
+        return 130
+    except typer.Exit as e:
+        return e.exit_code
+    except Exception as err:  # click usage errors and the like
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            return err.exit_code
+        if isinstance(err, click.exceptions.Abort):
+            err_console.print("[bold red]aborted[/]")
+            return 130
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

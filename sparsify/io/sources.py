@@ -1,0 +1,167 @@
+"""Where models come from: a local Hugging Face directory, a hub id, or a built-in demo.
+
+Local directories and hub snapshots are read with transformers' own loader (safetensors first,
+`.bin` only through `torch.load(weights_only=True)`, never remote code), and every tensor the
+architecture expects must be in the checkpoint: a missing or misshapen tensor is an error, not
+a silent random initialisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.nn as nn
+
+from ..errors import SourceError
+from .demo import DEMOS, build_demo
+
+__all__ = ["Source", "load_source", "resolve_source", "WEIGHT_PATTERNS", "TOKENIZER_FILES", "sha256_files"]
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
+    "tokenizer.model", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json",
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class Source:
+    """A resolved model source: what the user typed, its kind, and its local directory if any."""
+
+    spec: str
+    kind: str  # "demo" | "dir" | "hub" | "module"
+    path: Path | None = None
+    files: list[Path] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        """Provenance for `sparsify.json`: spec, kind, and sha256 of the weight files."""
+        return {"spec": self.spec, "kind": self.kind, "sha256": sha256_files(self.files)}
+
+
+def sha256_files(files: list[Path]) -> dict[str, str]:
+    """sha256 of each file, keyed by file name."""
+    out = {}
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        out[f.name] = h.hexdigest()
+    return out
+
+
+def _weight_files(path: Path) -> list[Path]:
+    st = sorted(path.glob("*.safetensors"))
+    return st if st else sorted(path.glob("pytorch_model*.bin"))
+
+
+def _resolve_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    patterns = ["config.json", *WEIGHT_PATTERNS, *TOKENIZER_FILES]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        pass
+    except Exception as err:  # invalid repo id and the like
+        raise SourceError(f"'{repo_id}' is neither a local path nor a valid hub id ({err})") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    hint = f"download '{repo_id}' where the hub is reachable or pass the path of a local model directory"
+    if offline:
+        raise SourceError(f"'{repo_id}' is not a local path and is not in the Hugging Face cache (HF_HUB_OFFLINE is set); {hint}")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as err:
+        reason = type(err).__name__
+        raise SourceError(f"'{repo_id}' is not a local path and could not be fetched from the hub ({reason}); {hint}") from None
+
+
+def resolve_source(spec: str) -> Source:
+    """Decide what `spec` names and find its files; reads no weights."""
+    if spec.startswith("demo:"):
+        name = spec[len("demo:"):]
+        if name not in DEMOS:
+            raise SourceError(f"unknown demo '{spec}'; choose one of {', '.join('demo:' + d for d in DEMOS)}")
+        return Source(spec, "demo")
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SourceError(f"'{spec}' is a file; pass a model directory in Hugging Face layout (with config.json)")
+        if not (path / "config.json").is_file():
+            raise SourceError(f"'{spec}' has no config.json; pass a model directory in Hugging Face layout")
+        return Source(spec, "dir", path, _weight_files(path))
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
+    if looks_like_path or not _HUB_ID.match(spec):
+        raise SourceError(f"no such file or directory: '{spec}'")
+    snapshot = _resolve_hub(spec)
+    if not (snapshot / "config.json").is_file():
+        raise SourceError(f"hub model '{spec}' has no config.json; it is not a transformers model")
+    return Source(spec, "hub", snapshot, _weight_files(snapshot))
+
+
+def is_native(path: Path | None) -> bool:
+    """True when `path` is a directory written by `sparsify.save` (an upcycled model)."""
+    return path is not None and (path / "sparsify.json").is_file()
+
+
+def _model_class(config):
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def load_pretrained(path: Path, spec: str) -> nn.Module:
+    """A dense transformers model from a local directory, every tensor checked present."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    except Exception as err:
+        raise SourceError(f"cannot read the config of '{spec}': {str(err).splitlines()[0][:200]}") from None
+    files = _weight_files(path)
+    if not files:
+        raise SourceError(f"'{spec}' has no weights (*.safetensors or pytorch_model*.bin)")
+    index = next(iter(path.glob("*.index.json")), None)
+    if index is not None:
+        listed = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        missing = sorted(f for f in listed if not (path / f).is_file())
+        if missing:
+            raise SourceError(f"'{spec}': shard '{missing[0]}' is listed in {index.name} but missing; re-download the model")
+    cls = _model_class(config)
+    try:
+        model, info = cls.from_pretrained(
+            path, config=config, trust_remote_code=False, local_files_only=True, output_loading_info=True
+        )
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise SourceError(f"cannot read the weights of '{spec}' (truncated or corrupt file?): {first}") from None
+    problems = [*info.get("missing_keys", []), *[m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", [])]]
+    if problems:
+        raise SourceError(
+            f"'{spec}': checkpoint lacks or misshapes tensor '{sorted(problems)[0]}' that the config requires "
+            f"({len(problems)} in all); the weights do not match config.json"
+        )
+    return model.eval()
+
+
+def load_source(spec: str | Source, seed: int = 0) -> tuple[nn.Module, Source]:
+    """The dense model that `spec` names, and its resolved `Source`."""
+    src = spec if isinstance(spec, Source) else resolve_source(spec)
+    if src.kind == "demo":
+        return build_demo(src.spec[len("demo:"):], seed=seed), src
+    if is_native(src.path):
+        raise SourceError(f"'{src.spec}' is already an upcycled model; use sparsify.load() or pass its dense source")
+    return load_pretrained(src.path, src.spec), src
+
+

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny real transformers models built from configs (see sparsify.io.demo)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+DEMO_NAMES = ["t5", "t5-gated", "bert", "gpt2", "llama"]
+
+
+@pytest.fixture
+def demo():
+    """`demo(name)` -> a fresh seeded demo model (the same weights every call)."""
+    from sparsify.io.demo import build_demo
+
+    return build_demo
+
+
+def run_cli(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """Run `python -m sparsify ARGS` in a subprocess, capturing output."""
+    full_env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "sparsify", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=600
+    )
+
+
+@pytest.fixture
+def cli():
+    """`cli(*args, env=None)` -> CompletedProcess of the sparsify CLI."""
+    return run_cli
