@@ -34,3 +34,16 @@ def run_cli(*args: str, env: dict | None = None, cwd=None) -> subprocess.Complet
 def cli():
     """`cli(*args, env=None)` -> CompletedProcess of the sparsify CLI."""
     return run_cli
+
+
+@pytest.fixture
+def sparsify_cli(capsys):
+    """`sparsify_cli(*args)` -> (exit code, stdout, stderr), run in this process (fast)."""
+    from sparsify.cli.main import main
+
+    def run(*args: str):
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        # Outside standalone mode click returns the code of typer.Exit instead of raising it.
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int):
+            return code
     except SparsifyError as err:
         err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         return err.exit_code
@@ -63,14 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except typer.Exit as e:
         return e.exit_code
-    except Exception as err:  # click usage errors and the like
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
+    except Exception as err:
+        # Usage errors come from the click that typer vendors; recognise them by shape, and keep
+        # them to one line like every other error.
+        if hasattr(err, "format_message") and hasattr(err, "exit_code"):
+            err_console.print(f"[bold red]error:[/] {err.format_message()} (see --help)", highlight=False, soft_wrap=True)
             return err.exit_code
-        if isinstance(err, click.exceptions.Abort):
-            err_console.print("[bold red]aborted[/]")
+        if type(err).__name__ == "Abort":
+            err_console.print("[bold red]aborted[/]; nothing was written")
             return 130
         raise
     return 0

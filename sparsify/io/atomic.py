@@ -27,8 +27,13 @@ def check_output(out: str | os.PathLike, force: bool) -> Path:
     parent = out.resolve().parent
     if not parent.is_dir():
         raise OutputError(f"cannot write '{out}': directory '{parent}' does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write '{out}': directory '{parent}' is not writable")
+    # Probe by creating a file: os.access says yes to root even on read-only file systems.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputError(f"cannot write '{out}': directory '{parent}' is not writable ({err.strerror})") from None
     return out
 
 

@@ -121,6 +121,29 @@ def _model_class(config):
     return transformers.AutoModel
 
 
+def _check_shapes(path: Path, spec: str, cls, config) -> None:
+    """Compare safetensors headers with the architecture built on the meta device (no weights
+    read), so that a checkpoint disagreeing with its config is named precisely."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(f, framework="pt") as fh:
+                for name in fh.keys():
+                    shape = tuple(fh.get_slice(name).get_shape())
+                    want = expected.get(name)
+                    if want is not None and shape != want:
+                        raise SourceError(
+                            f"'{spec}': tensor '{name}' in {f.name} has shape {shape} but config.json implies {want}; "
+                            "the weights do not match config.json"
+                        )
+        except SafetensorError as err:
+            raise SourceError(f"cannot read '{f}' ({err}); the file is truncated or corrupt") from None
+
+
 def load_pretrained(path: Path, spec: str) -> nn.Module:
     """A dense transformers model from a local directory, every tensor checked present."""
     import transformers
@@ -139,6 +162,7 @@ def load_pretrained(path: Path, spec: str) -> nn.Module:
         if missing:
             raise SourceError(f"'{spec}': shard '{missing[0]}' is listed in {index.name} but missing; re-download the model")
     cls = _model_class(config)
+    _check_shapes(path, spec, cls, config)
     try:
         model, info = cls.from_pretrained(
             path, config=config, trust_remote_code=False, local_files_only=True, output_loading_info=True

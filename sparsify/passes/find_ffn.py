@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch.nn as nn
 from torch.fx import Node
 
+from ..errors import NoFFNFoundError
 from ..ffn_match import TRANSPARENT, FFNMatch, match_ffns
 from ..plan import FFNSite, Rejected
 from .infra import Pass, PassContext
@@ -197,3 +198,14 @@ class FindFFN(Pass):
         sites, rejected = find_ffn(ctx)
         ctx.plan.sites, ctx.plan.rejected = sites, rejected
         return False
+
+    def ensures(self, ctx: PassContext) -> None:
+        if ctx.plan.sites:
+            return
+        if ctx.plan.rejected:
+            reasons = "; ".join(str(r) for r in ctx.plan.rejected[:3])
+            more = f" (+{len(ctx.plan.rejected) - 3} more)" if len(ctx.plan.rejected) > 3 else ""
+            raise NoFFNFoundError(f"no convertible FFN found; rejected candidates: {reasons}{more}")
+        raise NoFFNFoundError(
+            "no FFN found: no two projections with an activation between them in the captured graph"
+        )
