@@ -8,7 +8,8 @@ from typing import Any, Sequence
 import torch.nn as nn
 
 from .errors import OptionError, PlanError
-from .formats.native import load_native, save_native
+from .formats.native import NativeFormat, load_native
+from .formats.tensors import ModelTensors
 from .io.sources import Source, load_source
 from .passes import FindFFN, PassManager, SelectLayers, UpcycleFFN
 from .plan import UpcyclePlan
@@ -71,10 +72,14 @@ def save(model: nn.Module, out: str | Path, force: bool = False, shard_size: int
     plan = getattr(model, "sparsify_plan", None)
     if not isinstance(plan, UpcyclePlan):
         raise PlanError("this model was not made by sparsify.upcycle or sparsify.load; nothing says how it was converted")
+    if getattr(model, "config", None) is None:
+        raise PlanError(f"{type(model).__name__} has no Hugging Face config; the native format needs one to rebuild the model")
     source = getattr(model, "sparsify_source", None)
     provenance = plan.source or (source.describe() if isinstance(source, Source) else dict(source or {}))
     source_dir = source.path if isinstance(source, Source) else None
-    return save_native(model, out, plan, provenance, source_dir=source_dir, shard_size=shard_size, force=force)
+    fmt = NativeFormat()
+    return fmt.write(out, model, plan, ModelTensors(model), fmt.manifest(model, plan, provenance),
+                     source_dir=source_dir, shard_size=shard_size, force=force)
 
 
 def load(path: str | Path) -> nn.Module:

@@ -16,7 +16,7 @@ from .init import expert_noise, router_weight
 from .moe import Experts, MoEConfig, Router, SparseMoE
 from .plan import FFNSite, UpcyclePlan
 
-__all__ = ["apply_plan", "canonical_weight", "build_moe"]
+__all__ = ["apply_plan", "canonical_weight", "build_moe", "noisy_copy"]
 
 
 def canonical_weight(site: FFNSite, role: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -86,10 +86,10 @@ def apply_plan(model: nn.Module, plan: UpcyclePlan, copy_weights: bool = True) -
                 value = canonical_weight(site, role, tensor.detach())
                 _check_shape(site, role, value, _expected(site, role))
                 target = getattr(moe.experts, role)
+                value = value.to(target.dtype)
                 for e in range(plan.moe.num_experts):
                     if noise > 0 and role.startswith("w"):
-                        n = expert_noise(site.path, role, e, value.shape, noise, seed)
-                        target[e].copy_((value.float() + n).to(target.dtype))
+                        target[e].copy_(noisy_copy(value, site, role, e, noise, seed))
                     else:
                         target[e].copy_(value)
             moe.router.weight.copy_(router_weight(site.path, plan.moe.num_experts, site.hidden_size, std, seed))
@@ -98,6 +98,12 @@ def apply_plan(model: nn.Module, plan: UpcyclePlan, copy_weights: bool = True) -
         if site.exit_path:
             _replace(model, site.exit_path, nn.Identity())
     return model
+
+
+def noisy_copy(value: torch.Tensor, site: FFNSite, role: str, expert: int, std: float, seed: int) -> torch.Tensor:
+    """Expert `expert`'s copy of `value` with its noise: the one formula every executor uses."""
+    noise = expert_noise(site.path, role, expert, value.shape, std, seed)
+    return (value.float() + noise).to(value.dtype)
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:

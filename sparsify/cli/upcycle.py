@@ -6,14 +6,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from ..api import save, upcycle_with_plan
-from ..io.atomic import check_output
-from ..io.sources import load_source, resolve_source
-from ..moe import MoEConfig
-from .common import count_params, human, parse_layers
+from ..convert import convert
+from .common import human, parse_layers
 from .main import app, console, err_console
+
+_STAGES = {"load": "loading source", "plan": "capturing graph, finding FFNs, planning", "write": "writing"}
 
 
 @app.command()
@@ -22,55 +21,46 @@ def upcycle(
     experts: int = typer.Option(..., "--experts", "-e", help="Experts per MoE layer (2 or more)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", "-k", help="Experts per token [default: 2; 1 for switch]."),
-    router: str = typer.Option("topk", help="Router: topk | switch | expert-choice (encoder layers only)."),
+    router: Optional[str] = typer.Option(None, help="Router: topk | switch | expert-choice (encoder layers only) [default: topk]."),
     normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="Renormalise the top-k weights to sum to 1."),
-    every: Optional[int] = typer.Option(None, "--every", help="Make FFN j of each stack MoE when j % N == N-1 [default: 2]."),
+    every: Optional[int] = typer.Option(None, "--every", help="Make FFN j of each stack MoE when j % N == N-1 [default: 2; mixtral: 1]."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated FFN indices within each stack, e.g. 1,3,5."),
     capacity_factor: Optional[float] = typer.Option(None, "--capacity-factor", help="Expert capacity factor; default dropless."),
     noise: float = typer.Option(0.0, "--noise", help="Std of Gaussian noise added to each expert copy (breaks exact preservation)."),
     seed: int = typer.Option(0, "--seed", help="Seed of router init and expert noise."),
+    format: str = typer.Option("auto", "--format", "-f", help="auto | native | mixtral | qwen2-moe | switch."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 [default: the source's]."),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard, e.g. 5GB or 500MiB."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (only once the new one is complete)."),
 ) -> None:
-    """Convert a dense model into an MoE model whose experts start as copies of its FFNs."""
-    from ..errors import OptionError
+    """Convert a dense model into an MoE model whose experts start as copies of its FFNs.
 
-    if every is not None and layers is not None:
-        raise OptionError("give either --every or --layers, not both")
-    layer_list = parse_layers(layers)
-    if top_k is None:
-        top_k = 1 if router == "switch" else 2
-    # Check options and output before any slow work.
-    MoEConfig(num_experts=experts, top_k=top_k, router=router, normalize=normalize, capacity_factor=capacity_factor)
-    if every is not None and every < 1:
-        raise OptionError(f"--every must be 1 or more, got {every}")
-    if noise < 0:
-        raise OptionError(f"--noise must be non-negative, got {noise}")
-    check_output(out, force)
+    Checkpoints are converted by streaming, one tensor at a time, in bounded memory."""
+    if source.endswith(".onnx"):  # ONNX-native upcycling: ONNX in, ONNX out (sparsify.onnx)
+        from .export import upcycle_onnx_command
 
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=True) as progress:
-        task = progress.add_task(f"loading {source}", total=4)
-        src = resolve_source(source)
-        dense, src = load_source(src, seed=0)
-        dense_params = count_params(dense)
-        progress.update(task, advance=1, description="capturing graph, finding FFNs, converting")
-        model, plan, src = upcycle_with_plan(
-            dense, experts=experts, top_k=top_k, every=every if every is not None else (None if layer_list else 2),
-            layers=layer_list, router=router, normalize=normalize, capacity_factor=capacity_factor,
-            noise=noise, seed=seed, source=src,
+        return upcycle_onnx_command(source, out, experts, top_k, router, normalize, every, layers,
+                                    capacity_factor, noise, seed, force)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task(f"loading {source}", total=None)
+
+        def progress(stage: str, done: int, total: int) -> None:
+            bar.update(task, description=_STAGES.get(stage, stage), completed=done, total=total if stage == "write" else None)
+
+        r = convert(
+            source, out, experts=experts, top_k=top_k, router=router, normalize=normalize, every=every,
+            layers=parse_layers(layers), capacity_factor=capacity_factor, noise=noise, seed=seed,
+            format=format, dtype=dtype, shard_size=shard_size, force=force, progress=progress,
         )
-        progress.update(task, advance=1, description=f"writing {out}")
-        save(model, out, force=force)
-        progress.update(task, advance=2)
-
-    total, active = plan.param_counts(dense_params)
-    cfg = plan.moe
-    console.print(f"[bold green]upcycled[/] {source} -> {out}")
+    plan, cfg = r.plan, r.plan.moe
+    total, active = r.params
+    console.print(f"[bold green]upcycled[/] {source} -> {r.out}")
     console.print(f"  FFN sites found: {len(plan.sites)} ({len(plan.rejected)} candidates rejected)")
     console.print(f"  layers converted: {len(plan.selected)} -> {cfg.num_experts} experts, router {cfg.router}, top-{cfg.top_k}")
-    console.print(f"  parameters: {human(total)} total, {human(active)} active per token (dense: {human(dense_params)})")
-    why = cfg.why_not_preserving() or ("--noise perturbs the expert copies" if noise > 0 else None)
-    if why:
-        console.print(f"  [yellow]outputs differ from the dense model at initialisation[/]: {why}")
+    console.print(f"  parameters: {human(total)} total, {human(active)} active per token (dense: {human(r.dense_params)})")
+    console.print(f"  format: {r.format_reason}; {human(r.bytes_written)}B written{' by streaming' if r.streamed else ''}")
+    if r.why_not_preserving:
+        console.print(f"  [yellow]outputs differ from the dense model at initialisation[/]: {r.why_not_preserving}")
     else:
         console.print("  outputs equal the dense model's at initialisation (check: sparsify verify)")

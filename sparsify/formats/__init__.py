@@ -1,5 +1,6 @@
 """Output formats, one writer each."""
 
-from .native import load_native, read_manifest, save_native
+from .base import OutputFormat
+from .native import NativeFormat, load_native, read_manifest
 
-__all__ = ["save_native", "load_native", "read_manifest"]
+__all__ = ["OutputFormat", "NativeFormat", "load_native", "read_manifest"]

@@ -19,6 +19,8 @@ import torch.nn as nn
 
 from ..errors import SourceError
 from .demo import DEMOS, build_demo
+from .checkpoint import Checkpoint
+from .skeleton import build_skeleton, model_class
 
 __all__ = ["Source", "load_source", "resolve_source", "WEIGHT_PATTERNS", "TOKENIZER_FILES", "sha256_files"]
 
@@ -107,41 +109,15 @@ def resolve_source(spec: str) -> Source:
 
 
 def is_native(path: Path | None) -> bool:
-    """True when `path` is a directory written by `sparsify.save` (an upcycled model)."""
-    return path is not None and (path / "sparsify.json").is_file()
-
-
-def _model_class(config):
-    import transformers
-
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModel
-
-
-def _check_shapes(path: Path, spec: str, cls, config) -> None:
-    """Compare safetensors headers with the architecture built on the meta device (no weights
-    read), so that a checkpoint disagreeing with its config is named precisely."""
-    import torch
-    from safetensors import SafetensorError, safe_open
-
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
-    for f in sorted(path.glob("*.safetensors")):
-        try:
-            with safe_open(f, framework="pt") as fh:
-                for name in fh.keys():
-                    shape = tuple(fh.get_slice(name).get_shape())
-                    want = expected.get(name)
-                    if want is not None and shape != want:
-                        raise SourceError(
-                            f"'{spec}': tensor '{name}' in {f.name} has shape {shape} but config.json implies {want}; "
-                            "the weights do not match config.json"
-                        )
-        except SafetensorError as err:
-            raise SourceError(f"cannot read '{f}' ({err}); the file is truncated or corrupt") from None
+    """True when `path` is a directory in sparsify's native format (see sparsify.formats.native).
+    Outputs in Hugging Face formats carry a sparsify.json too, naming their format."""
+    manifest = path / "sparsify.json" if path is not None else None
+    if manifest is None or not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("format") == "sparsify-native"
+    except (json.JSONDecodeError, OSError):
+        return True  # damaged: reading it as native reports the damage
 
 
 def load_pretrained(path: Path, spec: str) -> nn.Module:
@@ -152,20 +128,13 @@ def load_pretrained(path: Path, spec: str) -> nn.Module:
         config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     except Exception as err:
         raise SourceError(f"cannot read the config of '{spec}': {str(err).splitlines()[0][:200]}") from None
-    files = _weight_files(path)
-    if not files:
-        raise SourceError(f"'{spec}' has no weights (*.safetensors or pytorch_model*.bin)")
-    index = next(iter(path.glob("*.index.json")), None)
-    if index is not None:
-        listed = set(json.loads(index.read_text()).get("weight_map", {}).values())
-        missing = sorted(f for f in listed if not (path / f).is_file())
-        if missing:
-            raise SourceError(f"'{spec}': shard '{missing[0]}' is listed in {index.name} but missing; re-download the model")
-    cls = _model_class(config)
-    _check_shapes(path, spec, cls, config)
+    cls = model_class(config)
+    # Headers, shards and shapes are checked before transformers reads anything, so that a
+    # damaged or mismatched checkpoint is named precisely.
+    Checkpoint(path, spec).check_shapes(build_skeleton(config, cls), spec)
     try:
         model, info = cls.from_pretrained(
-            path, config=config, trust_remote_code=False, local_files_only=True, output_loading_info=True
+            path, config=config, dtype="auto", trust_remote_code=False, local_files_only=True, output_loading_info=True
         )
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]

@@ -1,0 +1,76 @@
+"""What every output format shares: the writer interface and the crash-safe directory write."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from ..io.atomic import atomic_directory
+from ..io.safetensors_io import OutputTensor, write_shards
+from ..io.sources import TOKENIZER_FILES
+from ..plan import UpcyclePlan
+from .tensors import TensorSource
+
+__all__ = ["OutputFormat", "MANIFEST"]
+
+MANIFEST = "sparsify.json"
+
+
+class OutputFormat:
+    """An output format: says whether it can express a plan, and writes it.
+
+    Subclasses implement `explain` (None when supported, else the reason), `config_dict` (the
+    output's config.json) and `tensors` (what to write, read through a `TensorSource`)."""
+
+    name = "format"
+    description = ""
+
+    def explain(self, plan: UpcyclePlan, config: Any) -> str | None:
+        """Why this format cannot express `plan` for a source with `config` (None if it can)."""
+        return None
+
+    def default_options(self, config: Any) -> dict[str, Any]:
+        """Upcycle options this format implies when the user did not set them."""
+        return {}
+
+    def keeps_meaning(self, plan: UpcyclePlan, config: Any) -> str | None:
+        """Why `auto` should not pick this format although it can write the plan (None if it may)."""
+        return None
+
+    def config_dict(self, plan: UpcyclePlan, config: Any) -> dict[str, Any]:
+        """The output's config.json."""
+        raise NotImplementedError
+
+    def tensors(self, model: nn.Module, plan: UpcyclePlan, source: TensorSource) -> list[OutputTensor]:
+        """Every tensor to write, in order. `model` is the converted model (meta or real)."""
+        raise NotImplementedError
+
+    def write(
+        self,
+        out: str | Path,
+        model: nn.Module,
+        plan: UpcyclePlan,
+        source: TensorSource,
+        manifest: dict[str, Any],
+        source_dir: Path | None = None,
+        shard_size: int | str = "5GB",
+        force: bool = False,
+        progress: Callable[[int], None] | None = None,
+        tensors: list[OutputTensor] | None = None,
+    ) -> Path:
+        """Write the whole output directory atomically (temporary sibling, fsync, rename)."""
+        config = self.config_dict(plan, model.config)
+        tensors = tensors if tensors is not None else self.tensors(model, plan, source)
+        with atomic_directory(out, force=force) as tmp:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+            write_shards(tmp, tensors, shard_size, progress)
+            (tmp / MANIFEST).write_text(json.dumps({"format": self.name, **manifest}, indent=2))
+            if source_dir is not None:
+                for name in TOKENIZER_FILES:
+                    if (source_dir / name).is_file():
+                        shutil.copy2(source_dir / name, tmp / name)
+        return Path(out)

@@ -1,0 +1,133 @@
+"""The tensors of a converted model, whatever holds them.
+
+Output formats name and arrange tensors; they read them through a `TensorSource`:
+
+- `ModelTensors`: a converted model in memory (experts already copied, noise added);
+- `SourceTensors`: a dense checkpoint plus the plan, producing expert copies, noise and router
+  weights on the fly, one source buffer at a time (the streaming executor).
+
+Both produce the same bytes for the same plan, which is what makes streamed output equal to
+the in-memory path's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..errors import SourceError
+from ..init import router_weight
+from ..io.checkpoint import Checkpoint
+from ..plan import FFNSite, UpcyclePlan
+from ..rewrite import canonical_weight, noisy_copy
+
+__all__ = ["TensorSource", "ModelTensors", "SourceTensors", "alias_groups"]
+
+
+def alias_groups(model: nn.Module) -> dict[str, list[str]]:
+    """State-dict name -> every name of the same (tied) tensor, the first being the stored one."""
+    groups: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(t), []).append(name)
+    return {n: names for names in groups.values() for n in names}
+
+
+class TensorSource:
+    """What formats read: plain tensors by state-dict name, expert copies, router weights."""
+
+    def plain(self, name: str) -> torch.Tensor:
+        """The tensor `name` of the converted model's state dict (not an MoE tensor)."""
+        raise NotImplementedError
+
+    def plain_dtype(self, name: str) -> torch.dtype:
+        """dtype of `plain(name)` without reading it."""
+        raise NotImplementedError
+
+    def expert(self, site: FFNSite, role: str, e: int) -> torch.Tensor:
+        """Expert e's weight `role` (w1/w2/w3/b1/b2/b3) in canonical layout ([out, in])."""
+        raise NotImplementedError
+
+    def expert_dtype(self, site: FFNSite, role: str) -> torch.dtype:
+        """dtype of the expert tensors of `role`."""
+        raise NotImplementedError
+
+    def router(self, site: FFNSite) -> torch.Tensor:
+        """The router weight [E, H], float32."""
+        raise NotImplementedError
+
+
+def _cast_dtype(dtype: torch.dtype, to: torch.dtype | None) -> torch.dtype:
+    return to if to is not None and dtype.is_floating_point else dtype
+
+
+class ModelTensors(TensorSource):
+    """Tensors of a converted model in memory (floating tensors cast to `dtype` when given)."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None):
+        self.model, self.dtype = model, dtype
+        self.state = model.state_dict()
+
+    def plain(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+    def plain_dtype(self, name: str) -> torch.dtype:
+        return _cast_dtype(self.state[name].dtype, self.dtype)
+
+    def expert(self, site: FFNSite, role: str, e: int) -> torch.Tensor:
+        return getattr(self.model.get_submodule(site.path).experts, role)[e].detach()
+
+    def expert_dtype(self, site: FFNSite, role: str) -> torch.dtype:
+        return _cast_dtype(getattr(self.model.get_submodule(site.path).experts, role).dtype, self.dtype)
+
+    def router(self, site: FFNSite) -> torch.Tensor:
+        return self.model.get_submodule(site.path).router.weight.detach()
+
+
+class SourceTensors(TensorSource):
+    """Tensors produced from a dense checkpoint and the plan, optionally cast to `dtype`."""
+
+    def __init__(self, checkpoint: Checkpoint, plan: UpcyclePlan, model: nn.Module, dtype: torch.dtype | None = None):
+        self.ckpt, self.plan, self.dtype = checkpoint, plan, dtype
+        self.aliases = alias_groups(model)
+        self.prefix = getattr(model, "base_model_prefix", "") or ""
+        init = plan.init
+        self.noise, self.seed = float(init.get("noise", 0.0)), int(init.get("seed", 0))
+        self.std = float(init.get("router_init_std", 0.02))
+        self._cached: tuple[str, torch.Tensor] | None = None
+
+    def _source_name(self, name: str) -> str:
+        for candidate in self.aliases.get(name, [name]):
+            for n in (candidate, f"{self.prefix}.{candidate}", candidate.removeprefix(f"{self.prefix}.")):
+                if n in self.ckpt:
+                    return n
+        raise SourceError(f"checkpoint '{self.ckpt.path}' lacks tensor '{name}' that the config requires")
+
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
+
+    def plain(self, name: str) -> torch.Tensor:
+        return self._cast(self.ckpt.read(self._source_name(name)))
+
+    def plain_dtype(self, name: str) -> torch.dtype:
+        return _cast_dtype(self.ckpt.dtype(self._source_name(name)), self.dtype)
+
+    def _canonical(self, site: FFNSite, role: str) -> torch.Tensor:
+        # One source buffer serves all E experts: keep the last one read.
+        name = site.weights[role]
+        if self._cached is None or self._cached[0] != name:
+            self._cached = None  # release the previous buffer before reading the next
+            value = canonical_weight(site, role, self.ckpt.read(name)).contiguous()
+            self._cached = (name, self._cast(value))
+        return self._cached[1]
+
+    def expert(self, site: FFNSite, role: str, e: int) -> torch.Tensor:
+        value = self._canonical(site, role)
+        if self.noise > 0 and role.startswith("w"):
+            return noisy_copy(value, site, role, e, self.noise, self.seed)
+        return value
+
+    def expert_dtype(self, site: FFNSite, role: str) -> torch.dtype:
+        return _cast_dtype(self.ckpt.dtype(site.weights[role]), self.dtype)
+
+    def router(self, site: FFNSite) -> torch.Tensor:
+        return router_weight(site.path, self.plan.moe.num_experts, site.hidden_size, self.std, self.seed)
