@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from .errors import OptionError, PlanError
 from .formats.native import NativeFormat, load_native
+from .formats.registry import load_hf_output, output_format
 from .formats.tensors import ModelTensors
 from .io.sources import Source, load_source
 from .passes import FindFFN, PassManager, SelectLayers, UpcycleFFN
@@ -82,6 +83,24 @@ def save(model: nn.Module, out: str | Path, force: bool = False, shard_size: int
                      source_dir=source_dir, shard_size=shard_size, force=force)
 
 
-def load(path: str | Path) -> nn.Module:
-    """Load a model written by `sparsify.save` / `sparsify upcycle` (no tracing is needed)."""
+def load(path: str | Path, placement: Any = None, group: Any = None) -> nn.Module:
+    """Load a model written by `sparsify.save` / `sparsify upcycle` (no tracing is needed).
+
+    Native outputs are rebuilt from the source architecture and the plan; outputs in a Hugging
+    Face format (mixtral, qwen2-moe, switch) are loaded by their transformers class.
+
+    Expert-parallel: with `placement` (a plan.json from `sparsify partition`, or its dict) and
+    `group` (a process group or 1-D DeviceMesh; default the world), or for a directory written
+    by `sparsify shard`, each rank loads only its experts and gets the whole model back with
+    expert-parallel MoE layers.
+    """
+    from .partition.shards import is_shard_dir
+
+    if placement is not None or group is not None or is_shard_dir(path):
+        from .partition.loader import load_expert_parallel
+
+        return load_expert_parallel(path, placement, group)
+    fmt = output_format(path)
+    if fmt is not None and fmt != NativeFormat.name:
+        return load_hf_output(path)
     return load_native(path)

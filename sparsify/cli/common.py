@@ -7,6 +7,7 @@ import torch.nn as nn
 from rich.table import Table
 
 from ..formats.native import load_native
+from ..formats.registry import load_hf_output, output_format
 from ..io.sources import Source, is_native, load_source, resolve_source
 from ..plan import UpcyclePlan
 
@@ -18,6 +19,8 @@ def load_any(spec: str) -> tuple[nn.Module, Source]:
     src = resolve_source(spec)
     if is_native(src.path):
         return load_native(src.path), src
+    if src.path is not None and output_format(src.path):
+        return load_hf_output(src.path), src
     return load_source(src)
 
 

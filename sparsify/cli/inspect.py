@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import typer
 
-from ..formats.native import read_manifest
-from ..io.sources import is_native, resolve_source
+from ..formats.registry import output_format
+from ..io.sources import resolve_source
 from ..passes import FindFFN, PassManager
 from ..plan import UpcyclePlan
 from .common import count_params, human, load_any, sites_table
@@ -18,9 +20,10 @@ def inspect(path: str = typer.Argument(..., help="A dense source (directory, hub
     src = resolve_source(path)
     model, src = load_any(path)
     params = count_params(model)
-    if is_native(src.path):
-        plan = UpcyclePlan.from_dict(read_manifest(src.path)["plan"])
-        console.print(sites_table(plan, f"{path}: upcycled ({len(plan.selected)} of {len(plan.sites)} FFNs are MoE)"))
+    fmt = output_format(src.path) if src.path is not None else None
+    if fmt is not None:
+        plan = UpcyclePlan.from_dict(json.loads((src.path / "sparsify.json").read_text())["plan"])
+        console.print(sites_table(plan, f"{path}: upcycled, {fmt} format ({len(plan.selected)} of {len(plan.sites)} FFNs are MoE)"))
         cfg = plan.moe
         per_site = sum(s.expert_param_count() for s in plan.selected_sites)
         active = params - (cfg.num_experts - cfg.top_k) * per_site

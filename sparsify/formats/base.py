@@ -65,6 +65,14 @@ class OutputFormat:
         """Write the whole output directory atomically (temporary sibling, fsync, rename)."""
         config = self.config_dict(plan, model.config)
         tensors = tensors if tensors is not None else self.tensors(model, plan, source)
+        # The config names the dtype loaders should use: that of the weights, the floating dtype
+        # holding most bytes (routers are float32 on purpose and must not decide it).
+        weights: dict = {}
+        for t in tensors:
+            if t.dtype.is_floating_point:
+                weights[t.dtype] = weights.get(t.dtype, 0) + t.nbytes
+        if weights:
+            config["dtype"] = str(max(weights, key=weights.get)).removeprefix("torch.")
         with atomic_directory(out, force=force) as tmp:
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
             write_shards(tmp, tensors, shard_size, progress)

@@ -10,7 +10,7 @@ from ..plan import UpcyclePlan
 from .base import OutputFormat
 from .native import NativeFormat
 
-__all__ = ["FORMATS", "FORMAT_NAMES", "get_format", "choose_format", "format_defaults"]
+__all__ = ["FORMATS", "FORMAT_NAMES", "get_format", "choose_format", "format_defaults", "output_format", "load_hf_output"]
 
 FORMATS: dict[str, OutputFormat] = {"native": NativeFormat()}
 
@@ -66,3 +66,40 @@ def choose_format(name: str, plan: UpcyclePlan, config: Any) -> tuple[OutputForm
         reasons.append(f"{fmt.name}: {why_not}")
     detail = "; ".join(reasons) if reasons else "no Hugging Face format is available"
     return FORMATS["native"], f"native, since no Hugging Face format fits ({detail})"
+
+
+def output_format(path) -> str | None:
+    """The format named in a sparsify output's sparsify.json (None if it has none)."""
+    import json
+    from pathlib import Path
+
+    manifest = Path(path) / "sparsify.json"
+    try:
+        return json.loads(manifest.read_text()).get("format")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def load_hf_output(path):
+    """A sparsify output in a Hugging Face format, loaded by its transformers class, with the plan
+    it was made by attached as `sparsify_plan`."""
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    from ..errors import SourceError
+    from ..io.skeleton import model_class
+
+    path = Path(path)
+    manifest = json.loads((path / "sparsify.json").read_text())
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    try:
+        model = model_class(config).from_pretrained(path, dtype="auto", trust_remote_code=False, local_files_only=True)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise SourceError(f"cannot load '{path}' ({manifest.get('format')} format): {first}") from None
+    model.eval()
+    model.sparsify_plan = UpcyclePlan.from_dict(manifest["plan"])
+    model.sparsify_source = manifest.get("source", {})
+    return model

@@ -40,6 +40,21 @@ DEMOS = {
         num_attention_heads=_HEADS, num_key_value_heads=2, max_position_embeddings=128,
         bos_token_id=0, eos_token_id=1, pad_token_id=None, architectures=["LlamaForCausalLM"],
     ),
+    "mistral": lambda: transformers.MistralConfig(
+        vocab_size=_VOCAB, hidden_size=_D, intermediate_size=_FF, num_hidden_layers=_LAYERS,
+        num_attention_heads=_HEADS, num_key_value_heads=2, max_position_embeddings=128,
+        sliding_window=64, bos_token_id=0, eos_token_id=1, architectures=["MistralForCausalLM"],
+    ),
+    "qwen2": lambda: transformers.Qwen2Config(
+        vocab_size=_VOCAB, hidden_size=_D, intermediate_size=_FF, num_hidden_layers=_LAYERS,
+        num_attention_heads=_HEADS, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, architectures=["Qwen2ForCausalLM"],
+    ),
+    "qwen3": lambda: transformers.Qwen3Config(
+        vocab_size=_VOCAB, hidden_size=_D, intermediate_size=_FF, num_hidden_layers=_LAYERS,
+        num_attention_heads=_HEADS, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
+        bos_token_id=0, eos_token_id=1, architectures=["Qwen3ForCausalLM"],
+    ),
 }
 
 

@@ -17,7 +17,7 @@ class MoEConfig:
     """How an MoE layer routes tokens. Validated on construction; `to_dict`/`from_dict` round-trip."""
 
     num_experts: int = field(default=8, metadata={"help": "experts per MoE layer (at least 2)"})
-    top_k: int = field(default=2, metadata={"help": "experts per token (topk); 1 for switch"})
+    top_k: int | None = field(default=None, metadata={"help": "experts per token [default: 2; switch: 1]"})
     router: str = field(default="topk", metadata={"help": "topk | switch | expert-choice"})
     normalize: bool = field(
         default=True,
@@ -37,10 +37,10 @@ class MoEConfig:
             raise OptionError(f"--experts must be at least 2, got {self.num_experts}")
         if self.router not in ROUTER_KINDS:
             raise OptionError(f"--router must be one of {', '.join(ROUTER_KINDS)}, got {self.router!r}")
-        if self.router == "switch":
-            if self.top_k not in (1, None):
-                raise OptionError(f"--router switch routes each token to 1 expert; drop --top-k {self.top_k}")
-            self.top_k = 1
+        if self.top_k is None:
+            self.top_k = 1 if self.router == "switch" else 2
+        if self.router == "switch" and self.top_k != 1:
+            raise OptionError(f"--router switch routes each token to 1 expert; drop --top-k {self.top_k}")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
             raise OptionError(
                 f"--top-k must be between 1 and the expert count ({self.num_experts}), got {self.top_k}"

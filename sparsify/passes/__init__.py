@@ -7,6 +7,7 @@
 
 from .find_ffn import FindFFN
 from .infra import Pass, PassContext, PassManager, PassResult, PostconditionError, PreconditionError
+from .partition_experts import PartitionExperts
 from .select_layers import SelectLayers
 from .upcycle_ffn import UpcycleFFN
 
@@ -20,4 +21,5 @@ __all__ = [
     "FindFFN",
     "SelectLayers",
     "UpcycleFFN",
+    "PartitionExperts",
 ]

@@ -34,10 +34,10 @@ class UpcycleFFN(Pass):
         **moe_options,
     ):
         if router == "switch" and top_k == 2:
-            top_k = 1  # the default top_k does not apply to switch routing, which is top-1
+            top_k = None  # the signature's default k=2 does not apply to switch routing (top-1)
         self.config = MoEConfig(
             num_experts=experts,
-            top_k=top_k if top_k is not None else 2,
+            top_k=top_k,
             router=router,
             normalize=normalize,
             capacity_factor=capacity_factor,

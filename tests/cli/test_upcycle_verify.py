@@ -22,7 +22,11 @@ def test_upcycle_then_verify(tmp_path, sparsify_cli, name, extra):
     loaded = sparsify.load(out)
     again = sparsify.upcycle(f"demo:{name}", experts=8, **({"top_k": 1} if "--top-k" in extra else {}),
                              **({"every": 1} if "--every" in extra else {}))
-    assert compare(again, loaded).max_abs == 0.0
+    c = compare(again, loaded)
+    if json.loads((out / "sparsify.json").read_text())["format"] == "sparsify-native":
+        assert c.max_abs == 0.0  # the same modules and weights: bit-identical
+    else:  # auto chose a Hugging Face format (e.g. mixtral for every layer of a llama)
+        assert c.max_abs < 1e-5 * c.max_ref
 
 
 def test_switch_summary_says_not_preserving_and_verify_fails(tmp_path, sparsify_cli):
