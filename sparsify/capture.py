@@ -80,6 +80,13 @@ def capture(
         args, kwargs = tuple(example_inputs or ()), dict(example_kwargs or {})
     was_training = model.training
     model.eval()
+    # Discovery reads nn_module_stack, never stack traces; recording one per node is a large
+    # share of export time on big models.
+    import torch.fx.config as fx_config
+
+    emit_traces = getattr(fx_config, "do_not_emit_stack_traces", None)
+    if emit_traces is not None:
+        fx_config.do_not_emit_stack_traces = True
     try:
         program = torch.export.export(model, args, kwargs, strict=False)
     except Exception as err:  # torch.export raises many types; all mean "could not capture"
@@ -90,4 +97,6 @@ def capture(
         ) from err
     finally:
         model.train(was_training)
+        if emit_traces is not None:
+            fx_config.do_not_emit_stack_traces = emit_traces
     return Captured(program, args, kwargs)

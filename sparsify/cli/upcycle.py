@@ -31,6 +31,7 @@ def upcycle(
     format: str = typer.Option("auto", "--format", "-f", help="auto | native | mixtral | qwen2-moe | switch."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 [default: the source's]."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard, e.g. 5GB or 500MiB."),
+    target: str = typer.Option("ort", "--target", help="ONNX sources only: ort (fuse into com.microsoft.MoE) | standard."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (only once the new one is complete)."),
 ) -> None:
     """Convert a dense model into an MoE model whose experts start as copies of its FFNs.
@@ -40,7 +41,7 @@ def upcycle(
         from .export import upcycle_onnx_command
 
         return upcycle_onnx_command(source, out, experts, top_k, router, normalize, every, layers,
-                                    capacity_factor, noise, seed, force)
+                                    capacity_factor, noise, seed, force, target=target)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task(f"loading {source}", total=None)

@@ -30,7 +30,7 @@ from ..rewrite import apply_plan
 from .base import MANIFEST, OutputFormat
 from .tensors import TensorSource, alias_groups
 
-__all__ = ["NativeFormat", "load_native", "read_manifest", "MANIFEST", "INDEX", "FORMAT_NAME"]
+__all__ = ["NativeFormat", "load_native", "assign_tensors", "read_manifest", "MANIFEST", "INDEX", "FORMAT_NAME"]
 
 INDEX = "model.safetensors.index.json"
 FORMAT_NAME = "sparsify-native"
@@ -113,6 +113,22 @@ def _read_shards(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def assign_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], path: Path) -> None:
+    """Assign `tensors` (stored names; aliases per the manifest) to a skeleton with the plan
+    applied, tie weights, and refuse anything unexpected or missing."""
+    for alias, stored in manifest.get("aliases", {}).items():
+        tensors[alias] = tensors[stored]
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise PlanError(f"'{path}' holds tensor '{result.unexpected_keys[0]}' that the plan's model lacks; "
+                        "the plan does not match the weights")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise SourceError(f"'{path}' lacks tensor '{left[0]}' ({len(left)} in all); the checkpoint is incomplete")
+
+
 def load_native(path: str | Path) -> nn.Module:
     """Rebuild a model written in the native format: skeleton, plan applied, weights assigned."""
     import transformers
@@ -123,17 +139,7 @@ def load_native(path: str | Path) -> nn.Module:
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     model = build_skeleton(config, model_class(config))
     apply_plan(model, plan, copy_weights=False)
-    tensors = _read_shards(path)
-    for alias, stored in manifest.get("aliases", {}).items():
-        tensors[alias] = tensors[stored]
-    result = model.load_state_dict(tensors, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise PlanError(f"'{path}' holds tensor '{result.unexpected_keys[0]}' that the plan's model lacks; the plan does not match the weights")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-    if left:
-        raise SourceError(f"'{path}' lacks tensor '{left[0]}' ({len(left)} in all); the output is incomplete")
+    assign_tensors(model, _read_shards(path), manifest, path)
     model.eval()
     model.sparsify_plan = plan
     model.sparsify_source = manifest.get("source", {})

@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import SourceError
+from .direct_write import open_output
 
 __all__ = ["DTYPES", "TensorInfo", "SafetensorsFile", "OutputTensor", "plan_shards", "write_shards", "parse_size"]
 
@@ -155,46 +156,6 @@ def _header(tensors: list[OutputTensor]) -> bytes:
     return raw + b" " * (-len(raw) % 8)  # pad so that tensor data starts 8-byte aligned
 
 
-_SYNC_FILE_RANGE_WRITE = 2
-_WRITEBACK_EVERY = 64 << 20
-
-
-def _writeback_starter() -> Callable[[int, int, int], None]:
-    """`start(fd, offset, nbytes)`: ask the kernel to begin writing that range to disk now
-    (Linux sync_file_range, not in Python's os module). Left alone, the kernel starts writeback
-    only once gigabytes of dirty pages have piled up, and the disk idles until then."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.sync_file_range
-        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    except (OSError, AttributeError):
-        return lambda fd, offset, nbytes: None
-    return lambda fd, offset, nbytes: fn(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
-
-
-class _ShardFile:
-    """An output file written with plain os.write calls, with writeback started as it goes."""
-
-    def __init__(self, path: Path, start_writeback: Callable[[int, int, int], None]):
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self.offset = self.synced = 0
-        self.start_writeback = start_writeback
-
-    def write(self, data: memoryview) -> None:
-        while data:
-            n = os.write(self.fd, data)  # may be partial for writes over 2 GB
-            data = data[n:]
-            self.offset += n
-        if self.offset - self.synced >= _WRITEBACK_EVERY:
-            self.start_writeback(self.fd, self.synced, self.offset - self.synced)
-            self.synced = self.offset
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 def _bytes_of(t: torch.Tensor) -> memoryview:
     t = t.contiguous()
     return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
@@ -212,11 +173,10 @@ def write_shards(
     `progress(nbytes)` is called as data is written."""
     shards = plan_shards(tensors, parse_size(max_shard_size))
     weight_map: dict[str, str] = {}
-    start_writeback = _writeback_starter()
     for i, shard in enumerate(shards):
         fname = pattern.format(i=i + 1, n=len(shards))
         header = _header(shard)
-        fh = _ShardFile(out_dir / fname, start_writeback)
+        fh = open_output(out_dir / fname)
         try:
             fh.write(memoryview(struct.pack("<Q", len(header))))
             fh.write(memoryview(header))
@@ -233,8 +193,10 @@ def write_shards(
                 if written != t.nbytes:
                     raise RuntimeError(f"producer of '{t.name}' gave {written} bytes, expected {t.nbytes}")
                 weight_map[t.name] = fname
-        finally:
-            fh.close()
+        except BaseException:
+            fh.abort()
+            raise
+        fh.close()
     total = sum(t.nbytes for t in tensors)
     (out_dir / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return weight_map

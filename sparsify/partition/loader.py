@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..errors import OptionError, PlanError, SourceError
-from ..formats.native import read_manifest
+from ..formats.native import assign_tensors, read_manifest
 from ..io.skeleton import build_skeleton
 from ..plan import UpcyclePlan
 from ..rewrite import apply_plan
@@ -70,20 +70,6 @@ def _read(path: Path, reader: CheckpointReader, placement: ExpertPlacement, rank
     return tensors
 
 
-def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], path: Path) -> None:
-    for alias, stored in manifest.get("aliases", {}).items():
-        tensors[alias] = tensors[stored]
-    result = model.load_state_dict(tensors, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise PlanError(f"'{path}' holds tensor '{result.unexpected_keys[0]}' that the plan's model lacks; "
-                        "the plan does not match the weights")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-    if left:
-        raise SourceError(f"'{path}' lacks tensor '{left[0]}' ({len(left)} in all); the checkpoint is incomplete")
-
-
 def load_expert_parallel(path: str | Path, placement: Any = None, group: Any = None) -> nn.Module:
     """This rank's expert-parallel model from a native checkpoint (`placement` required: a
     plan.json path, its dict, or an `ExpertPlacement`) or a shards directory (its placement
@@ -100,7 +86,7 @@ def load_expert_parallel(path: str | Path, placement: Any = None, group: Any = N
     model = replace_moe_layers(_skeleton(path, plan), placement, pg, copy_weights=False)
     with CheckpointReader(path) as reader:
         tensors = _read(path, reader, placement, rank, shards)
-        _assign(model, tensors, manifest, path)
+        assign_tensors(model, tensors, manifest, path)
     model.eval()
     model.sparsify_plan = plan
     model.sparsify_source = manifest.get("source", {})

@@ -1,0 +1,226 @@
+"""Export a model (upcycled or dense) to ONNX: capture, translate, fuse, check, write.
+
+    model -> torch.export (MoE layers as one custom op, dynamic batch and sequence)
+          -> torch.onnx.export (the op written as standard-ops MoE)
+          -> fold-constants, [fuse-moe-ort], dead-node removal -> onnx.checker -> files
+
+Decoder-only and encoder-only models give one graph (`input_ids`, `attention_mask` ->
+`logits` or `last_hidden_state`); encoder-decoder models give `STEM-encoder.onnx`
+(-> `last_hidden_state`) and `STEM-decoder.onnx` (`decoder_input_ids`, `encoder_hidden_states`,
+`encoder_attention_mask` -> `logits`).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+import torch.nn as nn
+
+from .. import __version__
+from ..errors import CaptureError, OptionError, SparsifyError
+from ..formats.onnx import METADATA_KEY, write_onnx
+from ..io.atomic import check_output
+from ..passes.onnx.cleanup import cleanup
+from ..passes.onnx.fuse_moe_ort import SITE_KEY, FuseMoEOrt, FusionReport
+from .signatures import WRAPPER, graph_paths, model_graphs, name_io
+from .torch_op import TRANSLATIONS, export_friendly
+
+__all__ = [
+    "export_onnx",
+    "check_export_options",
+    "capture_graphs",
+    "write_graphs",
+    "capture_onnx",
+    "lower_onnx",
+    "CapturedGraph",
+    "ExportResult",
+    "ExportedGraph",
+    "TARGETS",
+    "OPSETS",
+    "DEFAULT_OPSET",
+    "graph_paths",
+]
+
+TARGETS = ("ort", "standard")
+# The opsets torch.onnx's exporter writes (18, converted upwards) that were checked to run in
+# ONNX Runtime 1.32 with the fused operator; 18 runs in every ONNX Runtime since 1.14.
+OPSETS = range(18, 24)
+DEFAULT_OPSET = 18
+
+
+@dataclass
+class ExportedGraph:
+    """One exported graph: its role (model, encoder, decoder), file, and fusion report."""
+
+    role: str
+    path: Path
+    inputs: list[str]
+    outputs: list[str]
+    report: FusionReport = field(default_factory=FusionReport)
+
+
+@dataclass
+class ExportResult:
+    """What `export_onnx` wrote."""
+
+    graphs: list[ExportedGraph]
+    files: list[Path]
+    target: str
+    opset: int
+
+
+def capture_onnx(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None, opset: int = DEFAULT_OPSET) -> ir.Model:
+    """`module(**kwargs)` as an ONNX model whose MoE layers are standard ops (not yet cleaned
+    up or fused: see `lower_onnx`)."""
+    inner = getattr(module, WRAPPER, module)
+    attention = _set_attention(inner, "eager")
+    try:
+        with export_friendly(module):
+            program = torch.export.export(module, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=TRANSLATIONS,
+                                             opset_version=opset, verbose=False)
+    except SparsifyError:
+        raise
+    except Exception as err:  # torch.export and torch.onnx raise many types; all mean "could not capture"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise CaptureError(f"could not export {type(inner).__name__} to ONNX: {first}") from err
+    finally:
+        _set_attention(inner, attention)
+    _tag_scopes(onnx_program.model)
+    return onnx_program.model
+
+
+def _tag_scopes(model: ir.Model) -> None:
+    """Make the module scopes the exporter recorded read as paths of the model (not of the
+    export wrapper), and mark the nodes of each MoE layer with `sparsify.site`."""
+    key = "pkg.torch.onnx.name_scopes"
+    for node in model.graph:
+        if key not in node.metadata_props:
+            continue
+        scopes = ast.literal_eval(node.metadata_props[key])
+        scopes = [s.removeprefix(WRAPPER + ".") for s in scopes if s not in ("", WRAPPER)]
+        node.metadata_props[key] = repr(scopes)
+        if "ExportMoE" in node.metadata_props.get("pkg.torch.onnx.class_hierarchy", "") and len(scopes) > 1:
+            node.metadata_props[SITE_KEY] = scopes[-2]
+
+
+@dataclass
+class CapturedGraph:
+    """One graph of a model captured in standard ops, before clean-up and fusion."""
+
+    role: str
+    model: ir.Model
+    outputs: list[str]
+
+
+def check_export_options(target: str, opset: int, batch: int, seq: int) -> None:
+    """Raise `OptionError` for a target, opset or static shape the exporter cannot write."""
+    if target not in TARGETS:
+        raise OptionError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if opset not in OPSETS:
+        raise OptionError(f"--opset {opset} is not supported: the exporter targets opsets {OPSETS[0]} to {OPSETS[-1]}")
+    if batch < 1 or seq < 1:
+        raise OptionError(f"--batch and --seq must be 1 or more, got {batch} and {seq}")
+
+
+def capture_graphs(model: nn.Module, opset: int = DEFAULT_OPSET, dynamic: bool = True, batch: int = 2,
+                   seq: int = 8) -> list[CapturedGraph]:
+    """Every graph of `model` (one, or encoder and decoder) in standard ops."""
+    check_export_options("standard", opset, batch, seq)
+    if getattr(getattr(model, "config", None), "vocab_size", None) is None:
+        raise OptionError(f"cannot export {type(model).__name__}: only transformers models (with a vocab_size) export")
+    if dynamic:  # size-1 example dims would be specialised to 1
+        batch, seq = max(batch, 2), max(seq, 3)
+    was_training = model.training
+    model.eval()
+    graphs = []
+    try:
+        for role, wrapper, kwargs, shapes in model_graphs(model, batch, seq, dynamic):
+            onnx_model = capture_onnx(wrapper, kwargs, shapes if dynamic else None, opset)
+            outputs = [{"encoder": "last_hidden_state", "decoder": "logits"}.get(role) or wrapper.output_name()]
+            name_io(onnx_model, outputs)
+            graphs.append(CapturedGraph(role, onnx_model, outputs))
+    finally:
+        model.train(was_training)
+    return graphs
+
+
+def write_graphs(graphs: list[CapturedGraph], model: nn.Module, out: str | Path, target: str = "ort",
+                 force: bool = False) -> ExportResult:
+    """Clean up and (for "ort") fuse captured graphs in place, then write them next to `out`."""
+    check_export_options(target, DEFAULT_OPSET, 1, 1)
+    paths = graph_paths(model, out)
+    exported, written = {}, []
+    opset = 0
+    for g in graphs:
+        opset = g.model.opset_imports.get("", DEFAULT_OPSET)
+        report = lower_onnx(g.model, target)
+        g.model.metadata_props[METADATA_KEY] = json.dumps(_metadata(model, g.role, target, opset, report))
+        exported[paths[g.role]] = g.model
+        written.append(ExportedGraph(g.role, paths[g.role], [v.name for v in g.model.graph.inputs], g.outputs, report))
+    files = write_onnx(exported, force=force)
+    return ExportResult(written, files, target, opset)
+
+
+def export_onnx(
+    model: nn.Module,
+    out: str | Path,
+    target: str = "ort",
+    opset: int = DEFAULT_OPSET,
+    dynamic: bool = True,
+    batch: int = 2,
+    seq: int = 8,
+    force: bool = False,
+) -> ExportResult:
+    """Export `model` (a transformers model, dense or upcycled) to ONNX file(s) at `out`.
+
+    `target` "ort" fuses every MoE layer ONNX Runtime supports into `com.microsoft.MoE`;
+    "standard" keeps portable standard ops. `dynamic` makes batch and sequence axes dynamic;
+    `batch`/`seq` are the shapes of a static export (and of the example inputs otherwise).
+    """
+    check_export_options(target, opset, batch, seq)
+    for p in graph_paths(model, out).values():  # before the slow capture
+        check_output(p, force)
+    return write_graphs(capture_graphs(model, opset, dynamic, batch, seq), model, out, target, force)
+
+
+def _set_attention(model: nn.Module, implementation: str | None) -> str | None:
+    """Switch the attention implementation; returns the previous one. Exports use "eager":
+    the SDPA decomposition of torch.onnx breaks T5's reshape of the attention output under
+    symbolic shapes, and eager attention exports for every architecture."""
+    config = getattr(model, "config", None)
+    previous = getattr(config, "_attn_implementation", None)
+    if implementation and previous and previous != implementation and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(implementation)
+    return previous
+
+
+def lower_onnx(model: ir.Model, target: str) -> FusionReport:
+    """Clean up `model` in place, then fuse its MoE layers for ONNX Runtime when the target is
+    "ort"; returns what was fused."""
+    cleanup()(model)
+    if target != "ort":
+        return FusionReport()
+    fuse = FuseMoEOrt()
+    fuse(model)
+    return fuse.report
+
+
+def _metadata(model: nn.Module, role: str, target: str, opset: int, report: FusionReport) -> dict:
+    plan = getattr(model, "sparsify_plan", None)
+    return {
+        "sparsify_version": __version__,
+        "graph": role,
+        "target": target,
+        "opset": opset,
+        "plan": plan.to_dict() if plan is not None else None,
+        "fusion": report.to_dict(),
+    }

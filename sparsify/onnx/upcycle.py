@@ -1,0 +1,118 @@
+"""ONNX-native upcycling: `sparsify upcycle model.onnx --experts N -o out.onnx`.
+
+The same find-ffn / select-layers / upcycle-ffn pipeline as for checkpoints, on the ONNX IR:
+
+    read -> find-ffn-onnx -> select-layers -> upcycle-ffn-onnx -> clean-up [-> fuse-moe-ort] -> write
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import onnx
+import onnx_ir as ir
+
+from .. import __version__
+from ..errors import NoFFNFoundError, OptionError, SourceError
+from ..formats.onnx import METADATA_KEY, read_onnx, write_onnx
+from ..io.atomic import check_output
+from ..passes.onnx.find_ffn import FindFFNOnnx
+from ..passes.onnx.fuse_moe_ort import FusionReport
+from ..passes.onnx.upcycle_ffn import UpcycleFFNOnnx
+from ..passes.select_layers import SelectLayers, select_layers
+from ..passes.upcycle_ffn import UpcycleFFN
+from ..plan import UpcyclePlan
+from .export import DEFAULT_OPSET, check_export_options, lower_onnx
+
+__all__ = ["upcycle_onnx", "OnnxUpcycleResult", "MIN_OPSET"]
+
+# The standard-ops MoE uses ReduceSum and Unsqueeze with axes as inputs (opset 13).
+MIN_OPSET = 13
+
+
+@dataclass
+class OnnxUpcycleResult:
+    """The plan applied, what fuse-moe-ort did, and the file written."""
+
+    plan: UpcyclePlan
+    report: FusionReport
+    path: Path
+    dense_params: int
+    total_params: int
+
+
+def _count(model: ir.Model) -> int:
+    return sum(v.const_value.size for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _check_opset(model: ir.Model, source: str) -> None:
+    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    newest = onnx.defs.onnx_opset_version()
+    if version is None or not MIN_OPSET <= version <= newest:
+        raise SourceError(
+            f"'{source}' uses ONNX opset {version}; ONNX-native upcycling supports opsets {MIN_OPSET} to {newest} "
+            f"(convert it first with onnx.version_converter.convert_version(model, {MIN_OPSET}))"
+        )
+
+
+def upcycle_onnx(
+    source: str | Path,
+    out: str | Path,
+    experts: int = 8,
+    every: int | None = 2,
+    layers: Sequence[int] | None = None,
+    target: str = "ort",
+    force: bool = False,
+    **options: Any,
+) -> OnnxUpcycleResult:
+    """Upcycle the FFNs of the ONNX model at `source` and write the result to `out`.
+
+    `experts`, `every`, `layers` and `options` (top_k, router, normalize, capacity_factor,
+    noise, router_init_std, seed) mean what they mean for `sparsify.upcycle`. `target` "ort"
+    then fuses each MoE layer ONNX Runtime supports into `com.microsoft.MoE`; "standard"
+    keeps standard ops.
+    """
+    convert = UpcycleFFN(experts=experts, **options)  # validates the MoE options
+    if convert.config.router == "expert-choice":
+        raise OptionError("--router expert-choice needs to know which layers are causal, which an ONNX graph "
+                          "does not say; use topk or switch, or upcycle the checkpoint instead")
+    select = SelectLayers(every=every if layers is None else None, layers=layers)
+    check_export_options(target, DEFAULT_OPSET, 1, 1)
+    check_output(out, force)
+    model = read_onnx(source)
+    _check_opset(model, str(source))
+    dense_params = _count(model)
+
+    find = FindFFNOnnx()
+    find(model)
+    if not find.found:
+        raise NoFFNFoundError(_no_ffn_message(str(source), find.rejected))
+    plan = UpcyclePlan(sites=[f.site for f in find.found], rejected=find.rejected, moe=convert.config,
+                       init={"noise": convert.noise, "router_init_std": convert.router_init_std, "seed": convert.seed,
+                             "every": select.every, "layers": list(layers) if layers is not None else None})
+    plan.selected = select_layers(plan.sites, select.every, select.layers)
+    if not plan.selected:
+        raise OptionError(f"no FFN layer was selected among the graph's {len(plan.sites)} FFNs; "
+                          "lower --every or pass --layers")
+    plan.source = {"spec": str(source), "kind": "onnx"}
+
+    UpcycleFFNOnnx(find.found, plan)(model)
+    report = lower_onnx(model, target)
+    model.metadata_props[METADATA_KEY] = json.dumps(
+        {"sparsify_version": __version__, "graph": "model", "target": target, "opset": model.opset_imports.get(""),
+         "plan": plan.to_dict(), "fusion": report.to_dict()}
+    )
+    total = _count(model)
+    (path,) = write_onnx({Path(out): model}, force=force)[:1]
+    return OnnxUpcycleResult(plan, report, path, dense_params, total)
+
+
+def _no_ffn_message(source: str, rejected) -> str:
+    if not rejected:
+        return (f"no FFN found in '{source}': no MatMul by a constant weight reads an activation of another "
+                "(dense: x @ W1 -> act -> @ W2; gated: act(x @ Wg) * (x @ Wu) -> @ Wd)")
+    reasons = "; ".join(str(r) for r in rejected[:3]) + (f"; and {len(rejected) - 3} more" if len(rejected) > 3 else "")
+    return f"no FFN found in '{source}': {len(rejected)} candidate(s) rejected: {reasons}"

@@ -1,0 +1,265 @@
+"""Trace a feed-forward block backwards from the value its output projection multiplies.
+
+    dense:  a = act(x @ W1 [+ b1])
+    gated:  a = act(x @ Wg [+ bg]) * (x @ Wu [+ bu])
+
+Walking back from `a` through elementwise ops until projections (`MatMul` by a constant, with
+an optional constant bias `Add`) recovers the projections and the activation subgraph however
+it is spelled (`Relu`, `Gelu`, Gelu written out with `Erf` or `Tanh`, `x * Sigmoid(x)`, ...).
+The activation is then named by evaluating that subgraph on probe values and comparing it with
+`sparsify.activations` (`identify_activation`): what it does, not how it is written.
+
+Both ONNX FFN discovery (weights [in, out]) and `fuse-moe-ort` (experts [E, in, out]) use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from ...activations import identify_activation
+
+__all__ = ["Projection", "FFNTrace", "projection_at", "projection_of", "trace_ffn", "is_const", "name_activation"]
+
+_UNARY = {
+    "Relu", "Sigmoid", "Tanh", "Erf", "Gelu", "Elu", "Selu", "Celu", "LeakyRelu", "Softplus",
+    "Softsign", "Mish", "HardSigmoid", "HardSwish", "Swish", "Exp", "Log", "Neg", "Abs", "Sqrt",
+    "Reciprocal", "Identity", "Sin", "Cos", "ThresholdedRelu",
+}
+_BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
+_MAX_ACTIVATION_NODES = 24
+
+
+def is_const(value: ir.Value | None) -> bool:
+    """True for an initializer or the output of a Constant node."""
+    return value is not None and ir.convenience.get_const_tensor(value) is not None
+
+
+def _std(node: ir.Node | None, *op_types: str) -> bool:
+    return node is not None and node.domain in ("", "ai.onnx") and node.op_type in op_types
+
+
+@dataclass
+class Projection:
+    """`output = input @ W + bias` by a constant W, as `MatMul` [+ `Add`] or as GPT-2's
+    `Reshape` -> `Gemm` -> `Reshape`. `matrix()` is W in [in, out] layout whatever the op."""
+
+    input: ir.Value
+    weight: ir.Value
+    bias: ir.Value | None
+    output: ir.Value
+    nodes: list[ir.Node]
+    transposed: bool = False  # Gemm with transB=1 stores W as [out, in]
+
+    def matrix(self) -> np.ndarray:
+        """The weight as an array in [..., in, out] layout."""
+        w = ir.convenience.get_const_tensor(self.weight).numpy()
+        return w.T if self.transposed else w
+
+
+def _sole_user(value: ir.Value) -> ir.Node | None:
+    uses = value.uses()
+    return uses[0][0] if len(uses) == 1 else None
+
+
+def projection_at(core: ir.Node, rank: int) -> Projection | None:
+    """The projection computed by a `MatMul` or `Gemm` node by a constant weight of `rank`
+    dimensions, extended over its bias `Add` and (for `Gemm`) the reshapes around it."""
+    if _std(core, "MatMul"):
+        x, w = core.inputs
+        nodes, transposed, bias = [core], False, None
+    elif _std(core, "Gemm") and rank == 2:
+        a = core.attributes
+        if a.get_int("transA", 0) or a.get_float("alpha", 1.0) != 1.0 or a.get_float("beta", 1.0) != 1.0:
+            return None
+        flat, w = core.inputs[0], core.inputs[1]
+        bias = core.inputs[2] if len(core.inputs) > 2 else None
+        if not _std(flat.producer(), "Reshape") or (bias is not None and not is_const(bias)):
+            return None
+        x, nodes, transposed = flat.producer().inputs[0], [flat.producer(), core], bool(a.get_int("transB", 0))
+    else:
+        return None
+    tensor = ir.convenience.get_const_tensor(w)
+    if x is None or tensor is None or len(tensor.shape) != rank or is_const(x):
+        return None
+    out = core.outputs[0]
+    user = _sole_user(out)
+    if _std(core, "Gemm"):
+        if not _std(user, "Reshape"):
+            return None
+        nodes.append(user)
+        out = user.outputs[0]
+    elif _std(user, "Add"):
+        other = user.inputs[1] if user.inputs[0] is out else user.inputs[0]
+        if is_const(other):
+            bias, out = other, user.outputs[0]
+            nodes.append(user)
+    return Projection(x, w, bias, out, nodes, transposed)
+
+
+def projection_of(value: ir.Value, rank: int) -> Projection | None:
+    """The projection whose output is `value`, if it is one."""
+    node = value.producer()
+    core = node
+    if _std(node, "Add"):
+        core = next((i.producer() for i in node.inputs if i is not None and not is_const(i)), None)
+    elif _std(node, "Reshape"):
+        core = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if core is None:
+        return None
+    p = projection_at(core, rank)
+    return p if p is not None and p.output is value else None
+
+
+@dataclass
+class FFNTrace:
+    """The inner part of an FFN: projections, activation subgraph and its name."""
+
+    form: str  # dense | gated
+    gate: Projection  # the first projection (the gate in the gated form)
+    up: Projection | None
+    activation: str
+    act_input: ir.Value
+    act_output: ir.Value
+    nodes: list[ir.Node] = field(default_factory=list)  # every node from the projections to `a`
+
+    @property
+    def input(self) -> ir.Value:
+        """The hidden states the FFN reads."""
+        return self.gate.input
+
+
+def _walk(start: ir.Value, rank: int) -> tuple[dict[ir.Value, Projection], list[ir.Node]] | None:
+    """Projections reached from `start` through elementwise ops, and those ops; None when a
+    non-elementwise op is met first (then `start` is not inside an FFN)."""
+    roots: dict[ir.Value, Projection] = {}
+    chain: list[ir.Node] = []
+    stack, seen = [start], set()
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        p = projection_of(v, rank)
+        if p is not None:
+            roots[v] = p
+            continue
+        node = v.producer()
+        if node is None or not (_std(node, *_UNARY) or _std(node, *_BINARY)):
+            return None
+        if node not in chain:
+            chain.append(node)
+        if len(chain) > _MAX_ACTIVATION_NODES:
+            return None
+        stack.extend(i for i in node.inputs if i is not None and not is_const(i))
+    return roots, chain
+
+
+def trace_ffn(a: ir.Value, rank: int = 2) -> FFNTrace | str | None:
+    """Trace the FFN whose output projection multiplies `a`.
+
+    Returns an `FFNTrace`; a string saying why a candidate (an activation between projections
+    of one input) cannot be used; or None when `a` does not come from an FFN at all.
+    """
+    walked = _walk(a, rank)
+    if walked is None:
+        return None
+    roots, chain = walked
+    if not roots or not chain or len(roots) > 2 or len({p.input for p in roots.values()}) != 1:
+        return None
+    if len(roots) == 1:
+        (gate,) = roots.values()
+        up, act_output, act_nodes = None, a, chain
+    else:
+        top = a.producer()
+        if not _std(top, "Mul"):
+            return f"two projections of one input are combined by {top.op_type}, not multiplied (not a gated FFN)"
+        for gate_side, up_side in (top.inputs, reversed(top.inputs)):
+            if up_side in roots and gate_side not in roots:
+                sub = _walk(gate_side, rank)
+                if sub is not None and len(sub[0]) == 1 and up_side not in sub[0]:
+                    gate, up, act_output, act_nodes = sub[0][next(iter(sub[0]))], roots[up_side], gate_side, sub[1]
+                    break
+        else:
+            return "two projections of one input are multiplied, but not as act(x @ Wg) * (x @ Wu)"
+    nodes = [n for p in (gate, up) if p is not None for n in p.nodes] + chain
+    inside = set(nodes)
+    for n in nodes:
+        for out in n.outputs:
+            if out is not a and (out.is_graph_output() or any(user not in inside for user, _ in out.uses())):
+                return f"intermediate value '{out.name}' is also used outside the FFN"
+    activation = name_activation(gate.output, act_output, act_nodes)
+    if activation is None:
+        ops = ", ".join(sorted({n.op_type for n in act_nodes}))
+        return f"the activation ({ops}) is not one sparsify knows; see sparsify.activations"
+    return FFNTrace("dense" if up is None else "gated", gate, up, activation, gate.output, act_output, nodes)
+
+
+def name_activation(start: ir.Value, end: ir.Value, nodes: list[ir.Node]) -> str | None:
+    """Name the elementwise function that `nodes` compute from `start` to `end`, by evaluating
+    a float64 copy of them on probe values (see `sparsify.activations.identify_activation`)."""
+    from onnx.reference import ReferenceEvaluator
+
+    x = ir.val("x", dtype=ir.DataType.DOUBLE)
+    mapping: dict[ir.Value, ir.Value] = {start: x}
+    copies: list[ir.Node] = []
+    for node in _topological(nodes):
+        inputs = []
+        for i in node.inputs:
+            if i is None or i in mapping:
+                inputs.append(mapping.get(i))
+                continue
+            constant = _double_constant(i)
+            copies.append(constant)
+            inputs.append(constant.outputs[0])
+        copy = ir.Node(node.domain, node.op_type, inputs, attributes=list(node.attributes.values()),
+                       num_outputs=len(node.outputs))
+        copies.append(copy)
+        mapping.update(zip(node.outputs, copy.outputs))
+    if end not in mapping:
+        return None
+    out = mapping[end]
+    out.name, out.dtype = "y", ir.DataType.DOUBLE
+    model = ir.Model(ir.Graph([x], [out], nodes=copies, opset_imports={"": 20}), ir_version=10)
+    try:
+        session = ReferenceEvaluator(ir.to_proto(model))
+    except Exception:  # an op the reference evaluator lacks: not an activation we can name
+        return None
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        (y,) = session.run(None, {"x": t.numpy().astype(np.float64)})
+        return torch.from_numpy(np.asarray(y, dtype=np.float64))
+
+    return identify_activation(fn)
+
+
+def _double_constant(value: ir.Value) -> ir.Node:
+    # probes run in float64 whatever the model's dtype, so float16 models are named as reliably
+    array = ir.convenience.get_const_tensor(value).numpy()
+    if np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float64)
+    return ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", ir.tensor(array))])
+
+
+def _topological(nodes: list[ir.Node]) -> list[ir.Node]:
+    """`nodes` ordered so that producers come before their users."""
+    inside = set(nodes)
+    done: set[ir.Node] = set()
+    order: list[ir.Node] = []
+
+    def visit(n: ir.Node) -> None:
+        if n in done:
+            return
+        done.add(n)
+        for i in n.inputs:
+            p = i.producer() if i is not None else None
+            if p in inside:
+                visit(p)
+        order.append(n)
+
+    for n in nodes:
+        visit(n)
+    return order
