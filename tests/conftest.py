@@ -42,6 +42,7 @@ def sparsify_cli(capsys):
     from sparsify.cli.main import main
 
     def run(*args: str):
+        capsys.readouterr()  # drop what the test printed while setting up
         code = main([str(a) for a in args])
         captured = capsys.readouterr()
         return code, captured.out, captured.err

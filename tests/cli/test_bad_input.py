@@ -112,3 +112,29 @@ def test_traceback_free_in_a_real_process(tmp_path):
 def test_usage_error_is_one_line(tmp_path, sparsify_cli):
     code, out, err = sparsify_cli("upcycle", "demo:t5", "-o", tmp_path / "out")
     _assert_clean_failure(code, out, err, tmp_path, "--experts")
+
+
+def _sharded_llama(tmp_path, demo):
+    d = tmp_path / "sharded"
+    demo("llama").save_pretrained(d, max_shard_size="100KB")
+    return d, sorted(d.glob("model-*.safetensors"))
+
+
+STREAMING_CASES = {
+    "truncated shard": (lambda d, shards: shards[-1].write_bytes(shards[-1].read_bytes()[:-100]), [], "truncated or corrupt"),
+    "shard listed but missing": (lambda d, shards: shards[0].unlink(), [], "listed in model.safetensors.index.json but missing"),
+    "shape disagrees with config": (
+        lambda d, shards: (d / "config.json").write_text((d / "config.json").read_text().replace('"intermediate_size": 128', '"intermediate_size": 96')),
+        [], "do not match config.json"),
+    "format cannot express plan": (lambda d, shards: None, ["--format", "mixtral", "--every", "2"], "Mixtral has no sparse step"),
+    "format for another architecture": (lambda d, shards: None, ["--format", "switch"], "--format switch cannot express"),
+}
+
+
+@pytest.mark.parametrize("case", list(STREAMING_CASES))
+def test_bad_checkpoint_for_streaming(tmp_path, demo, sparsify_cli, case):
+    damage, extra, match = STREAMING_CASES[case]
+    d, shards = _sharded_llama(tmp_path, demo)
+    damage(d, shards)
+    code, out, err = sparsify_cli("upcycle", d, "--experts", "4", "-o", tmp_path / "out", *extra)
+    _assert_clean_failure(code, out, err, tmp_path, match)
