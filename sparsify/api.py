@@ -12,7 +12,7 @@ from .formats.native import NativeFormat, load_native
 from .formats.registry import load_hf_output, output_format
 from .formats.tensors import ModelTensors
 from .io.sources import Source, load_source
-from .passes import FindFFN, PassManager, SelectLayers, UpcycleFFN
+from .passes import FindFFN, FuseDispatchCombine, PassManager, SelectLayers, UpcycleFFN
 from .plan import UpcyclePlan
 
 __all__ = ["upcycle", "upcycle_with_plan", "save", "load"]
@@ -33,6 +33,7 @@ def upcycle_with_plan(
     example_inputs: tuple | None = None,
     example_kwargs: dict[str, Any] | None = None,
     source: Source | None = None,
+    backend: str = "auto",
     **moe_options: Any,
 ) -> tuple[nn.Module, UpcyclePlan, Source]:
     """`upcycle`, also returning the plan and the resolved source."""
@@ -42,11 +43,12 @@ def upcycle_with_plan(
     convert = UpcycleFFN(experts=experts, top_k=top_k, router=router, normalize=normalize, noise=noise,
                          router_init_std=router_init_std, seed=seed, capacity_factor=capacity_factor, **moe_options)
     select = SelectLayers(every=every if layers is None else None, layers=layers)
+    fuse = FuseDispatchCombine(backend)
     if isinstance(model, (str, Path)):
         model, source = load_source(str(model))
     elif source is None:
         source = Source(type(model).__name__, "module")
-    result = PassManager([FindFFN(), select, convert]).run(
+    result = PassManager([FindFFN(), select, convert, fuse]).run(
         model, example_inputs=example_inputs, example_kwargs=example_kwargs
     )
     result.plan.source = source.describe()
@@ -61,7 +63,8 @@ def upcycle(model: nn.Module | str, experts: int = 8, top_k: int | None = 2, eve
     `model` is an `nn.Module` or a source string (a local directory, a hub id, `demo:NAME`).
     Within each stack, FFN number j becomes MoE when `j % every == every - 1`, or when j is in
     `layers=[...]`. Other options: `router` (topk | switch | expert-choice), `normalize`,
-    `capacity_factor`, `noise`, `router_init_std`, `seed`, and `example_inputs=(x,)` for a
+    `capacity_factor`, `noise`, `router_init_std`, `seed`, `backend` (the MoE kernels: auto |
+    reference | cpu | triton), and `example_inputs=(x,)` for a
     module whose inputs cannot be made from a Hugging Face config. Returns the rewritten module
     (its plan is `module.sparsify_plan`).
     """
@@ -83,7 +86,7 @@ def save(model: nn.Module, out: str | Path, force: bool = False, shard_size: int
                      source_dir=source_dir, shard_size=shard_size, force=force)
 
 
-def load(path: str | Path, placement: Any = None, group: Any = None) -> nn.Module:
+def load(path: str | Path, placement: Any = None, group: Any = None, backend: str = "auto") -> nn.Module:
     """Load a model written by `sparsify.save` / `sparsify upcycle` (no tracing is needed).
 
     Native outputs are rebuilt from the source architecture and the plan; outputs in a Hugging
@@ -92,15 +95,16 @@ def load(path: str | Path, placement: Any = None, group: Any = None) -> nn.Modul
     Expert-parallel: with `placement` (a plan.json from `sparsify partition`, or its dict) and
     `group` (a process group or 1-D DeviceMesh; default the world), or for a directory written
     by `sparsify shard`, each rank loads only its experts and gets the whole model back with
-    expert-parallel MoE layers.
+    expert-parallel MoE layers. `backend` picks the MoE kernels (see `FuseDispatchCombine`).
     """
     from .partition.shards import is_shard_dir
 
+    fuse = PassManager([FuseDispatchCombine(backend)])
     if placement is not None or group is not None or is_shard_dir(path):
         from .partition.loader import load_expert_parallel
 
-        return load_expert_parallel(path, placement, group)
+        return fuse.run(load_expert_parallel(path, placement, group)).model
     fmt = output_format(path)
     if fmt is not None and fmt != NativeFormat.name:
         return load_hf_output(path)
-    return load_native(path)
+    return fuse.run(load_native(path)).model

@@ -15,7 +15,12 @@ import torch.nn.functional as F
 
 from ..activations import get_activation
 
-__all__ = ["permute", "grouped_ffn", "combine"]
+__all__ = ["permute", "grouped_ffn", "combine", "moe_ffn", "supports"]
+
+
+def supports(device: torch.device, dtype: torch.dtype, activation: str) -> str | None:
+    """Why this backend cannot run an MoE layer (None: it runs anywhere torch does)."""
+    return None
 
 
 def permute(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,3 +73,16 @@ def combine(
     """Sum of `weight[p] * y[p]` into row `token_idx[p]` of a [num_tokens, H] output."""
     out = y.new_zeros((num_tokens, y.shape[-1]))
     return out.index_add(0, token_idx, y * weight.to(y.dtype).unsqueeze(-1))
+
+
+def moe_ffn(x: torch.Tensor, token_idx: torch.Tensor, expert_idx: torch.Tensor, weight: torch.Tensor,
+            experts: torch.nn.Module) -> torch.Tensor:
+    """The MoE FFN of `x` [T, H] for (token, expert, weight) pairs: permute, gather, grouped FFN,
+    combine, in plain torch (autograd comes from torch)."""
+    order, counts = permute(expert_idx, experts.num_experts)
+    tok_sorted = token_idx[order]
+    y = grouped_ffn(
+        x[tok_sorted], counts, experts.w1, experts.w2, experts.w3, experts.b1, experts.b2, experts.b3,
+        activation=experts.activation, dropout=experts.dropout, training=experts.training,
+    )
+    return combine(y, tok_sorted, weight[order], x.shape[0])

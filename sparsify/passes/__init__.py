@@ -6,6 +6,7 @@
 """
 
 from .find_ffn import FindFFN
+from .fuse_dispatch_combine import FuseDispatchCombine
 from .infra import Pass, PassContext, PassManager, PassResult, PostconditionError, PreconditionError
 from .partition_experts import PartitionExperts
 from .select_layers import SelectLayers
@@ -21,5 +22,6 @@ __all__ = [
     "FindFFN",
     "SelectLayers",
     "UpcycleFFN",
+    "FuseDispatchCombine",
     "PartitionExperts",
 ]

@@ -1,0 +1,222 @@
+"""The three Triton kernels of the MoE FFN, forward and backward.
+
+Rows are (token, expert) pairs sorted by expert; expert e owns sorted rows
+`OFFSETS[e]:OFFSETS[e + 1]`. The row blocks of the first two kernels never straddle two experts:
+block b covers rows `BLK_ROW[b]:BLK_ROW[b] + BM` of expert `BLK_EXPERT[b]` (-1: nothing to do;
+the grid is launched for an upper bound on the block count, so the host never waits for the
+routing to know it). Weights are [E, ., .] with arbitrary strides, which lets one kernel read W
+or W^T. Accumulation is float32.
+
+- `up_kernel`: rows gathered from A through A_IDX (the token index: the gather of dispatch is
+  fused into the loads), optionally scaled per row, times B1[e] (and B3[e] for the gate).
+  Forward epilogue: bias, activation, gate, dropout mask, store h (and the pre-activations when
+  autograd needs them). Backward epilogue: the activation's and the gate's derivatives (GATED
+  then means "the FFN is gated"; DUAL, the second product, is only for the forward).
+- `down_kernel`: sorted rows times B[e] (plus A2 times B2[e]), bias, per-row routing weight,
+  then either a store or an atomic add into row ROW_TOK[r] of a float32 output: the weighted
+  scatter-combine fused into the GEMM. Split-K over the reduction, partial sums added atomically.
+- `wgrad_kernel`: per expert, sum over its rows of (left row)^T (right row): weight gradients.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .activations import act_derivative, act_forward
+
+__all__ = ["up_kernel", "down_kernel", "wgrad_kernel"]
+
+
+@triton.jit
+def _tile(BLK_EXPERT, BLK_ROW, OFFSETS, N, M_BLOCKS, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's expert (-1: no work), its rows and columns of the output, and their masks.
+
+    Programs run GROUP_M row blocks by every column block in turn (the grouped order of Triton's
+    matmul tutorial), so the programs in flight share a few row blocks and a few weight tiles in
+    L2 instead of streaming all the rows once per column block.
+    """
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BN)
+    first = (pid // (GROUP_M * n_blocks)) * GROUP_M
+    size = tl.minimum(M_BLOCKS - first, GROUP_M)
+    block = first + (pid % (GROUP_M * n_blocks)) % size
+    e = tl.load(BLK_EXPERT + block).to(tl.int64)
+    rows = tl.load(BLK_ROW + block).to(tl.int64) + tl.arange(0, BM)
+    rmask = rows < tl.load(OFFSETS + tl.maximum(e, 0) + 1)
+    cols = ((pid % (GROUP_M * n_blocks)) // size) * BN + tl.arange(0, BN)
+    return e, rows, rmask, cols, cols < N
+
+
+@triton.jit
+def up_kernel(
+    A, A_IDX, A_SCALE, B1, B3, BIAS1, BIAS3, MASK, PRE, GATE, OUT1, OUT3,
+    BLK_EXPERT, BLK_ROW, OFFSETS, M_BLOCKS,
+    N, K, stride_am, stride_be, stride_bk, stride_bn,
+    ACT: tl.constexpr, GATED: tl.constexpr, DUAL: tl.constexpr, GATHER: tl.constexpr, SCALE: tl.constexpr,
+    HAS_BIAS1: tl.constexpr, HAS_BIAS3: tl.constexpr, HAS_MASK: tl.constexpr, SAVE: tl.constexpr,
+    BACKWARD: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    e, rows, rmask, cols, cmask = _tile(BLK_EXPERT, BLK_ROW, OFFSETS, N, M_BLOCKS, BM, BN, GROUP_M)
+    if e < 0:
+        return
+    if GATHER:
+        src = tl.load(A_IDX + rows, mask=rmask, other=0).to(tl.int64)
+    else:
+        src = rows
+    ks = tl.arange(0, BK)
+    a_ptrs = A + src[:, None] * stride_am + ks[None, :]
+    b_off = e * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    if SCALE:
+        s = tl.load(A_SCALE + rows, mask=rmask, other=0.0).to(tl.float32)
+    acc1 = tl.zeros((BM, BN), dtype=tl.float32)
+    acc3 = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kmask = (k0 + ks) < K
+        a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        if SCALE:
+            a = (a.to(tl.float32) * s[:, None]).to(A.dtype.element_ty)
+        b = tl.load(B1 + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if DOT_F32:  # Triton's interpreter has no bfloat16 dot; the products are exact in fp32
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc1 = tl.dot(a, b, acc1, input_precision=PRECISION)
+        if DUAL:
+            b3 = tl.load(B3 + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            if DOT_F32:
+                b3 = b3.to(tl.float32)
+            acc3 = tl.dot(a, b3, acc3, input_precision=PRECISION)
+        a_ptrs += BK
+        b_off += BK * stride_bk
+    offs = rows[:, None] * N + cols[None, :]
+    omask = rmask[:, None] & cmask[None, :]
+    if HAS_MASK:
+        keep = tl.load(MASK + offs, mask=omask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        # acc1 is dL/dh for h = act(pre) [* gate] [* mask]
+        dh = acc1
+        if HAS_MASK:
+            dh = dh * keep
+        pre = tl.load(PRE + offs, mask=omask, other=0.0).to(tl.float32)
+        if GATED:
+            u = tl.load(GATE + offs, mask=omask, other=0.0).to(tl.float32)
+            tl.store(OUT3 + offs, (dh * act_forward(pre, ACT)).to(OUT3.dtype.element_ty), mask=omask)
+            dh = dh * u
+        tl.store(OUT1 + offs, (dh * act_derivative(pre, ACT)).to(OUT1.dtype.element_ty), mask=omask)
+    else:
+        if HAS_BIAS1:
+            acc1 += tl.load(BIAS1 + e * N + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        # Round the pre-activations to the input dtype, as a torch linear layer would.
+        pre = acc1.to(OUT1.dtype.element_ty)
+        if SAVE:
+            tl.store(PRE + offs, pre, mask=omask)
+        h = act_forward(pre.to(tl.float32), ACT)
+        if GATED:
+            if HAS_BIAS3:
+                acc3 += tl.load(BIAS3 + e * N + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            u = acc3.to(OUT1.dtype.element_ty)
+            if SAVE:
+                tl.store(GATE + offs, u, mask=omask)
+            h = h * u.to(tl.float32)
+        if HAS_MASK:
+            h = h * keep
+        tl.store(OUT1 + offs, h.to(OUT1.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def down_kernel(
+    A, A2, B, B2, BIAS, ROW_TOK, ROW_SCALE, OUT, Y,
+    BLK_EXPERT, BLK_ROW, OFFSETS, M_BLOCKS,
+    N, K, stride_be, stride_bk, stride_bn,
+    DUAL: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, SCATTER: tl.constexpr,
+    SAVE_Y: tl.constexpr, SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    e, rows, rmask, cols, cmask = _tile(BLK_EXPERT, BLK_ROW, OFFSETS, N, M_BLOCKS, BM, BN, GROUP_M)
+    if e < 0:
+        return
+    pid_k = tl.program_id(1)
+    k_len = tl.cdiv(tl.cdiv(K, BK), SPLIT_K) * BK
+    k_lo = pid_k * k_len
+    k_hi = tl.minimum(K, k_lo + k_len)
+    ks = k_lo + tl.arange(0, BK)
+    a_off = rows[:, None] * K + ks[None, :]
+    b_off = e * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
+        kmask = (k0 - k_lo + ks) < k_hi
+        a = tl.load(A + a_off, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(B + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if DOT_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if DUAL:
+            a2 = tl.load(A2 + a_off, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b2 = tl.load(B2 + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            if DOT_F32:
+                a2 = a2.to(tl.float32)
+                b2 = b2.to(tl.float32)
+            acc = tl.dot(a2, b2, acc, input_precision=PRECISION)
+        a_off += BK
+        b_off += BK * stride_bk
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(BIAS + e * N + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    omask = rmask[:, None] & cmask[None, :]
+    if SAVE_Y:
+        tl.store(Y + rows[:, None] * N + cols[None, :], acc.to(Y.dtype.element_ty), mask=omask)
+    if SCALE:
+        # y rounded to the input dtype, then weighted, as the reference's combine does
+        s = tl.load(ROW_SCALE + rows, mask=rmask, other=0.0)
+        acc = acc.to(A.dtype.element_ty).to(tl.float32) * s.to(A.dtype.element_ty).to(tl.float32)[:, None]
+    if SCATTER:
+        tok = tl.load(ROW_TOK + rows, mask=rmask, other=0).to(tl.int64)
+        tl.atomic_add(OUT + tok[:, None] * N + cols[None, :], acc, mask=omask)
+    elif SPLIT_K == 1:
+        tl.store(OUT + rows[:, None] * N + cols[None, :], acc.to(OUT.dtype.element_ty), mask=omask)
+    else:
+        tl.atomic_add(OUT + rows[:, None] * N + cols[None, :], acc, mask=omask)
+
+
+@triton.jit
+def wgrad_kernel(
+    A, A_IDX, A_SCALE, B, B_IDX, OUT, OFFSETS,
+    M, N, stride_a, stride_b,
+    GATHER_A: tl.constexpr, SCALE_A: tl.constexpr, GATHER_B: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    e = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    n_blocks = tl.cdiv(N, BN)
+    ms = (pid // n_blocks) * BM + tl.arange(0, BM)
+    ns = (pid % n_blocks) * BN + tl.arange(0, BN)
+    mmask = ms < M
+    nmask = ns < N
+    start = tl.load(OFFSETS + e)
+    end = tl.load(OFFSETS + e + 1)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r0 in range(start, end, BK):
+        rows = r0 + tl.arange(0, BK).to(tl.int64)
+        rmask = rows < end
+        if GATHER_A:
+            ia = tl.load(A_IDX + rows, mask=rmask, other=0).to(tl.int64)
+        else:
+            ia = rows
+        if GATHER_B:
+            ib = tl.load(B_IDX + rows, mask=rmask, other=0).to(tl.int64)
+        else:
+            ib = rows
+        at = tl.load(A + ia[:, None] * stride_a + ms[None, :], mask=rmask[:, None] & mmask[None, :], other=0.0)
+        if SCALE_A:
+            s = tl.load(A_SCALE + rows, mask=rmask, other=0.0).to(tl.float32)
+            at = (at.to(tl.float32) * s[:, None]).to(A.dtype.element_ty)
+        bt = tl.load(B + ib[:, None] * stride_b + ns[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
+        if DOT_F32:
+            at = at.to(tl.float32)
+            bt = bt.to(tl.float32)
+        acc = tl.dot(tl.trans(at), bt, acc, input_precision=PRECISION)
+    tl.store(OUT + e * M * N + ms[:, None] * N + ns[None, :], acc.to(OUT.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])

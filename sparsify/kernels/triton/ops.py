@@ -1,0 +1,266 @@
+"""Launching the Triton kernels: the MoE FFN forward and backward as custom ops with autograd.
+
+Forward (two launches): `up_kernel` gathers each pair's token row and computes
+h = act(x W1^T + b1) [* (x W3^T + b3)] per expert; `down_kernel` computes h W2^T + b2, weights
+each row by its routing weight and adds it atomically into its token's float32 output row.
+
+Backward (five launches, no host synchronisation): dh through `up_kernel` in backward mode
+(activation and gate derivatives fused), dx through `down_kernel` (both branches of a gated FFN
+in one accumulator, scattered back to tokens), dW1, dW2, dW3 through `wgrad_kernel`; the few
+row reductions (bias gradients, routing-weight gradient) are torch ops.
+
+Being custom ops, both are single opaque calls to `torch.compile`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from ..dropout import hidden_dropout_mask
+from .activations import ACT_CODES
+from .kernels import down_kernel, up_kernel, wgrad_kernel
+from .permute import block_table, offsets_of, permute
+from .tuning import interpreting, pick, rows_bucket
+
+__all__ = ["moe_ffn", "grouped_ffn"]
+
+
+# Row blocks per group of the programs' launch order (see `kernels._tile`): with ~130 programs in
+# flight, 16 row blocks x ~8 column blocks balance re-reads of the rows against re-reads of weights.
+# The interpreter's test shapes have a handful of blocks: groups of 2 make them span several groups.
+GROUP_M = 2 if interpreting() else 16
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 follows torch's own matmul setting: full precision unless TF32 is allowed
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _flags(dtype: torch.dtype) -> dict:
+    return {"DOT_F32": interpreting() and dtype == torch.bfloat16, "PRECISION": _precision(dtype)}
+
+
+def _launch_up(a, a_idx, a_scale, b1, b3, bias1, bias3, mask, pre, gate, out1, out3, counts, offsets,
+               strides, act, backward, save, gated) -> None:
+    rows, n, k = out1.shape[0], out1.shape[1], a.shape[1]
+    bucket = rows_bucket(rows, counts.numel())
+
+    def run(cfg, o1=out1, o3=out3, p=pre, g=gate) -> None:
+        bm, bn, bk, warps, stages = cfg
+        expert, first = block_table(counts, offsets, rows, bm)
+        up_kernel[(expert.numel() * triton.cdiv(n, bn),)](
+            a, a if a_idx is None else a_idx, a if a_scale is None else a_scale, b1, b1 if b3 is None else b3,
+            a if bias1 is None else bias1, a if bias3 is None else bias3, a if mask is None else mask, p, g, o1, o3,
+            expert, first, offsets, expert.numel(), n, k, a.stride(0), *strides,
+            ACT=ACT_CODES[act], GATED=gated, DUAL=gated and not backward, GATHER=a_idx is not None,
+            SCALE=a_scale is not None, HAS_BIAS1=bias1 is not None, HAS_BIAS3=bias3 is not None,
+            HAS_MASK=mask is not None, SAVE=save,
+            BACKWARD=backward, BM=bm, BN=bn, BK=bk, GROUP_M=GROUP_M, num_warps=warps, num_stages=stages,
+            **_flags(a.dtype),
+        )
+
+    def scratch(cfg) -> None:
+        run(cfg, torch.empty_like(out1), torch.empty_like(out3), torch.empty_like(pre) if save else pre,
+            torch.empty_like(gate) if save else gate)
+
+    key = ("bwd" if backward else "fwd", a.dtype, n, k, counts.numel(), gated)
+    run(pick("up", key, bucket, scratch))
+
+
+def _launch_down(a, a2, b, b2, bias, row_tok, row_scale, out, y, counts, offsets, strides, scatter) -> None:
+    rows, n, k = a.shape[0], out.shape[1], a.shape[1]
+    bucket = rows_bucket(rows, counts.numel())
+    # Split-K adds partial sums atomically: only where the output is an atomic float32 sum.
+    split_ok = y is None and scatter
+
+    def run(cfg, o=out, yy=y) -> None:
+        bm, bn, bk, warps, stages, split = cfg
+        expert, first = block_table(counts, offsets, rows, bm)
+        down_kernel[(expert.numel() * triton.cdiv(n, bn), split)](
+            a, a if a2 is None else a2, b, b if b2 is None else b2, a if bias is None else bias,
+            row_tok, a if row_scale is None else row_scale, o, a if yy is None else yy,
+            expert, first, offsets, expert.numel(), n, k, *strides,
+            DUAL=a2 is not None, HAS_BIAS=bias is not None, SCALE=row_scale is not None, SCATTER=scatter,
+            SAVE_Y=yy is not None, SPLIT_K=split, BM=bm, BN=bn, BK=bk, GROUP_M=GROUP_M, num_warps=warps,
+            num_stages=stages,
+            **_flags(a.dtype),
+        )
+
+    def scratch(cfg) -> None:
+        run(cfg, torch.zeros_like(out), None if y is None else torch.empty_like(y))
+
+    key = (a.dtype, n, k, counts.numel(), a2 is not None, scatter)
+    cfg = pick("down", key, bucket, scratch, split_ok)
+    if cfg[5] > 1 and not split_ok:
+        cfg = (*cfg[:5], 1)
+    run(cfg)
+
+
+def _launch_wgrad(a, a_idx, a_scale, b, b_idx, out, offsets) -> None:
+    m, n = out.shape[1], out.shape[2]
+
+    def run(cfg, o=out) -> None:
+        bm, bn, bk, warps, stages = cfg
+        wgrad_kernel[(out.shape[0], triton.cdiv(m, bm) * triton.cdiv(n, bn))](
+            a, a if a_idx is None else a_idx, a if a_scale is None else a_scale, b, b if b_idx is None else b_idx,
+            o, offsets, m, n, a.stride(0), b.stride(0),
+            GATHER_A=a_idx is not None, SCALE_A=a_scale is not None, GATHER_B=b_idx is not None,
+            BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages, **_flags(a.dtype),
+        )
+
+    rows = a.shape[0] if a_idx is None else a_idx.shape[0]
+    key = (a.dtype, m, n, out.shape[0])
+    run(pick("wgrad", key, rows_bucket(rows, out.shape[0]), lambda cfg: run(cfg, torch.empty_like(out))))
+
+
+def _empty(x: Tensor) -> Tensor:
+    return x.new_empty(0)
+
+
+@torch.library.custom_op("sparsify::triton_moe_ffn", mutates_args=(), device_types=("cuda", "cpu"))
+def _forward(
+    x: Tensor, tok: Tensor, scale: Optional[Tensor], counts: Tensor,
+    w1: Tensor, w2: Tensor, w3: Optional[Tensor], b1: Optional[Tensor], b2: Optional[Tensor], b3: Optional[Tensor],
+    mask: Optional[Tensor], activation: str, scatter: bool, save: bool, save_y: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(output, h, pre-activation, gate, unweighted y); the last three are empty unless saved."""
+    rows, inter, hidden = tok.numel(), w1.shape[1], w2.shape[1]
+    h = x.new_empty((rows, inter))
+    pre = x.new_empty((rows, inter)) if save else _empty(x)
+    gate = x.new_empty((rows, inter)) if save and w3 is not None else _empty(x)
+    y = x.new_empty((rows, hidden)) if save_y else None
+    out = x.new_zeros((x.shape[0], hidden), dtype=torch.float32) if scatter else x.new_empty((rows, hidden))
+    if rows:
+        offsets = offsets_of(counts)
+        _launch_up(x, tok, None, w1, w3, b1, b3, mask, pre, gate, h, h, counts, offsets,
+                   (w1.stride(0), w1.stride(2), w1.stride(1)), activation, backward=False, save=save,
+                   gated=w3 is not None)
+        _launch_down(h, None, w2, None, b2, tok, scale, out, y, counts, offsets,
+                     (w2.stride(0), w2.stride(2), w2.stride(1)), scatter)
+    return out.to(x.dtype), h, pre, gate, _empty(x) if y is None else y
+
+
+@_forward.register_fake
+def _(x, tok, scale, counts, w1, w2, w3, b1, b2, b3, mask, activation, scatter, save, save_y):
+    rows, inter, hidden = tok.numel(), w1.shape[1], w2.shape[1]
+    return (
+        x.new_empty((x.shape[0] if scatter else rows, hidden)), x.new_empty((rows, inter)),
+        x.new_empty((rows, inter)) if save else _empty(x),
+        x.new_empty((rows, inter)) if save and w3 is not None else _empty(x),
+        x.new_empty((rows, hidden)) if save_y else _empty(x),
+    )
+
+
+@torch.library.custom_op("sparsify::triton_moe_ffn_backward", mutates_args=(), device_types=("cuda", "cpu"))
+def _backward(
+    grad: Tensor, x: Tensor, tok: Tensor, scale: Optional[Tensor], counts: Tensor,
+    w1: Tensor, w2: Tensor, w3: Optional[Tensor], mask: Optional[Tensor],
+    h: Tensor, pre: Tensor, gate: Tensor, y: Tensor, activation: str, biases: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (x, w1, w2, w3, b1, b2, b3, scale); absent ones are empty."""
+    rows, num_experts = tok.numel(), counts.numel()
+    dpre = torch.empty_like(pre)
+    dgate = torch.empty_like(gate) if w3 is not None else None
+    dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
+    dw3 = torch.empty_like(w3) if w3 is not None else _empty(x)
+    offsets = offsets_of(counts)
+    if rows:
+        _launch_up(grad, tok, scale, w2, None, None, None, mask, pre, gate, dpre,
+                   dpre if dgate is None else dgate, counts, offsets, (w2.stride(0), w2.stride(1), w2.stride(2)),
+                   activation, backward=True, save=False, gated=w3 is not None)
+        _launch_down(dpre, dgate, w1, w3, None, tok, None, dx, None, counts, offsets,
+                     (w1.stride(0), w1.stride(1), w1.stride(2)), scatter=True)
+    _launch_wgrad(grad, tok, scale, h, None, dw2, offsets)
+    _launch_wgrad(dpre, None, None, x, tok, dw1, offsets)
+    if dgate is not None:
+        _launch_wgrad(dgate, None, None, x, tok, dw3, offsets)
+    expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=x.device), counts, output_size=rows)
+
+    def segment_sum(t: Tensor, present: bool) -> Tensor:
+        if not present:
+            return _empty(x)
+        sums = t.new_zeros((num_experts, t.shape[1]), dtype=torch.float32)
+        return sums.index_add_(0, expert_of_row, t.float()).to(t.dtype)
+
+    gy = grad.index_select(0, tok)
+    if scale is not None:
+        gy_scaled = gy * scale.to(gy.dtype).unsqueeze(-1)
+    else:
+        gy_scaled = gy
+    dscale = (gy * y).sum(-1).to(scale.dtype) if scale is not None and y.numel() else _empty(x)
+    return (
+        dx.to(x.dtype), dw1, dw2, dw3, segment_sum(dpre, biases[0]), segment_sum(gy_scaled, biases[1]),
+        segment_sum(dpre if dgate is None else dgate, biases[2] and dgate is not None), dscale,
+    )
+
+
+@_backward.register_fake
+def _(grad, x, tok, scale, counts, w1, w2, w3, mask, h, pre, gate, y, activation, biases):
+    e, i, hid = w1.shape
+    return (
+        torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w2),
+        torch.empty_like(w3) if w3 is not None else _empty(x),
+        x.new_empty((e, i)) if biases[0] else _empty(x), x.new_empty((e, hid)) if biases[1] else _empty(x),
+        x.new_empty((e, i)) if biases[2] and w3 is not None else _empty(x),
+        scale.new_empty(scale.shape) if scale is not None and y.numel() else _empty(x),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, tok, scale, counts, w1, w2, w3, b1, b2, b3, mask, activation, scatter, save, save_y = inputs
+    _, h, pre, gate, y = output
+    ctx.save_for_backward(x, tok, scale, counts, w1, w2, w3, mask, h, pre, gate, y)
+    ctx.activation = activation
+    ctx.biases = [b1 is not None, b2 is not None, b3 is not None]
+
+
+def _autograd_backward(ctx, grad, *_saved_grads):
+    x, tok, scale, counts, w1, w2, w3, mask, h, pre, gate, y = ctx.saved_tensors
+    if not pre.numel() and tok.numel():
+        raise RuntimeError("triton moe_ffn ran without saving activations; call it with grad enabled")
+    dx, dw1, dw2, dw3, db1, db2, db3, dscale = _backward(
+        grad.contiguous(), x, tok, scale, counts, w1, w2, w3, mask, h, pre, gate, y, ctx.activation, ctx.biases
+    )
+    b1, b2, b3 = ctx.biases
+    return (
+        dx, None, dscale if dscale.numel() else None, None, dw1, dw2, dw3 if w3 is not None else None,
+        db1 if b1 else None, db2 if b2 else None, db3 if b3 and w3 is not None else None,
+        None, None, None, None, None,
+    )
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def _run(x, tok, scale, counts, w1, w2, w3, b1, b2, b3, activation, dropout, training, scatter) -> Tensor:
+    tensors = [t for t in (x, scale, w1, w2, w3, b1, b2, b3) if t is not None]
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    save_y = save and scale is not None and scale.requires_grad
+    mask = hidden_dropout_mask(tok.numel(), w1.shape[1], dropout, x) if dropout > 0.0 and training else None
+    contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    out, *_ = _forward(
+        x.contiguous(), tok, contiguous(scale), counts, w1, w2, w3, contiguous(b1), contiguous(b2), contiguous(b3),
+        mask, activation, scatter, save, save_y,
+    )
+    return out
+
+
+def moe_ffn(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor, experts: torch.nn.Module) -> Tensor:
+    """The fused MoE FFN of `x` [T, H] for (token, expert, weight) pairs (see module docstring)."""
+    order, counts = permute(expert_idx, experts.num_experts)
+    return _run(x, token_idx[order], weight[order], counts, experts.w1, experts.w2, experts.w3, experts.b1,
+                experts.b2, experts.b3, experts.activation, experts.dropout, experts.training, scatter=True)
+
+
+def grouped_ffn(x, counts, w1, w2, w3=None, b1=None, b2=None, b3=None, activation="relu", dropout=0.0,
+                training=False) -> Tensor:
+    """Each expert's FFN on its segment of the grouped rows `x` (the kernels without the gather
+    and the combine: rows are their own tokens)."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    return _run(x, rows, None, counts.to(x.device), w1, w2, w3, b1, b2, b3, activation, dropout, training,
+                scatter=False)
