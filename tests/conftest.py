@@ -9,6 +9,13 @@ import sys
 import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter, which must be switched on before
+# any kernel is defined: here, before any test module is collected (some import the kernels).
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 DEMO_NAMES = ["t5", "t5-gated", "bert", "gpt2", "llama"]

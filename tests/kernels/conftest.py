@@ -1,18 +1,10 @@
-"""Kernel tests: without a GPU the Triton kernels run in Triton's CPU interpreter.
-
-The interpreter must be switched on before any kernel is defined; the triton backend imports its
-kernels on first use, which is after this file runs.
-"""
+"""Kernel tests. Without a GPU the Triton kernels run in Triton's CPU interpreter; the root
+conftest switches it on before any test module is collected."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
