@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-
 import torch.nn as nn
 from rich.table import Table
 
-from ..formats.native import load_native
-from ..formats.registry import load_hf_output, output_format
-from ..io.sources import Source, is_native, load_source, resolve_source
+from ..formats.registry import output_format
+from ..io.sources import Source, load_source, resolve_source
 from ..plan import UpcyclePlan
 
 __all__ = ["load_any", "count_params", "sites_table", "parse_layers", "human"]
 
 
 def load_any(spec: str) -> tuple[nn.Module, Source]:
-    """A dense source or an upcycled directory, as a model."""
+    """A dense source or a sparsify output (any format), as a model."""
     src = resolve_source(spec)
-    if is_native(src.path):
-        return load_native(src.path), src
     if src.path is not None and output_format(src.path):
-        return load_hf_output(src.path), src
+        from ..api import load
+
+        return load(src.path), src
     return load_source(src)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import json
 import shutil
 from pathlib import Path
@@ -20,7 +21,7 @@ __all__ = ["OutputFormat", "MANIFEST"]
 MANIFEST = "sparsify.json"
 
 
-class OutputFormat:
+class OutputFormat(abc.ABC):
     """An output format: says whether it can express a plan, and writes it.
 
     Subclasses implement `explain` (None when supported, else the reason), `config_dict` (the
@@ -41,13 +42,13 @@ class OutputFormat:
         """Why `auto` should not pick this format although it can write the plan (None if it may)."""
         return None
 
+    @abc.abstractmethod
     def config_dict(self, plan: UpcyclePlan, config: Any) -> dict[str, Any]:
         """The output's config.json."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def tensors(self, model: nn.Module, plan: UpcyclePlan, source: TensorSource) -> list[OutputTensor]:
         """Every tensor to write, in order. `model` is the converted model (meta or real)."""
-        raise NotImplementedError
 
     def write(
         self,

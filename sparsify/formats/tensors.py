@@ -12,6 +12,8 @@ the in-memory path's.
 
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn as nn
 
@@ -32,28 +34,28 @@ def alias_groups(model: nn.Module) -> dict[str, list[str]]:
     return {n: names for names in groups.values() for n in names}
 
 
-class TensorSource:
+class TensorSource(abc.ABC):
     """What formats read: plain tensors by state-dict name, expert copies, router weights."""
 
+    @abc.abstractmethod
     def plain(self, name: str) -> torch.Tensor:
         """The tensor `name` of the converted model's state dict (not an MoE tensor)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def plain_dtype(self, name: str) -> torch.dtype:
         """dtype of `plain(name)` without reading it."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def expert(self, site: FFNSite, role: str, e: int) -> torch.Tensor:
         """Expert e's weight `role` (w1/w2/w3/b1/b2/b3) in canonical layout ([out, in])."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def expert_dtype(self, site: FFNSite, role: str) -> torch.dtype:
         """dtype of the expert tensors of `role`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def router(self, site: FFNSite) -> torch.Tensor:
         """The router weight [E, H], float32."""
-        raise NotImplementedError
 
 
 def _cast_dtype(dtype: torch.dtype, to: torch.dtype | None) -> torch.dtype:

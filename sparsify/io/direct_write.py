@@ -11,6 +11,7 @@ asks the kernel to start writeback as it goes (sync_file_range).
 
 from __future__ import annotations
 
+import abc
 import ctypes
 import mmap
 import os
@@ -26,14 +27,16 @@ _SYNC_FILE_RANGE_WRITE = 2
 _WRITEBACK_EVERY = 64 << 20
 
 
-class OutputFile:
+class OutputFile(abc.ABC):
     """A file written sequentially: `write(bytes-like)`, then `close()` (which fsyncs)."""
 
+    @abc.abstractmethod
     def write(self, data: memoryview) -> None:
-        raise NotImplementedError
+        """Append `data` to the file."""
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Write what is buffered, fsync, and close."""
 
     def abort(self) -> None:
         """Release the file after an error (no fsync)."""
