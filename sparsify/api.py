@@ -15,7 +15,13 @@ from .io.sources import Source, load_source
 from .passes import FindFFN, FuseDispatchCombine, PassManager, SelectLayers, UpcycleFFN
 from .plan import UpcyclePlan
 
-__all__ = ["upcycle", "upcycle_with_plan", "save", "load"]
+__all__ = ["upcycle", "upcycle_with_plan", "upcycle_passes", "save", "load"]
+
+
+def upcycle_passes(every: int | None, layers: Sequence[int] | None, **upcycle_options: Any) -> list:
+    """The find-ffn / select-layers / upcycle-ffn pipeline for these options (validated now)."""
+    return [FindFFN(), SelectLayers(every=every if layers is None else None, layers=layers),
+            UpcycleFFN(**upcycle_options)]
 
 
 def upcycle_with_plan(
@@ -40,15 +46,15 @@ def upcycle_with_plan(
     if every is not None and layers is not None and every != 2:
         raise OptionError("give either --every or --layers, not both")
     # Validate every option before the (possibly slow) load.
-    convert = UpcycleFFN(experts=experts, top_k=top_k, router=router, normalize=normalize, noise=noise,
-                         router_init_std=router_init_std, seed=seed, capacity_factor=capacity_factor, **moe_options)
-    select = SelectLayers(every=every if layers is None else None, layers=layers)
+    pipeline = upcycle_passes(every, layers, experts=experts, top_k=top_k, router=router, normalize=normalize,
+                              noise=noise, router_init_std=router_init_std, seed=seed,
+                              capacity_factor=capacity_factor, **moe_options)
     fuse = FuseDispatchCombine(backend)
     if isinstance(model, (str, Path)):
         model, source = load_source(str(model))
     elif source is None:
         source = Source(type(model).__name__, "module")
-    result = PassManager([FindFFN(), select, convert, fuse]).run(
+    result = PassManager([*pipeline, fuse]).run(
         model, example_inputs=example_inputs, example_kwargs=example_kwargs
     )
     result.plan.source = source.describe()

@@ -27,7 +27,8 @@ from .io.checkpoint import Checkpoint
 from .io.skeleton import build_skeleton, model_class
 from .io.sources import Source, load_source, resolve_source, sha256_files
 from .moe import MoEConfig
-from .passes import FindFFN, PassManager, SelectLayers, UpcycleFFN
+from .api import upcycle_passes
+from .passes import PassManager
 from .plan import UpcyclePlan
 
 __all__ = ["ConversionReport", "convert", "DTYPE_NAMES"]
@@ -145,12 +146,8 @@ def convert(
         every = implied.get("every", 2)
 
     report("plan", 0, 1)
-    passes = [
-        FindFFN(),
-        SelectLayers(every=every if layers is None else None, layers=layers),
-        UpcycleFFN(experts=experts, top_k=top_k, router=router, normalize=normalize, noise=noise,
-                   router_init_std=router_init_std, seed=seed, capacity_factor=capacity_factor),
-    ]
+    passes = upcycle_passes(every, layers, experts=experts, top_k=top_k, router=router, normalize=normalize,
+                            noise=noise, router_init_std=router_init_std, seed=seed, capacity_factor=capacity_factor)
     result = PassManager(passes).run(model, example_inputs=example_inputs)
     plan, model = result.plan, result.model
     fmt, reason = choose_format(format, plan, config)
