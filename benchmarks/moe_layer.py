@@ -157,7 +157,9 @@ def grouped_mm_moe(moe: SparseMoE) -> Callable[[torch.Tensor], torch.Tensor] | N
         flat = x.reshape(-1, x.shape[-1])
         r = moe.router(flat)
         order = torch.argsort(r.expert_idx, stable=True)
-        offs = torch.cumsum(torch.bincount(r.expert_idx, minlength=e.num_experts), 0).to(torch.int32)
+        counts = torch.zeros(e.num_experts, dtype=torch.long, device=x.device)
+        counts.index_add_(0, r.expert_idx, torch.ones_like(r.expert_idx))  # no host sync (bincount syncs)
+        offs = torch.cumsum(counts, 0).to(torch.int32)
         tok = r.token_idx[order]
         xs = flat[tok]
         h = act(gmm(xs, w1t, offs=offs))
@@ -263,6 +265,104 @@ def _copy_bandwidth() -> float:
     return 2 * src.numel() * 10 / (time.perf_counter() - start)
 
 
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64."""
+    out, ref = out.double(), ref.double()
+    return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
+
+
+def _graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor] | None:
+    """`fn` captured in a CUDA graph and replayed (None when it cannot be captured): the layer's
+    time without the host's launch overhead."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as err:  # noqa: BLE001 - report and go on without the graphed row
+        print(json.dumps({"benchmark": "moe_layer", "note": f"CUDA graph capture failed: {err}"}))
+        return None
+    return graph.replay
+
+
+def _kernel_times(fn: Callable[[], object], reps: int = 10) -> list[dict]:
+    """GPU time per call of each kernel `fn` launches (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(ev.key, ev.device_time_total / reps / 1e3, ev.count // reps) for ev in prof.key_averages()
+            if ev.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    return [{"kernel": k[:80], "ms": round(ms, 4), "calls": n} for k, ms, n in rows[:10]]
+
+
+def _gpu_gaps(fn: Callable[[], object]) -> dict:
+    """One call of `fn` under torch.profiler: its wall time, the GPU's busy time in it, and the
+    largest gaps between consecutive kernels (with the kernels on either side)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.events()
+    kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    if not kernels or not cpu:
+        return {}
+    t0 = min(e.time_range.start for e in cpu)
+    gaps = []
+    for a, b in zip(kernels, kernels[1:]):
+        gap = b.time_range.start - a.time_range.end
+        if gap > 0:
+            gaps.append((gap, a.name[:40], b.name[:40]))
+    gaps.sort(reverse=True)
+    return {"wall_us": round(kernels[-1].time_range.end - t0, 1),
+            "first_kernel_at_us": round(kernels[0].time_range.start - t0, 1),
+            "gpu_busy_us": round(sum(k.time_range.end - k.time_range.start for k in kernels), 1),
+            "gaps_us": [(round(g, 1), a, b) for g, a, b in gaps[:6]]}
+
+
+def _host_profile(fn: Callable[[], object], calls: int = 50) -> dict:
+    """Where the host's time goes in `fn` (cProfile, top functions by own time), and whether `fn`
+    makes the host wait for the device (torch's sync debug mode)."""
+    import cProfile
+    import pstats
+
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    start = time.perf_counter()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    host_ms = (time.perf_counter() - start) * 1e3 / calls
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof).stats
+    top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:15]
+    rows = [{"fn": f"{path.rsplit('/', 1)[-1]}:{line}:{name}", "own_us": round(v[2] * 1e6 / calls, 1),
+             "cum_us": round(v[3] * 1e6 / calls, 1)} for (path, line, name), v in top]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        sync = None
+    except RuntimeError as err:
+        sync = str(err).splitlines()[0][:200]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return {"host_ms_per_call_profiled": round(host_ms, 3), "host_sync": sync, "top": rows}
+
+
 @torch.inference_mode()
 def run_cuda(args: argparse.Namespace) -> None:
     shape = SHAPES["mixtral-8x7b"]
@@ -285,15 +385,41 @@ def run_cuda(args: argparse.Namespace) -> None:
             fns["torch-grouped_mm"] = lambda: gmm(x)
         if hf is not None:
             fns["transformers-grouped_mm"] = lambda: hf(x)
+        out = moe(x)  # also tunes the kernels for this shape, before any timing
+        moe.backend = "reference"
+        ref = moe(x)
+        moe.backend = "triton"
+        check = {"rel_err_vs_reference": _rel_err(out, ref)}
+        if gmm is not None:
+            check["rel_err_grouped_mm_vs_reference"] = _rel_err(gmm(x), ref)
+        graphed = _graphed(lambda: moe(x))
+        if graphed is not None:
+            fns["triton-cudagraph"] = graphed
+        graphed_gmm = _graphed(lambda: gmm(x)) if gmm is not None else None
+        if graphed_gmm is not None:
+            fns["torch-grouped_mm-cudagraph"] = graphed_gmm
         times = measure(fns, args.rounds, args.warmup, "cuda")
         base = {"benchmark": "moe_layer", **_machine("cuda", 0), "dtype": "bfloat16", "shape": shape.name,
                 "hidden": shape.hidden, "ffn": shape.ffn, "experts": shape.experts, "top_k": shape.top_k,
                 "tokens": tokens, "copy_bandwidth_GBps": round(bandwidth / 1e9, 1)}
-        _report(base, times, tokens, ["dense-equivalent"])
+        _report({**base, **check}, times, tokens, ["dense-equivalent"])
         bound = weight_bytes / bandwidth
-        t = statistics.median(times["triton"])
-        print(json.dumps({**base, "impl": "triton-vs-weight-bandwidth", "bound_ms": round(bound * 1e3, 4),
-                          "median_ms": round(t * 1e3, 4), "time_over_bound": round(t / bound, 3)}), flush=True)
+        if "triton-cudagraph" in fns:
+            # the graph replayed back to back and timed by device events (no host round trip per call)
+            from triton.testing import do_bench_cudagraph
+
+            times["triton-cudagraph-events"] = [do_bench_cudagraph(lambda: moe(x), rep=100, return_mode="median") / 1e3]
+        for name in ("triton", "triton-cudagraph", "triton-cudagraph-events"):
+            if name in times:
+                t = statistics.median(times[name])
+                print(json.dumps({**base, "impl": f"{name}-vs-weight-bandwidth", "bound_ms": round(bound * 1e3, 4),
+                                  "median_ms": round(t * 1e3, 4), "time_over_bound": round(t / bound, 3)}),
+                      flush=True)
+        if args.profile:
+            print(json.dumps({**base, "impl": "triton-kernels", "kernels": _kernel_times(lambda: moe(x))}), flush=True)
+            print(json.dumps({**base, "impl": "triton-eager-timeline", **_gpu_gaps(lambda: moe(x))}), flush=True)
+            if tokens == min(args.cuda_tokens):
+                print(json.dumps({**base, "impl": "triton-host", **_host_profile(lambda: moe(x))}), flush=True)
 
 
 def main() -> None:
@@ -305,6 +431,7 @@ def main() -> None:
     parser.add_argument("--cuda-tokens", type=int, nargs="*", default=[1, 64, 4096, 16384])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="CUDA: also print each kernel's GPU time")
     args = parser.parse_args()
     if args.device == "cuda":
         run_cuda(args)

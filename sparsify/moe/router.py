@@ -28,7 +28,10 @@ class Router(nn.Module):
 
     After each forward, `aux` holds the layer's Switch load-balancing loss `E * sum_i f_i P_i`
     (f_i: share of assignments to expert i, P_i: mean router probability of expert i) and the
-    ST-MoE z-loss `mean(logsumexp(logits)^2)`, both differentiable.
+    ST-MoE z-loss `mean(logsumexp(logits)^2)`, both differentiable. They are computed when `aux`
+    is first read after a forward, so inference that never reads them does not pay for them, and
+    nothing in the forward waits for the GPU (no host synchronisation: the layer can be captured
+    in a CUDA graph).
     """
 
     def __init__(self, hidden_size: int, config: MoEConfig) -> None:
@@ -36,7 +39,16 @@ class Router(nn.Module):
         self.config = config
         # The router weight stays float32 whatever the model's dtype (Switch Transformer, sec. 2.4).
         self.weight = nn.Parameter(torch.zeros(config.num_experts, hidden_size, dtype=torch.float32))
-        self.aux: dict[str, torch.Tensor] = {}
+        self._aux_from: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._aux: dict[str, torch.Tensor] = {}
+
+    @property
+    def aux(self) -> dict[str, torch.Tensor]:
+        """{"load_balancing", "z_loss"} of the last forward; {} before any."""
+        if self._aux_from is not None:
+            self._aux = self._losses(*self._aux_from)
+            self._aux_from = None
+        return self._aux
 
     def forward(self, x: torch.Tensor) -> Routing:
         cfg = self.config
@@ -50,7 +62,7 @@ class Router(nn.Module):
             routing = self._expert_choice(probs)
         else:
             routing = self._token_choice(probs)
-        self._record_losses(logits, probs, routing.expert_idx)
+        self._aux_from = (logits, probs, routing.expert_idx)
         return routing
 
     def _token_choice(self, probs: torch.Tensor) -> Routing:
@@ -67,7 +79,8 @@ class Router(nn.Module):
         if cfg.capacity_factor is not None:
             capacity = math.ceil(cfg.capacity_factor * t * k / e)
             order = torch.argsort(expert_idx, stable=True)
-            counts = torch.bincount(expert_idx, minlength=e)
+            counts = torch.zeros(e, dtype=expert_idx.dtype, device=expert_idx.device)
+            counts.index_add_(0, expert_idx, torch.ones_like(expert_idx))  # bincount would sync
             starts = torch.cumsum(counts, 0) - counts
             position = torch.empty_like(expert_idx)
             position[order] = torch.arange(expert_idx.numel(), device=probs.device) - starts[expert_idx[order]]
@@ -83,13 +96,16 @@ class Router(nn.Module):
         expert_idx = torch.arange(e, device=probs.device).repeat_interleave(capacity)
         return Routing(token.reshape(-1), expert_idx, weight.reshape(-1))
 
-    def _record_losses(self, logits: torch.Tensor, probs: torch.Tensor, expert_idx: torch.Tensor) -> None:
+    @staticmethod
+    def _losses(logits: torch.Tensor, probs: torch.Tensor, expert_idx: torch.Tensor) -> dict[str, torch.Tensor]:
         e = probs.shape[-1]
         if probs.shape[0] == 0:
             zero = logits.sum() * 0.0
-            self.aux = {"load_balancing": zero, "z_loss": zero}
-            return
-        share = torch.bincount(expert_idx, minlength=e).to(probs.dtype) / max(1, expert_idx.numel())
+            return {"load_balancing": zero, "z_loss": zero}
+        # counts by scatter-add: bincount would wait for the device to learn the largest index
+        counts = torch.zeros(e, dtype=probs.dtype, device=probs.device)
+        counts.index_add_(0, expert_idx, torch.ones_like(expert_idx, dtype=probs.dtype))
+        share = counts / max(1, expert_idx.numel())
         balance = e * torch.sum(share * probs.mean(dim=0))
         z = torch.logsumexp(logits, dim=-1).square().mean()
-        self.aux = {"load_balancing": balance, "z_loss": z}
+        return {"load_balancing": balance, "z_loss": z}

@@ -10,7 +10,19 @@ import torch
 from sparsify.kernels import BACKENDS
 from sparsify.kernels.cpu.pool import expert_parallel_available, parallel_map
 
-from .cases import Case, make_experts, make_pairs, run_moe
+from .cases import Case
+from .cases import make_experts as _make_experts
+from .cases import make_pairs as _make_pairs
+from .cases import run_moe
+
+
+# The cpu backend's tests run on the CPU whatever device the other kernel tests use.
+def make_experts(case: Case):
+    return _make_experts(case).cpu()
+
+
+def make_pairs(case: Case):
+    return tuple(t.cpu() for t in _make_pairs(case))
 
 # Large enough (pairs x ffn x hidden) for the backend to hand the experts to worker threads and
 # to run its GEMMs on the engine it measured fastest (oneDNN with packed weights, where it wins).

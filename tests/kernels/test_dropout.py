@@ -54,7 +54,7 @@ def test_dropout_mask_applied_forward_and_backward(backend: str, case) -> None:
             mask = hidden_dropout_mask(tok.numel(), case.inter, P, x)
             assert 0.5 < (mask == 0).float().mean().item() / P < 1.5  # about P of the units dropped
             y = _masked_reference(xx, tok, exp, ww, experts, mask)
-        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        (y * torch.linspace(-1, 1, y.numel(), device=y.device).reshape(y.shape)).sum().backward()
         results.append([y.detach(), xx.grad, ww.grad, *(p.grad for p in experts.parameters())])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

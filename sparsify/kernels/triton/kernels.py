@@ -2,10 +2,15 @@
 
 Rows are (token, expert) pairs sorted by expert; expert e owns sorted rows
 `OFFSETS[e]:OFFSETS[e + 1]`. The row blocks of the first two kernels never straddle two experts:
-block b covers rows `BLK_ROW[b]:BLK_ROW[b] + BM` of expert `BLK_EXPERT[b]` (-1: nothing to do;
-the grid is launched for an upper bound on the block count, so the host never waits for the
-routing to know it). Weights are [E, ., .] with arbitrary strides, which lets one kernel read W
+each program finds its expert and rows from the offsets (`_tile`); the grid is launched for an
+upper bound on the block count, ceil(rows / BM) + E, and programs past the last block return at
+once, so the host never waits for the routing to know it. Weights are [E, ., .] with arbitrary strides, which lets one kernel read W
 or W^T. Accumulation is float32.
+
+With DESC, weights (and the second kernel's sorted rows) are read through TMA tensor descriptors
+(Hopper and newer; the host passes descriptors instead of pointers): a tile of rows read past an
+expert's segment belongs to the next expert and is masked at the store; past the tensor's end it
+reads zeros, as the masked pointer loads do.
 
 - `up_kernel`: rows gathered from A through A_IDX (the token index: the gather of dispatch is
   fused into the loads), optionally scaled per row, times B1[e] (and B3[e] for the gate).
@@ -29,8 +34,14 @@ __all__ = ["up_kernel", "down_kernel", "wgrad_kernel"]
 
 
 @triton.jit
-def _tile(BLK_EXPERT, BLK_ROW, OFFSETS, N, M_BLOCKS, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's expert (-1: no work), its rows and columns of the output, and their masks.
+def _tile(OFFSETS, NUM_EXPERTS, N, M_BLOCKS, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
+          E_PAD: tl.constexpr):
+    """This program's expert (-1: no work), its first row and rows, its first column and columns
+    of the output, and their masks.
+
+    Row block b is found from the experts' row offsets alone (each expert's segment is cut into
+    ceil(rows / BM) blocks, in expert order): every program reads the E + 1 offsets and takes a
+    running sum, so no block table has to be built on the device before the launch.
 
     Programs run GROUP_M row blocks by every column block in turn (the grouped order of Triton's
     matmul tutorial), so the programs in flight share a few row blocks and a few weight tiles in
@@ -41,24 +52,48 @@ def _tile(BLK_EXPERT, BLK_ROW, OFFSETS, N, M_BLOCKS, BM: tl.constexpr, BN: tl.co
     first = (pid // (GROUP_M * n_blocks)) * GROUP_M
     size = tl.minimum(M_BLOCKS - first, GROUP_M)
     block = first + (pid % (GROUP_M * n_blocks)) % size
-    e = tl.load(BLK_EXPERT + block).to(tl.int64)
-    rows = tl.load(BLK_ROW + block).to(tl.int64) + tl.arange(0, BM)
-    rmask = rows < tl.load(OFFSETS + tl.maximum(e, 0) + 1)
-    cols = ((pid % (GROUP_M * n_blocks)) // size) * BN + tl.arange(0, BN)
-    return e, rows, rmask, cols, cols < N
+    es = tl.arange(0, E_PAD)
+    lo = tl.load(OFFSETS + es, mask=es < NUM_EXPERTS, other=0).to(tl.int32)
+    hi = tl.load(OFFSETS + es + 1, mask=es < NUM_EXPERTS, other=0).to(tl.int32)
+    blocks = (hi - lo + BM - 1) // BM
+    ends = tl.cumsum(blocks, 0)  # row blocks of experts 0..e
+    e = tl.sum((ends <= block).to(tl.int32), 0)  # the expert whose blocks cover `block`
+    mine = es == e
+    r0 = tl.sum(tl.where(mine, lo + (block - (ends - blocks)) * BM, 0), 0).to(tl.int64)
+    end = tl.sum(tl.where(mine, hi, 0), 0).to(tl.int64)
+    e = tl.where(e < NUM_EXPERTS, e, -1).to(tl.int64)
+    rows = r0 + tl.arange(0, BM)
+    rmask = rows < end
+    c0 = ((pid % (GROUP_M * n_blocks)) // size) * BN
+    cols = c0 + tl.arange(0, BN)
+    return e, r0, rows, rmask, c0, cols, cols < N
+
+
+@triton.jit
+def _load_b(B, b_off, e, k0, c0, kmask, cmask, DESC: tl.constexpr, B_NK: tl.constexpr,
+            BK: tl.constexpr, BN: tl.constexpr):
+    """The [BK, BN] tile of expert e's weight at (k0, c0): through a TMA descriptor (B_NK: the
+    weight is stored [E, N, K], else [E, K, N]; out of bounds reads zero) or through pointers."""
+    if DESC:
+        if B_NK:
+            return tl.trans(B.load([e.to(tl.int32), c0.to(tl.int32), k0]).reshape(BN, BK))
+        else:
+            return B.load([e.to(tl.int32), k0, c0.to(tl.int32)]).reshape(BK, BN)
+    else:
+        return tl.load(B + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
 
 
 @triton.jit
 def up_kernel(
     A, A_IDX, A_SCALE, B1, B3, BIAS1, BIAS3, MASK, PRE, GATE, OUT1, OUT3,
-    BLK_EXPERT, BLK_ROW, OFFSETS, M_BLOCKS,
+    OFFSETS, NUM_EXPERTS, M_BLOCKS,
     N, K, stride_am, stride_be, stride_bk, stride_bn,
     ACT: tl.constexpr, GATED: tl.constexpr, DUAL: tl.constexpr, GATHER: tl.constexpr, SCALE: tl.constexpr,
     HAS_BIAS1: tl.constexpr, HAS_BIAS3: tl.constexpr, HAS_MASK: tl.constexpr, SAVE: tl.constexpr,
-    BACKWARD: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    BACKWARD: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, DESC: tl.constexpr, B_NK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, E_PAD: tl.constexpr,
 ):
-    e, rows, rmask, cols, cmask = _tile(BLK_EXPERT, BLK_ROW, OFFSETS, N, M_BLOCKS, BM, BN, GROUP_M)
+    e, r0, rows, rmask, c0, cols, cmask = _tile(OFFSETS, NUM_EXPERTS, N, M_BLOCKS, BM, BN, GROUP_M, E_PAD)
     if e < 0:
         return
     if GATHER:
@@ -77,13 +112,13 @@ def up_kernel(
         a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
         if SCALE:
             a = (a.to(tl.float32) * s[:, None]).to(A.dtype.element_ty)
-        b = tl.load(B1 + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        b = _load_b(B1, b_off, e, k0, c0, kmask, cmask, DESC, B_NK, BK, BN)
         if DOT_F32:  # Triton's interpreter has no bfloat16 dot; the products are exact in fp32
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc1 = tl.dot(a, b, acc1, input_precision=PRECISION)
         if DUAL:
-            b3 = tl.load(B3 + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            b3 = _load_b(B3, b_off, e, k0, c0, kmask, cmask, DESC, B_NK, BK, BN)
             if DOT_F32:
                 b3 = b3.to(tl.float32)
             acc3 = tl.dot(a, b3, acc3, input_precision=PRECISION)
@@ -127,13 +162,14 @@ def up_kernel(
 @triton.jit
 def down_kernel(
     A, A2, B, B2, BIAS, ROW_TOK, ROW_SCALE, OUT, Y,
-    BLK_EXPERT, BLK_ROW, OFFSETS, M_BLOCKS,
+    OFFSETS, NUM_EXPERTS, M_BLOCKS,
     N, K, stride_be, stride_bk, stride_bn,
     DUAL: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, SCATTER: tl.constexpr,
     SAVE_Y: tl.constexpr, SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    DESC: tl.constexpr, B_NK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, E_PAD: tl.constexpr,
 ):
-    e, rows, rmask, cols, cmask = _tile(BLK_EXPERT, BLK_ROW, OFFSETS, N, M_BLOCKS, BM, BN, GROUP_M)
+    e, r0, rows, rmask, c0, cols, cmask = _tile(OFFSETS, NUM_EXPERTS, N, M_BLOCKS, BM, BN, GROUP_M, E_PAD)
     if e < 0:
         return
     pid_k = tl.program_id(1)
@@ -146,15 +182,22 @@ def down_kernel(
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BK):
         kmask = (k0 - k_lo + ks) < k_hi
-        a = tl.load(A + a_off, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(B + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        # Split-K ranges are whole BK tiles, so a descriptor's tile never reaches into the next range.
+        if DESC:
+            a = A.load([r0.to(tl.int32), k0])
+        else:
+            a = tl.load(A + a_off, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = _load_b(B, b_off, e, k0, c0, kmask, cmask, DESC, B_NK, BK, BN)
         if DOT_F32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if DUAL:
-            a2 = tl.load(A2 + a_off, mask=rmask[:, None] & kmask[None, :], other=0.0)
-            b2 = tl.load(B2 + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            if DESC:
+                a2 = A2.load([r0.to(tl.int32), k0])
+            else:
+                a2 = tl.load(A2 + a_off, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b2 = _load_b(B2, b_off, e, k0, c0, kmask, cmask, DESC, B_NK, BK, BN)
             if DOT_F32:
                 a2 = a2.to(tl.float32)
                 b2 = b2.to(tl.float32)
@@ -170,7 +213,11 @@ def down_kernel(
     if SCALE:
         # y rounded to the input dtype, then weighted, as the reference's combine does
         s = tl.load(ROW_SCALE + rows, mask=rmask, other=0.0)
-        acc = acc.to(A.dtype.element_ty).to(tl.float32) * s.to(A.dtype.element_ty).to(tl.float32)[:, None]
+        if DESC:
+            in_ty = A.dtype
+        else:
+            in_ty = A.dtype.element_ty
+        acc = acc.to(in_ty).to(tl.float32) * s.to(in_ty).to(tl.float32)[:, None]
     if SCATTER:
         tok = tl.load(ROW_TOK + rows, mask=rmask, other=0).to(tl.int64)
         tl.atomic_add(OUT + tok[:, None] * N + cols[None, :], acc, mask=omask)

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..dropout import hidden_dropout_mask
 from .activations import ACT_CODES
 from .kernels import down_kernel, up_kernel, wgrad_kernel
-from .permute import block_table, offsets_of, permute
+from .permute import offsets_of, sorted_offsets
 from .tuning import interpreting, pick, rows_bucket
 
 __all__ = ["moe_ffn", "grouped_ffn"]
@@ -44,22 +44,65 @@ def _flags(dtype: torch.dtype) -> dict:
     return {"DOT_F32": interpreting() and dtype == torch.bfloat16, "PRECISION": _precision(dtype)}
 
 
-def _launch_up(a, a_idx, a_scale, b1, b3, bias1, bias3, mask, pre, gate, out1, out3, counts, offsets,
+def _desc_ok(*tensors: Tensor) -> bool:
+    """Whether TMA descriptors can read these tensors: last dimension contiguous, the other
+    strides and the base address 16-byte aligned (the hardware's rule)."""
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _weight(b: Tensor, desc: bool, b_nk: bool, bn: int, bk: int):
+    """Expert weights [E, ., .] for a kernel: the tensor, or a TMA descriptor of [1, BN, BK]
+    (stored [E, N, K]) or [1, BK, BN] (stored [E, K, N]) tiles."""
+    if not desc:
+        return b
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(b, [1, bn, bk] if b_nk else [1, bk, bn])
+
+
+def _rows(a: Tensor, desc: bool, bm: int, bk: int):
+    """Row-major activations [rows, K] for `down_kernel`: the tensor, or a [BM, BK] descriptor."""
+    if not desc:
+        return a
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(a, [bm, bk])
+
+
+def _e_pad(experts: int) -> int:
+    return triton.next_power_of_2(max(2, experts))
+
+
+def _grid_rows(rows: int, experts: int, bm: int) -> int:
+    """Row blocks to launch: an upper bound on the experts' blocks, known without the counts."""
+    return triton.cdiv(rows, bm) + experts
+
+
+def _launch_up(a, a_idx, a_scale, b1, b3, bias1, bias3, mask, pre, gate, out1, out3, offsets,
                strides, act, backward, save, gated) -> None:
-    rows, n, k = out1.shape[0], out1.shape[1], a.shape[1]
-    bucket = rows_bucket(rows, counts.numel())
+    rows, n, k, experts = out1.shape[0], out1.shape[1], a.shape[1], offsets.numel() - 1
+    bucket = rows_bucket(rows, experts)
+
+    b_nk = strides[1] == 1  # the weight is stored [E, N, K] (else [E, K, N], N contiguous)
+    desc_ok = _desc_ok(*(t for t in (b1, b3) if t is not None))
 
     def run(cfg, o1=out1, o3=out3, p=pre, g=gate) -> None:
-        bm, bn, bk, warps, stages = cfg
-        expert, first = block_table(counts, offsets, rows, bm)
-        up_kernel[(expert.numel() * triton.cdiv(n, bn),)](
-            a, a if a_idx is None else a_idx, a if a_scale is None else a_scale, b1, b1 if b3 is None else b3,
+        bm, bn, bk, warps, stages, desc = cfg
+        m_blocks = _grid_rows(rows, experts, bm)
+        w1 = _weight(b1, desc, b_nk, bn, bk)
+        up_kernel[(m_blocks * triton.cdiv(n, bn),)](
+            a, a if a_idx is None else a_idx, a if a_scale is None else a_scale, w1,
+            w1 if b3 is None else _weight(b3, desc, b_nk, bn, bk),
             a if bias1 is None else bias1, a if bias3 is None else bias3, a if mask is None else mask, p, g, o1, o3,
-            expert, first, offsets, expert.numel(), n, k, a.stride(0), *strides,
+            offsets, experts, m_blocks, n, k, a.stride(0), *strides,
             ACT=ACT_CODES[act], GATED=gated, DUAL=gated and not backward, GATHER=a_idx is not None,
             SCALE=a_scale is not None, HAS_BIAS1=bias1 is not None, HAS_BIAS3=bias3 is not None,
-            HAS_MASK=mask is not None, SAVE=save,
-            BACKWARD=backward, BM=bm, BN=bn, BK=bk, GROUP_M=GROUP_M, num_warps=warps, num_stages=stages,
+            HAS_MASK=mask is not None, SAVE=save, BACKWARD=backward, DESC=bool(desc), B_NK=b_nk,
+            BM=bm, BN=bn, BK=bk, GROUP_M=GROUP_M, E_PAD=_e_pad(experts), num_warps=warps, num_stages=stages,
             **_flags(a.dtype),
         )
 
@@ -67,37 +110,38 @@ def _launch_up(a, a_idx, a_scale, b1, b3, bias1, bias3, mask, pre, gate, out1, o
         run(cfg, torch.empty_like(out1), torch.empty_like(out3), torch.empty_like(pre) if save else pre,
             torch.empty_like(gate) if save else gate)
 
-    key = ("bwd" if backward else "fwd", a.dtype, n, k, counts.numel(), gated)
-    run(pick("up", key, bucket, scratch))
+    key = ("bwd" if backward else "fwd", a.dtype, n, k, experts, gated)
+    run(pick("up", key, bucket, scratch, desc_ok=desc_ok))
 
 
-def _launch_down(a, a2, b, b2, bias, row_tok, row_scale, out, y, counts, offsets, strides, scatter) -> None:
-    rows, n, k = a.shape[0], out.shape[1], a.shape[1]
-    bucket = rows_bucket(rows, counts.numel())
+def _launch_down(a, a2, b, b2, bias, row_tok, row_scale, out, y, offsets, strides, scatter) -> None:
+    rows, n, k, experts = a.shape[0], out.shape[1], a.shape[1], offsets.numel() - 1
+    bucket = rows_bucket(rows, experts)
     # Split-K adds partial sums atomically: only where the output is an atomic float32 sum.
     split_ok = y is None and scatter
 
+    b_nk = strides[1] == 1
+    desc_ok = _desc_ok(*(t for t in (a, a2, b, b2) if t is not None))
+
     def run(cfg, o=out, yy=y) -> None:
-        bm, bn, bk, warps, stages, split = cfg
-        expert, first = block_table(counts, offsets, rows, bm)
-        down_kernel[(expert.numel() * triton.cdiv(n, bn), split)](
-            a, a if a2 is None else a2, b, b if b2 is None else b2, a if bias is None else bias,
-            row_tok, a if row_scale is None else row_scale, o, a if yy is None else yy,
-            expert, first, offsets, expert.numel(), n, k, *strides,
+        bm, bn, bk, warps, stages, split, desc = cfg
+        m_blocks = _grid_rows(rows, experts, bm)
+        ad, bd = _rows(a, desc, bm, bk), _weight(b, desc, b_nk, bn, bk)
+        down_kernel[(m_blocks * triton.cdiv(n, bn), split)](
+            ad, ad if a2 is None else _rows(a2, desc, bm, bk), bd, bd if b2 is None else _weight(b2, desc, b_nk, bn, bk),
+            a if bias is None else bias, row_tok, a if row_scale is None else row_scale, o, a if yy is None else yy,
+            offsets, experts, m_blocks, n, k, *strides,
             DUAL=a2 is not None, HAS_BIAS=bias is not None, SCALE=row_scale is not None, SCATTER=scatter,
-            SAVE_Y=yy is not None, SPLIT_K=split, BM=bm, BN=bn, BK=bk, GROUP_M=GROUP_M, num_warps=warps,
-            num_stages=stages,
+            SAVE_Y=yy is not None, SPLIT_K=split, DESC=bool(desc), B_NK=b_nk, BM=bm, BN=bn, BK=bk, GROUP_M=GROUP_M,
+            E_PAD=_e_pad(experts), num_warps=warps, num_stages=stages,
             **_flags(a.dtype),
         )
 
     def scratch(cfg) -> None:
         run(cfg, torch.zeros_like(out), None if y is None else torch.empty_like(y))
 
-    key = (a.dtype, n, k, counts.numel(), a2 is not None, scatter)
-    cfg = pick("down", key, bucket, scratch, split_ok)
-    if cfg[5] > 1 and not split_ok:
-        cfg = (*cfg[:5], 1)
-    run(cfg)
+    key = (a.dtype, n, k, experts, a2 is not None, scatter)
+    run(pick("down", key, bucket, scratch, split_ok=split_ok, desc_ok=desc_ok))
 
 
 def _launch_wgrad(a, a_idx, a_scale, b, b_idx, out, offsets) -> None:
@@ -121,9 +165,8 @@ def _empty(x: Tensor) -> Tensor:
     return x.new_empty(0)
 
 
-@torch.library.custom_op("sparsify::triton_moe_ffn", mutates_args=(), device_types=("cuda", "cpu"))
-def _forward(
-    x: Tensor, tok: Tensor, scale: Optional[Tensor], counts: Tensor,
+def _forward_impl(
+    x: Tensor, tok: Tensor, scale: Optional[Tensor], offsets: Tensor,
     w1: Tensor, w2: Tensor, w3: Optional[Tensor], b1: Optional[Tensor], b2: Optional[Tensor], b3: Optional[Tensor],
     mask: Optional[Tensor], activation: str, scatter: bool, save: bool, save_y: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -135,17 +178,20 @@ def _forward(
     y = x.new_empty((rows, hidden)) if save_y else None
     out = x.new_zeros((x.shape[0], hidden), dtype=torch.float32) if scatter else x.new_empty((rows, hidden))
     if rows:
-        offsets = offsets_of(counts)
-        _launch_up(x, tok, None, w1, w3, b1, b3, mask, pre, gate, h, h, counts, offsets,
+        _launch_up(x, tok, None, w1, w3, b1, b3, mask, pre, gate, h, h, offsets,
                    (w1.stride(0), w1.stride(2), w1.stride(1)), activation, backward=False, save=save,
                    gated=w3 is not None)
-        _launch_down(h, None, w2, None, b2, tok, scale, out, y, counts, offsets,
+        _launch_down(h, None, w2, None, b2, tok, scale, out, y, offsets,
                      (w2.stride(0), w2.stride(2), w2.stride(1)), scatter)
     return out.to(x.dtype), h, pre, gate, _empty(x) if y is None else y
 
 
+_forward = torch.library.custom_op("sparsify::triton_moe_ffn", _forward_impl, mutates_args=(),
+                                   device_types=("cuda", "cpu"))
+
+
 @_forward.register_fake
-def _(x, tok, scale, counts, w1, w2, w3, b1, b2, b3, mask, activation, scatter, save, save_y):
+def _(x, tok, scale, offsets, w1, w2, w3, b1, b2, b3, mask, activation, scatter, save, save_y):
     rows, inter, hidden = tok.numel(), w1.shape[1], w2.shape[1]
     return (
         x.new_empty((x.shape[0] if scatter else rows, hidden)), x.new_empty((rows, inter)),
@@ -157,29 +203,29 @@ def _(x, tok, scale, counts, w1, w2, w3, b1, b2, b3, mask, activation, scatter, 
 
 @torch.library.custom_op("sparsify::triton_moe_ffn_backward", mutates_args=(), device_types=("cuda", "cpu"))
 def _backward(
-    grad: Tensor, x: Tensor, tok: Tensor, scale: Optional[Tensor], counts: Tensor,
+    grad: Tensor, x: Tensor, tok: Tensor, scale: Optional[Tensor], offsets: Tensor,
     w1: Tensor, w2: Tensor, w3: Optional[Tensor], mask: Optional[Tensor],
     h: Tensor, pre: Tensor, gate: Tensor, y: Tensor, activation: str, biases: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (x, w1, w2, w3, b1, b2, b3, scale); absent ones are empty."""
-    rows, num_experts = tok.numel(), counts.numel()
+    rows, num_experts = tok.numel(), offsets.numel() - 1
     dpre = torch.empty_like(pre)
     dgate = torch.empty_like(gate) if w3 is not None else None
     dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
     dw3 = torch.empty_like(w3) if w3 is not None else _empty(x)
-    offsets = offsets_of(counts)
     if rows:
         _launch_up(grad, tok, scale, w2, None, None, None, mask, pre, gate, dpre,
-                   dpre if dgate is None else dgate, counts, offsets, (w2.stride(0), w2.stride(1), w2.stride(2)),
+                   dpre if dgate is None else dgate, offsets, (w2.stride(0), w2.stride(1), w2.stride(2)),
                    activation, backward=True, save=False, gated=w3 is not None)
-        _launch_down(dpre, dgate, w1, w3, None, tok, None, dx, None, counts, offsets,
+        _launch_down(dpre, dgate, w1, w3, None, tok, None, dx, None, offsets,
                      (w1.stride(0), w1.stride(1), w1.stride(2)), scatter=True)
     _launch_wgrad(grad, tok, scale, h, None, dw2, offsets)
     _launch_wgrad(dpre, None, None, x, tok, dw1, offsets)
     if dgate is not None:
         _launch_wgrad(dgate, None, None, x, tok, dw3, offsets)
-    expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=x.device), counts, output_size=rows)
+    expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=x.device), offsets.diff(),
+                                            output_size=rows)
 
     def segment_sum(t: Tensor, present: bool) -> Tensor:
         if not present:
@@ -200,7 +246,7 @@ def _backward(
 
 
 @_backward.register_fake
-def _(grad, x, tok, scale, counts, w1, w2, w3, mask, h, pre, gate, y, activation, biases):
+def _(grad, x, tok, scale, offsets, w1, w2, w3, mask, h, pre, gate, y, activation, biases):
     e, i, hid = w1.shape
     return (
         torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w2),
@@ -212,19 +258,19 @@ def _(grad, x, tok, scale, counts, w1, w2, w3, mask, h, pre, gate, y, activation
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, tok, scale, counts, w1, w2, w3, b1, b2, b3, mask, activation, scatter, save, save_y = inputs
+    x, tok, scale, offsets, w1, w2, w3, b1, b2, b3, mask, activation, scatter, save, save_y = inputs
     _, h, pre, gate, y = output
-    ctx.save_for_backward(x, tok, scale, counts, w1, w2, w3, mask, h, pre, gate, y)
+    ctx.save_for_backward(x, tok, scale, offsets, w1, w2, w3, mask, h, pre, gate, y)
     ctx.activation = activation
     ctx.biases = [b1 is not None, b2 is not None, b3 is not None]
 
 
 def _autograd_backward(ctx, grad, *_saved_grads):
-    x, tok, scale, counts, w1, w2, w3, mask, h, pre, gate, y = ctx.saved_tensors
+    x, tok, scale, offsets, w1, w2, w3, mask, h, pre, gate, y = ctx.saved_tensors
     if not pre.numel() and tok.numel():
         raise RuntimeError("triton moe_ffn ran without saving activations; call it with grad enabled")
     dx, dw1, dw2, dw3, db1, db2, db3, dscale = _backward(
-        grad.contiguous(), x, tok, scale, counts, w1, w2, w3, mask, h, pre, gate, y, ctx.activation, ctx.biases
+        grad.contiguous(), x, tok, scale, offsets, w1, w2, w3, mask, h, pre, gate, y, ctx.activation, ctx.biases
     )
     b1, b2, b3 = ctx.biases
     return (
@@ -237,14 +283,17 @@ def _autograd_backward(ctx, grad, *_saved_grads):
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def _run(x, tok, scale, counts, w1, w2, w3, b1, b2, b3, activation, dropout, training, scatter) -> Tensor:
+def _run(x, tok, scale, offsets, w1, w2, w3, b1, b2, b3, activation, dropout, training, scatter) -> Tensor:
     tensors = [t for t in (x, scale, w1, w2, w3, b1, b2, b3) if t is not None]
     save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     save_y = save and scale is not None and scale.requires_grad
     mask = hidden_dropout_mask(tok.numel(), w1.shape[1], dropout, x) if dropout > 0.0 and training else None
     contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
-    out, *_ = _forward(
-        x.contiguous(), tok, contiguous(scale), counts, w1, w2, w3, contiguous(b1), contiguous(b2), contiguous(b3),
+    # Inference in eager mode calls the kernels directly: the custom op is what autograd and
+    # torch.compile need, and its dispatch costs the host more than the kernels take at decode sizes.
+    forward = _forward if save or torch.compiler.is_compiling() else _forward_impl
+    out, *_ = forward(
+        x.contiguous(), tok, contiguous(scale), offsets, w1, w2, w3, contiguous(b1), contiguous(b2), contiguous(b3),
         mask, activation, scatter, save, save_y,
     )
     return out
@@ -252,8 +301,8 @@ def _run(x, tok, scale, counts, w1, w2, w3, b1, b2, b3, activation, dropout, tra
 
 def moe_ffn(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor, experts: torch.nn.Module) -> Tensor:
     """The fused MoE FFN of `x` [T, H] for (token, expert, weight) pairs (see module docstring)."""
-    order, counts = permute(expert_idx, experts.num_experts)
-    return _run(x, token_idx[order], weight[order], counts, experts.w1, experts.w2, experts.w3, experts.b1,
+    order, offsets = sorted_offsets(expert_idx, experts.num_experts)
+    return _run(x, token_idx[order], weight[order], offsets, experts.w1, experts.w2, experts.w3, experts.b1,
                 experts.b2, experts.b3, experts.activation, experts.dropout, experts.training, scatter=True)
 
 
@@ -262,5 +311,5 @@ def grouped_ffn(x, counts, w1, w2, w3=None, b1=None, b2=None, b3=None, activatio
     """Each expert's FFN on its segment of the grouped rows `x` (the kernels without the gather
     and the combine: rows are their own tokens)."""
     rows = torch.arange(x.shape[0], device=x.device)
-    return _run(x, rows, None, counts.to(x.device), w1, w2, w3, b1, b2, b3, activation, dropout, training,
-                scatter=False)
+    return _run(x, rows, None, offsets_of(counts.to(x.device)), w1, w2, w3, b1, b2, b3, activation, dropout,
+                training, scatter=False)
