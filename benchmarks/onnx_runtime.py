@@ -1,6 +1,6 @@
 """ONNX Runtime latency of MoE models: fused `com.microsoft.MoE` vs standard ops vs torch eager.
 
-    python benchmarks/onnx_runtime.py [--threads 2] [--tokens 2048] [--quick]
+    python benchmarks/onnx_runtime.py [--threads 2] [--tokens 2048] [--quick] [--case NAME]
 
 Cases, each exported once and run every way on the same inputs in the same run:
   - demo-llama-moe-e8 / -e32: demo:llama (SwiGLU experts) upcycled with 8 or 32 experts (the
@@ -111,6 +111,9 @@ def _session(model: ir.Model, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # Each session owns a thread pool whose workers spin after every run; timed in turn, one
+    # session's spinning workers take the cores from the next one (twice the time on 2 cores).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -176,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=2048, help="tokens of the Mixtral-like layer")
     parser.add_argument("--quick", action="store_true", help="fewer tokens and runs (a smoke test)")
+    parser.add_argument("--case", action="append", default=[], metavar="NAME",
+                        help="run only this case (repeatable); default: every case")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -183,10 +188,17 @@ def main(argv: list[str] | None = None) -> int:
     min_rounds, budget = (2, 0.5) if args.quick else (5, 20.0)
     tokens = 256 if args.quick else args.tokens
     batch, seq = (2, 32) if args.quick else (8, 128)
-    cases = [("demo-llama-moe-e8", *_demo("llama", 8, batch, seq)), ("demo-llama-moe-e32", *_demo("llama", 32, batch, seq)),
-             ("demo-t5-encoder-moe-e8", *_demo("t5", 8, batch, seq)), ("mixtral-like-layer", *_mixtral_like(tokens))]
-    for name, module, example, shapes, inputs in cases:
-        for row in bench_case(name, module, example, shapes, inputs, args.threads, min_rounds, budget):
+    cases = {"demo-llama-moe-e8": lambda: _demo("llama", 8, batch, seq),
+             "demo-llama-moe-e32": lambda: _demo("llama", 32, batch, seq),
+             "demo-t5-encoder-moe-e8": lambda: _demo("t5", 8, batch, seq),
+             "mixtral-like-layer": lambda: _mixtral_like(tokens)}
+    unknown = sorted(set(args.case) - set(cases))
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(cases)}")
+    for name, make in cases.items():
+        if args.case and name not in args.case:
+            continue
+        for row in bench_case(name, *make(), args.threads, min_rounds, budget):
             print(json.dumps({**row, **machine}), flush=True)
     return 0
 
