@@ -3,7 +3,10 @@
 - permute: the reference's stable sort (a few thousand int64 keys; not worth more).
 - grouped_ffn: expert segments spread over the cores, one single-threaded GEMM stream per core
   (see `pool`), outputs written into one preallocated buffer, activation in place, the routing
-  weight applied inside the expert loop while the rows are in cache.
+  weight applied inside the expert loop while the rows are in cache. Float32 inference runs on
+  the backend's own AVX-512 GEMM (`native`, `native_ffn`: weights streamed with prefetching,
+  gather and top-1 scatter inside the GEMM, torch's OpenMP threads), built on first use; where
+  it cannot be built, on oneDNN/MKL.
 - combine: a single index_add of the already weighted rows.
 - moe_ffn in inference: the gather runs in the expert workers, and with top-1 routing (no token
   in two pairs) so does the combine: each weighted row is copied into its token's output row.

@@ -7,6 +7,8 @@ into the GEMM and other activations applied in place when nothing needs the pre-
 the routing weight (`scale`) applied while the rows are in cache, as they are written into one
 output buffer. In inference the dispatch gather (`rows`) runs in the workers too, and so does
 the combine when no token has two rows: each weighted row goes straight to its token's row.
+Float32 inference runs on the backend's own GEMM where it could be built (`native_ffn`, which
+takes the same arguments); the rest (training, half precisions, no AVX-512) as described here.
 
 The op and its backward are `torch.library` custom ops, so `torch.compile` treats them as one
 opaque call (no graph break on the data-dependent expert loop), and autograd saves only what
@@ -23,6 +25,7 @@ from torch import Tensor
 
 from ...activations import get_activation
 from ..dropout import hidden_dropout_mask
+from . import native_ffn
 from .gemm import ENGINES, linear_engine, packed_experts
 from .pool import parallel_map
 
@@ -94,6 +97,10 @@ def _forward(
     act_ = _IN_PLACE.get(activation)
     n, inter, hidden = (x if rows is None else rows).shape[0], w1.shape[1], w2.shape[1]
     small = _small(n, w1)
+    if not save and native_ffn.supports(x, w1, w2, w3, b1, b2, b3):  # float32 inference: see `native_ffn`
+        y = native_ffn.native_forward(x, rows, _segments(counts.tolist(), _chunk(n)), w1, w2, w3, b1, b2, b3, scale,
+                                      mask, activation, act_ or act, tokens, 1 if small else None)
+        return y, _empty(x), _empty(x), _empty(x)
     linear = ENGINES["torch"] if small else linear_engine(x.dtype, w1)
     m1, m2, m3 = w1, w2, w3  # what expert e's rows are multiplied by: m1[e], ...
     if not save:  # inference: weights packed once for the engine (see `gemm`)
