@@ -1,8 +1,9 @@
 """The `triton` backend: grouped-GEMM kernels for CUDA GPUs (ScatterMoE / fused_moe style).
 
-- permute: torch's stable sort on the device, counts by scatter-add: nothing waits for the
-  host (bincount would), and the kernels read the order directly, so no copy of the hidden
-  states is ever made in expert order.
+- permute: one stable sort on the device and a binary search of each expert id in the sorted
+  ids give the order and the experts' row offsets: nothing waits for the host (bincount would),
+  and the kernels read the order directly, so no copy of the hidden states is ever made in
+  expert order.
 - grouped_ffn / moe_ffn: the gather is fused into the first grouped GEMM together with the
   activation and the gate; the weighted scatter-combine is fused into the second.
 - combine: inside `moe_ffn`'s second GEMM; the standalone op is the reference's index_add,

@@ -9,7 +9,9 @@ Backward (five launches, no host synchronisation): dh through `up_kernel` in bac
 in one accumulator, scattered back to tokens), dW1, dW2, dW3 through `wgrad_kernel`; the few
 row reductions (bias gradients, routing-weight gradient) are torch ops.
 
-Being custom ops, both are single opaque calls to `torch.compile`.
+Being custom ops, both are single opaque calls to `torch.compile`; eager inference calls the
+forward's implementation directly (the custom op's dispatch costs the host more than the kernels
+take at decode sizes).
 """
 
 from __future__ import annotations
