@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Linear", "ENGINES", "linear_engine", "packed_experts", "clear_packed"]
+__all__ = ["Linear", "ENGINES", "linear_engine", "packed_experts", "cached_packing", "clear_packed"]
 
 Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", bool], torch.Tensor]
 
@@ -87,9 +87,11 @@ def linear_engine(dtype: torch.dtype, weight: torch.Tensor) -> Linear:
     return _chosen[dtype]
 
 
-# id(weight) -> (weak reference to it, its identity when packed, the packed experts). Keyed by
-# id because tensors compare elementwise; the entry goes when the weight is freed.
-_packed: dict[int, tuple[weakref.ref, tuple, list[torch.Tensor]]] = {}
+# (packing kind, id(weight)) -> (weak reference to it, its identity when packed, the packing).
+# Keyed by id because tensors compare elementwise; the entry goes when the weight is freed. Every
+# packing of the cpu backend (oneDNN's here, the native GEMM's in `native`) lives here, so that
+# `clear_packed` drops them all.
+_packed: dict[tuple[str, int], tuple[weakref.ref, tuple, object]] = {}
 
 
 def _identity(w: torch.Tensor) -> tuple:
@@ -100,24 +102,30 @@ def _identity(w: torch.Tensor) -> tuple:
     return version, w.data_ptr(), w.dtype, tuple(w.shape)
 
 
+def cached_packing(kind: str, w: torch.Tensor, build: Callable[[], object]) -> object:
+    """`build()` (a packing of `w`), made once and cached until `w` changes or is freed."""
+    key = (kind, id(w))
+    with _lock:
+        hit = _packed.get(key)
+        if hit is not None and hit[0]() is w and hit[1] == _identity(w):
+            return hit[2]
+        with torch.inference_mode():
+            packing = build()
+        if hit is None or hit[0]() is not w:
+            weakref.finalize(w, _packed.pop, key, None)
+        _packed[key] = (weakref.ref(w), _identity(w), packing)
+        return packing
+
+
 def packed_experts(engine: Linear, w: torch.Tensor, rows: int) -> torch.Tensor | list[torch.Tensor]:
     """What `engine` should multiply expert e by: `result[e]`. For oneDNN, per-expert copies of the
     stacked weight `w` [E, out, in] packed for GEMMs of about `rows` rows (cached); else `w`."""
     if engine is not _onednn_linear:
         return w
-    with _lock:
-        hit = _packed.get(id(w))
-        if hit is not None and hit[0]() is w and hit[1] == _identity(w):
-            return hit[2]
-        with torch.inference_mode():
-            packed = [_pack(w[e].detach(), max(1, rows)) for e in range(w.shape[0])]
-        if hit is None or hit[0]() is not w:
-            weakref.finalize(w, _packed.pop, id(w), None)
-        _packed[id(w)] = (weakref.ref(w), _identity(w), packed)
-        return packed
+    return cached_packing("onednn", w, lambda: [_pack(w[e].detach(), max(1, rows)) for e in range(w.shape[0])])
 
 
 def clear_packed() -> None:
-    """Drop every cached packed weight (they are rebuilt on the next inference call)."""
+    """Drop every cached packed weight, of every engine (rebuilt on the next inference call)."""
     with _lock:
         _packed.clear()

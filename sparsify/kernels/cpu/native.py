@@ -25,17 +25,16 @@ import subprocess
 import sys
 import tempfile
 import threading
-import weakref
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .gemm import _identity
+from .gemm import cached_packing
 
 __all__ = ["available", "packed", "Packed", "gemm", "gemm_at", "add_rows", "add_rows_at", "parallel_for",
-           "clear_packed", "PANEL"]
+           "PANEL"]
 
 PANEL = 64  # output columns per packed panel (NR in moe_gemm.cpp)
 _ABI = 2
@@ -168,28 +167,10 @@ def _pack(w: Tensor) -> Tensor:
     return out
 
 
-# id(weight) -> (weak reference to it, its identity when packed, the packing), as in `gemm`
-_packed: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}
-
-
 def packed(w: Tensor) -> Tensor:
-    """The packing of the stacked expert weights `w` [E, out, in] (cached until `w` changes)."""
-    with _lock:
-        hit = _packed.get(id(w))
-        if hit is not None and hit[0]() is w and hit[1] == _identity(w):
-            return hit[2]
-        with torch.inference_mode():
-            p = _pack(w)
-        if hit is None or hit[0]() is not w:
-            weakref.finalize(w, _packed.pop, id(w), None)
-        _packed[id(w)] = (weakref.ref(w), _identity(w), p)
-        return p
-
-
-def clear_packed() -> None:
-    """Drop every cached packing (rebuilt on the next inference call)."""
-    with _lock:
-        _packed.clear()
+    """The packing of the stacked expert weights `w` [E, out, in] (cached until `w` changes;
+    `gemm.clear_packed()` drops it)."""
+    return cached_packing("native", w, lambda: _pack(w))
 
 
 class Packed:
