@@ -1,6 +1,5 @@
 """Bad input: a one-line message, non-zero exit, no traceback, and no output left behind."""
 
-import shutil
 
 import pytest
 

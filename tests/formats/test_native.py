@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 import sparsify
 from sparsify.errors import PlanError, SourceError

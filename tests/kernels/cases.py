@@ -44,18 +44,19 @@ CASES = [
 ]
 
 
-def make_experts(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0) -> Experts:
-    """Experts of `case` with random weights (distinct per expert)."""
+def make_experts(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0, device: str = DEVICE) -> Experts:
+    """Experts of `case` with random weights (distinct per expert), on `device`."""
     g = torch.Generator().manual_seed(seed)
     ex = Experts(case.experts, case.hidden, case.inter, form=case.form, activation=case.activation, bias=case.bias)
     with torch.no_grad():
         for p in ex.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-    return ex.to(device=DEVICE, dtype=dtype)
+    return ex.to(device=device, dtype=dtype)
 
 
-def make_pairs(case: Case, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x [T, H], token_idx, expert_idx, weight) for `case`, top-k style: k-slot-major pairs."""
+def make_pairs(case: Case, seed: int = 0, device: str = DEVICE
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x [T, H], token_idx, expert_idx, weight) for `case` on `device`, top-k style: k-slot-major pairs."""
     g = torch.Generator().manual_seed(seed + 1)
     t, e, k = case.tokens, case.experts, case.k
     x = torch.randn(t, case.hidden, generator=g)
@@ -72,7 +73,7 @@ def make_pairs(case: Case, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, t
         token_idx, expert_idx, weight = token_idx[keep], expert_idx[keep], weight[keep]
     if case.loads == "none":
         token_idx, expert_idx, weight = token_idx[:0], expert_idx[:0], weight[:0]
-    return tuple(v.to(DEVICE) for v in (x, token_idx, expert_idx, weight))
+    return tuple(v.to(device) for v in (x, token_idx, expert_idx, weight))
 
 
 def run_moe(backend: str, experts: Experts, x, token_idx, expert_idx, weight, grad_seed: int = 2):
@@ -89,3 +90,23 @@ def run_moe(backend: str, experts: Experts, x, token_idx, expert_idx, weight, gr
     # a leaf the output does not depend on (no pairs at all) has no grad: it is zero
     grads = {n: torch.zeros_like(t) if t.grad is None else t.grad for n, t in leaves.items()}
     return y.detach(), grads
+
+
+def assert_matches_reference(backend: str, experts: Experts, *pairs, tol: float = 1e-5) -> None:
+    """`backend`'s output and every gradient equal the reference backend's (float32: to `tol`)."""
+    y_ref, g_ref = run_moe("reference", experts, *pairs)
+    y, g = run_moe(backend, experts, *pairs)
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=tol, atol=tol, msg=lambda m: f"grad {name}: {m}")
+
+
+def assert_inference_matches_reference(backend: str, experts: Experts, *pairs, tol: float = 1e-5) -> None:
+    """`backend`'s inference path (under inference mode) gives the reference backend's output."""
+    from sparsify.kernels import BACKENDS
+
+    with torch.inference_mode():
+        y = BACKENDS[backend].moe_ffn(*pairs, experts)
+        y_ref = BACKENDS["reference"].moe_ffn(*pairs, experts)
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)

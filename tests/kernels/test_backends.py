@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsify.kernels import BACKENDS
 
-from .cases import CASES, FAST_BACKENDS, Case, make_experts, make_pairs, run_moe
+from .cases import (CASES, FAST_BACKENDS, Case, assert_inference_matches_reference, assert_matches_reference,
+                    make_experts, make_pairs, run_moe)
 
 HALF_CASES = [c for c in CASES if c.name in ("top2-gated", "top1-dense-bias", "uneven")]
 
@@ -22,13 +22,8 @@ HALF_CASES = [c for c in CASES if c.name in ("top2-gated", "top1-dense-bias", "u
 def test_float32_equals_reference(backend: str, case: Case) -> None:
     experts = make_experts(case)
     pairs = make_pairs(case)
-    y_ref, g_ref = run_moe("reference", experts, *pairs)
-    y, g = run_moe(backend, experts, *pairs)
-    assert y.shape == (case.tokens, case.hidden)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    assert g.keys() == g_ref.keys()
-    for name in g_ref:
-        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+    assert run_moe(backend, experts, *pairs)[0].shape == (case.tokens, case.hidden)
+    assert_matches_reference(backend, experts, *pairs)
 
 
 def _error(a: torch.Tensor, truth: torch.Tensor) -> float:
@@ -57,12 +52,7 @@ def test_half_precision_as_accurate_as_reference(backend: str, dtype: torch.dtyp
 def test_inference_path_equals_reference(backend: str, case: Case) -> None:
     """Inference takes its own path (no activations saved; in the cpu backend the gather and, for
     top-1, the combine run inside the expert loop): it gives the same output."""
-    experts = make_experts(case)
-    pairs = make_pairs(case)
-    with torch.inference_mode():
-        y = BACKENDS[backend].moe_ffn(*pairs, experts)
-        y_ref = BACKENDS["reference"].moe_ffn(*pairs, experts)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert_inference_matches_reference(backend, make_experts(case), *make_pairs(case))
 
 
 @pytest.mark.skipif("triton" not in FAST_BACKENDS, reason="triton is not installed")
@@ -77,13 +67,7 @@ def test_triton_pointer_path_equals_reference(case: Case, monkeypatch) -> None:
         pytest.skip("on a GPU the tuner decides between the two paths")
     monkeypatch.setitem(tuning.INTERPRETER, "up", (*tuning.INTERPRETER["up"][:-1], 0))
     monkeypatch.setitem(tuning.INTERPRETER, "down", (*tuning.INTERPRETER["down"][:-1], 0))
-    experts = make_experts(case)
-    pairs = make_pairs(case)
-    y_ref, g_ref = run_moe("reference", experts, *pairs)
-    y, g = run_moe("triton", experts, *pairs)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    for name in g_ref:
-        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+    assert_matches_reference("triton", make_experts(case), *make_pairs(case))
 
 
 @pytest.mark.skipif("triton" not in FAST_BACKENDS, reason="triton is not installed")
@@ -91,10 +75,4 @@ def test_triton_unaligned_shapes_equal_reference() -> None:
     """Hidden and FFN sizes whose rows are not 16-byte multiples cannot be read by TMA: the
     kernels fall back to pointer loads and still agree."""
     case = Case("unaligned", 9, 4, 2, hidden=30, inter=45)
-    experts = make_experts(case)
-    pairs = make_pairs(case)
-    y_ref, g_ref = run_moe("reference", experts, *pairs)
-    y, g = run_moe("triton", experts, *pairs)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    for name in g_ref:
-        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+    assert_matches_reference("triton", make_experts(case), *make_pairs(case))

@@ -10,19 +10,10 @@ import torch
 from sparsify.kernels import BACKENDS
 from sparsify.kernels.cpu import native, native_ffn
 
-from .cases import CASES, Case
-from .cases import make_experts as _make_experts
-from .cases import make_pairs as _make_pairs
+from .cases import CASES, Case, assert_inference_matches_reference, make_experts, make_pairs
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"no native kernel: {native.why_unavailable}")
 
-
-def make_experts(case: Case):
-    return _make_experts(case).cpu()
-
-
-def make_pairs(case: Case):
-    return tuple(t.cpu() for t in _make_pairs(case))
 
 
 def _expected(a, a_rows, w, n0, n1, k0, k1, bias, relu, scale):
@@ -141,8 +132,8 @@ NATIVE_CASES = [
 @pytest.mark.parametrize("case", CASES + NATIVE_CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
 def test_native_forward_equals_reference(two_threads, case, mode) -> None:
-    experts = make_experts(case)
-    pairs = make_pairs(case)
+    experts = make_experts(case, device="cpu")
+    pairs = make_pairs(case, device="cpu")
     counts = torch.tensor([3] + [0] * (case.experts - 2) + [4])  # grouped rows, an empty expert between
     grouped = torch.randn(7, case.hidden, generator=torch.Generator().manual_seed(3))
     e = experts
@@ -162,7 +153,7 @@ def test_native_path_is_taken(two_threads, monkeypatch) -> None:
     monkeypatch.setattr(native_ffn, "native_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     case = NATIVE_CASES[0]
     with torch.inference_mode():
-        BACKENDS["cpu"].moe_ffn(*make_pairs(case), make_experts(case))
+        BACKENDS["cpu"].moe_ffn(*make_pairs(case, device="cpu"), make_experts(case, device="cpu"))
     assert calls
 
 
@@ -170,18 +161,13 @@ def test_native_path_is_taken(two_threads, monkeypatch) -> None:
 def test_without_native_kernel_equals_reference(two_threads, monkeypatch, case) -> None:
     """Where the library cannot be built, inference runs on oneDNN/MKL: still the reference's result."""
     monkeypatch.setattr(native, "available", lambda: False)
-    experts = make_experts(case)
-    pairs = make_pairs(case)
-    with torch.inference_mode():
-        y = BACKENDS["cpu"].moe_ffn(*pairs, experts)
-        y_ref = BACKENDS["reference"].moe_ffn(*pairs, experts)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert_inference_matches_reference("cpu", make_experts(case, device="cpu"), *make_pairs(case, device="cpu"))
 
 
 def test_half_precision_keeps_to_the_other_engines(two_threads) -> None:
     case = NATIVE_CASES[0]
-    experts = make_experts(case).to(torch.bfloat16)
-    x, tok, exp, weight = make_pairs(case)
+    experts = make_experts(case, device="cpu").to(torch.bfloat16)
+    x, tok, exp, weight = make_pairs(case, device="cpu")
     assert not native_ffn.supports(x.bfloat16(), experts.w1)
     with torch.inference_mode():
         y = BACKENDS["cpu"].moe_ffn(x.bfloat16(), tok, exp, weight, experts)
@@ -190,7 +176,17 @@ def test_half_precision_keeps_to_the_other_engines(two_threads) -> None:
 
 def test_rows_out_of_range_raise(two_threads) -> None:
     case = NATIVE_CASES[0]
-    e = make_experts(case)
+    e = make_experts(case, device="cpu")
     with torch.inference_mode(), pytest.raises(ValueError, match="segments cover"):
         BACKENDS["cpu"].grouped_ffn(torch.randn(5, case.hidden), torch.tensor([3, 4] + [0] * (case.experts - 2)),
                                     e.w1, e.w2, e.w3, e.b1, e.b2, e.b3, activation=e.activation)
+
+
+def test_clear_packed_drops_the_native_packing_too() -> None:
+    """`gemm.clear_packed()`, the one switch the README names, frees every engine's packed copy."""
+    from sparsify.kernels.cpu import gemm as gemm_module
+
+    w = torch.randn(2, 100, 40)
+    p = native.packed(w)
+    gemm_module.clear_packed()
+    assert native.packed(w) is not p

@@ -10,19 +10,8 @@ import torch
 from sparsify.kernels import BACKENDS
 from sparsify.kernels.cpu.pool import expert_parallel_available, parallel_map
 
-from .cases import Case
-from .cases import make_experts as _make_experts
-from .cases import make_pairs as _make_pairs
-from .cases import run_moe
+from .cases import Case, assert_inference_matches_reference, assert_matches_reference, make_experts, make_pairs
 
-
-# The cpu backend's tests run on the CPU whatever device the other kernel tests use.
-def make_experts(case: Case):
-    return _make_experts(case).cpu()
-
-
-def make_pairs(case: Case):
-    return tuple(t.cpu() for t in _make_pairs(case))
 
 # Large enough (pairs x ffn x hidden) for the backend to hand the experts to worker threads and
 # to run its GEMMs on the engine it measured fastest (oneDNN with packed weights, where it wins).
@@ -56,42 +45,28 @@ def test_worker_exception_reaches_the_caller(two_threads) -> None:
 
 
 def test_expert_parallel_equals_reference(two_threads) -> None:
-    experts = make_experts(BIG)
-    pairs = make_pairs(BIG)
-    y_ref, g_ref = run_moe("reference", experts, *pairs)
-    y, g = run_moe("cpu", experts, *pairs)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    for name in g_ref:
-        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-5)
+    assert_matches_reference("cpu", make_experts(BIG, device="cpu"), *make_pairs(BIG, device="cpu"))
 
 
 @pytest.mark.parametrize("case", [BIG, BIG_TOP1], ids=lambda c: c.name)
 def test_expert_parallel_under_inference_mode(two_threads, case) -> None:
     """Workers write into buffers the caller made in inference mode: they must be in it too.
     (Top-1: the workers also write the combined output rows; relu: fused into the GEMM.)"""
-    experts = make_experts(case)
-    pairs = make_pairs(case)
-    with torch.inference_mode():
-        y = BACKENDS["cpu"].moe_ffn(*pairs, experts)
-        y_ref = BACKENDS["reference"].moe_ffn(*pairs, experts)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert_inference_matches_reference("cpu", make_experts(case, device="cpu"), *make_pairs(case, device="cpu"))
 
 
 def test_caller_thread_settings_untouched(two_threads) -> None:
-    experts = make_experts(BIG)
-    BACKENDS["cpu"].moe_ffn(*make_pairs(BIG), experts)
+    experts = make_experts(BIG, device="cpu")
+    BACKENDS["cpu"].moe_ffn(*make_pairs(BIG, device="cpu"), experts)
     assert torch.get_num_threads() == 2
 
 
 def test_packed_weights_follow_in_place_updates(two_threads) -> None:
     """Inference packs the experts' weights once; changing them in place must repack."""
-    experts = make_experts(BIG)
-    pairs = make_pairs(BIG)
+    experts = make_experts(BIG, device="cpu")
+    pairs = make_pairs(BIG, device="cpu")
     for step in range(3):
-        with torch.inference_mode():
-            y = BACKENDS["cpu"].moe_ffn(*pairs, experts)
-            y_ref = BACKENDS["reference"].moe_ffn(*pairs, experts)
-        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        assert_inference_matches_reference("cpu", experts, *pairs)
         with torch.no_grad():
             experts.w1.mul_(1.5)  # what an optimizer step or load_state_dict does
             experts.w2.data = experts.w2.data.flip(0).contiguous()  # or a new tensor behind the parameter
