@@ -70,6 +70,25 @@ def _tile(OFFSETS, NUM_EXPERTS, N, M_BLOCKS, BM: tl.constexpr, BN: tl.constexpr,
 
 
 @triton.jit
+def _mma(a, b, acc, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b. DOT_F32: Triton's interpreter has no bfloat16 dot, so the operands go to
+    float32 first (their products are exact there)."""
+    if DOT_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _load_rows(A, a_off, r0, k0, rmask, kmask, DESC: tl.constexpr):
+    """The [BM, BK] tile of row-major activations at (r0, k0): through a TMA descriptor or pointers."""
+    if DESC:
+        return A.load([r0.to(tl.int32), k0])
+    else:
+        return tl.load(A + a_off, mask=rmask[:, None] & kmask[None, :], other=0.0)
+
+
+@triton.jit
 def _load_b(B, b_off, e, k0, c0, kmask, cmask, DESC: tl.constexpr, B_NK: tl.constexpr,
             BK: tl.constexpr, BN: tl.constexpr):
     """The [BK, BN] tile of expert e's weight at (k0, c0): through a TMA descriptor (B_NK: the
@@ -112,16 +131,10 @@ def up_kernel(
         a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
         if SCALE:
             a = (a.to(tl.float32) * s[:, None]).to(A.dtype.element_ty)
-        b = _load_b(B1, b_off, e, k0, c0, kmask, cmask, DESC, B_NK, BK, BN)
-        if DOT_F32:  # Triton's interpreter has no bfloat16 dot; the products are exact in fp32
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc1 = tl.dot(a, b, acc1, input_precision=PRECISION)
+        acc1 = _mma(a, _load_b(B1, b_off, e, k0, c0, kmask, cmask, DESC, B_NK, BK, BN), acc1, DOT_F32, PRECISION)
         if DUAL:
-            b3 = _load_b(B3, b_off, e, k0, c0, kmask, cmask, DESC, B_NK, BK, BN)
-            if DOT_F32:
-                b3 = b3.to(tl.float32)
-            acc3 = tl.dot(a, b3, acc3, input_precision=PRECISION)
+            acc3 = _mma(a, _load_b(B3, b_off, e, k0, c0, kmask, cmask, DESC, B_NK, BK, BN), acc3, DOT_F32,
+                        PRECISION)
         a_ptrs += BK
         b_off += BK * stride_bk
     offs = rows[:, None] * N + cols[None, :]
@@ -183,25 +196,11 @@ def down_kernel(
     for k0 in range(k_lo, k_hi, BK):
         kmask = (k0 - k_lo + ks) < k_hi
         # Split-K ranges are whole BK tiles, so a descriptor's tile never reaches into the next range.
-        if DESC:
-            a = A.load([r0.to(tl.int32), k0])
-        else:
-            a = tl.load(A + a_off, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = _load_b(B, b_off, e, k0, c0, kmask, cmask, DESC, B_NK, BK, BN)
-        if DOT_F32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a = _load_rows(A, a_off, r0, k0, rmask, kmask, DESC)
+        acc = _mma(a, _load_b(B, b_off, e, k0, c0, kmask, cmask, DESC, B_NK, BK, BN), acc, DOT_F32, PRECISION)
         if DUAL:
-            if DESC:
-                a2 = A2.load([r0.to(tl.int32), k0])
-            else:
-                a2 = tl.load(A2 + a_off, mask=rmask[:, None] & kmask[None, :], other=0.0)
-            b2 = _load_b(B2, b_off, e, k0, c0, kmask, cmask, DESC, B_NK, BK, BN)
-            if DOT_F32:
-                a2 = a2.to(tl.float32)
-                b2 = b2.to(tl.float32)
-            acc = tl.dot(a2, b2, acc, input_precision=PRECISION)
+            a2 = _load_rows(A2, a_off, r0, k0, rmask, kmask, DESC)
+            acc = _mma(a2, _load_b(B2, b_off, e, k0, c0, kmask, cmask, DESC, B_NK, BK, BN), acc, DOT_F32, PRECISION)
         a_off += BK
         b_off += BK * stride_bk
     if HAS_BIAS:
@@ -261,9 +260,6 @@ def wgrad_kernel(
             s = tl.load(A_SCALE + rows, mask=rmask, other=0.0).to(tl.float32)
             at = (at.to(tl.float32) * s[:, None]).to(A.dtype.element_ty)
         bt = tl.load(B + ib[:, None] * stride_b + ns[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
-        if DOT_F32:
-            at = at.to(tl.float32)
-            bt = bt.to(tl.float32)
-        acc = tl.dot(tl.trans(at), bt, acc, input_precision=PRECISION)
+        acc = _mma(tl.trans(at), bt, acc, DOT_F32, PRECISION)
     tl.store(OUT + e * M * N + ms[:, None] * N + ns[None, :], acc.to(OUT.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
