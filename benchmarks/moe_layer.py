@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsify.activations import get_activation
+from sparsify.kernels.reference import expert_counts
 from sparsify.moe import Experts, MoEConfig, Router, SparseMoE
 
 
@@ -157,9 +158,7 @@ def grouped_mm_moe(moe: SparseMoE) -> Callable[[torch.Tensor], torch.Tensor] | N
         flat = x.reshape(-1, x.shape[-1])
         r = moe.router(flat)
         order = torch.argsort(r.expert_idx, stable=True)
-        counts = torch.zeros(e.num_experts, dtype=torch.long, device=x.device)
-        counts.index_add_(0, r.expert_idx, torch.ones_like(r.expert_idx))  # no host sync (bincount syncs)
-        offs = torch.cumsum(counts, 0).to(torch.int32)
+        offs = torch.cumsum(expert_counts(r.expert_idx, e.num_experts), 0).to(torch.int32)  # no host sync
         tok = r.token_idx[order]
         xs = flat[tok]
         h = act(gmm(xs, w1t, offs=offs))

@@ -3,7 +3,9 @@
 Token dispatch works on flat (token, expert, weight) pairs, which covers top-k routing
 (k pairs per token) and expert choice (a variable number per token) alike:
 
-1. `permute`: stable sort of the pairs by expert; per-expert counts.
+1. `permute`: stable sort of the pairs by expert; per-expert counts. Nothing here waits for the
+   device (bincount would read the largest expert id back to the host), so every backend and
+   the router use these helpers.
 2. `grouped_ffn`: each expert's FFN on its contiguous segment of gathered rows.
 3. `combine`: weight each row and add it back into its token's output (index_add).
 """
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 
 from ..activations import get_activation
 
-__all__ = ["permute", "grouped_ffn", "combine", "moe_ffn", "supports"]
+__all__ = ["permute", "expert_counts", "sorted_offsets", "offsets_of", "grouped_ffn", "combine", "moe_ffn", "supports"]
 
 
 def supports(device: torch.device, dtype: torch.dtype, activation: str) -> str | None:
@@ -23,11 +25,31 @@ def supports(device: torch.device, dtype: torch.dtype, activation: str) -> str |
     return None
 
 
+def expert_counts(expert_idx: torch.Tensor, num_experts: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Pairs per expert (a scatter-add), in `dtype` (default: the ids' dtype)."""
+    counts = torch.zeros(num_experts, dtype=dtype or expert_idx.dtype, device=expert_idx.device)
+    return counts.index_add_(0, expert_idx, torch.ones_like(expert_idx, dtype=counts.dtype))
+
+
+def sorted_offsets(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable order that groups the pairs by expert, and the [E + 1] row offsets of the experts'
+    segments in that order: one sort, then a binary search of each expert id in the sorted ids."""
+    ids, order = torch.sort(expert_idx, stable=True)
+    bounds = torch.arange(num_experts + 1, device=expert_idx.device, dtype=ids.dtype)
+    return order, torch.searchsorted(ids, bounds)
+
+
+def offsets_of(counts: torch.Tensor) -> torch.Tensor:
+    """[E + 1] row offsets of the experts' segments: 0, then the running sum of `counts`."""
+    offsets = counts.new_zeros(counts.numel() + 1)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return offsets
+
+
 def permute(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stable order that groups the pairs by expert, and the number of pairs per expert."""
-    order = torch.argsort(expert_idx, stable=True)
-    counts = torch.bincount(expert_idx, minlength=num_experts)
-    return order, counts
+    order, offsets = sorted_offsets(expert_idx, num_experts)
+    return order, offsets.diff()
 
 
 def grouped_ffn(

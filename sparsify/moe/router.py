@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.reference import expert_counts
 from .config import MoEConfig
 
 __all__ = ["Router", "Routing"]
@@ -79,8 +80,7 @@ class Router(nn.Module):
         if cfg.capacity_factor is not None:
             capacity = math.ceil(cfg.capacity_factor * t * k / e)
             order = torch.argsort(expert_idx, stable=True)
-            counts = torch.zeros(e, dtype=expert_idx.dtype, device=expert_idx.device)
-            counts.index_add_(0, expert_idx, torch.ones_like(expert_idx))  # bincount would sync
+            counts = expert_counts(expert_idx, e)
             starts = torch.cumsum(counts, 0) - counts
             position = torch.empty_like(expert_idx)
             position[order] = torch.arange(expert_idx.numel(), device=probs.device) - starts[expert_idx[order]]
@@ -102,10 +102,7 @@ class Router(nn.Module):
         if probs.shape[0] == 0:
             zero = logits.sum() * 0.0
             return {"load_balancing": zero, "z_loss": zero}
-        # counts by scatter-add: bincount would wait for the device to learn the largest index
-        counts = torch.zeros(e, dtype=probs.dtype, device=probs.device)
-        counts.index_add_(0, expert_idx, torch.ones_like(expert_idx, dtype=probs.dtype))
-        share = counts / max(1, expert_idx.numel())
+        share = expert_counts(expert_idx, e, probs.dtype) / max(1, expert_idx.numel())
         balance = e * torch.sum(share * probs.mean(dim=0))
         z = torch.logsumexp(logits, dim=-1).square().mean()
         return {"load_balancing": balance, "z_loss": z}

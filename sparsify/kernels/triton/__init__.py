@@ -1,9 +1,8 @@
 """The `triton` backend: grouped-GEMM kernels for CUDA GPUs (ScatterMoE / fused_moe style).
 
-- permute: one stable sort on the device and a binary search of each expert id in the sorted
-  ids give the order and the experts' row offsets: nothing waits for the host (bincount would),
-  and the kernels read the order directly, so no copy of the hidden states is ever made in
-  expert order.
+- permute: the reference's (one stable sort and a binary search for the experts' offsets;
+  nothing waits for the host); the kernels read the order directly, so no copy of the hidden
+  states is ever made in expert order.
 - grouped_ffn / moe_ffn: the gather is fused into the first grouped GEMM together with the
   activation and the gate; the weighted scatter-combine is fused into the second.
 - combine: inside `moe_ffn`'s second GEMM; the standalone op is the reference's index_add,
@@ -21,8 +20,7 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from ..reference import combine
-from .permute import permute
+from ..reference import combine, permute
 
 __all__ = ["permute", "grouped_ffn", "combine", "moe_ffn", "supports"]
 

@@ -23,9 +23,9 @@ import triton
 from torch import Tensor
 
 from ..dropout import hidden_dropout_mask
+from ..reference import offsets_of, sorted_offsets
 from .activations import ACT_CODES
 from .kernels import down_kernel, up_kernel, wgrad_kernel
-from .permute import offsets_of, sorted_offsets
 from .tuning import interpreting, pick, rows_bucket
 
 __all__ = ["moe_ffn", "grouped_ffn"]
