@@ -56,23 +56,15 @@ def _desc_ok(*tensors: Tensor) -> bool:
     return True
 
 
-def _weight(b: Tensor, desc: bool, b_nk: bool, bn: int, bk: int):
-    """Expert weights [E, ., .] for a kernel: the tensor, or a TMA descriptor of [1, BN, BK]
-    (stored [E, N, K]) or [1, BK, BN] (stored [E, K, N]) tiles."""
+def _operand(t: Tensor, desc: bool, block: list[int]):
+    """`t` for a kernel: the tensor itself, or with `desc` a TMA descriptor of `block` tiles (weights
+    [E, N, K] read in [1, BN, BK] tiles or [E, K, N] in [1, BK, BN]; row-major activations [rows, K]
+    in [BM, BK])."""
     if not desc:
-        return b
+        return t
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    return TensorDescriptor.from_tensor(b, [1, bn, bk] if b_nk else [1, bk, bn])
-
-
-def _rows(a: Tensor, desc: bool, bm: int, bk: int):
-    """Row-major activations [rows, K] for `down_kernel`: the tensor, or a [BM, BK] descriptor."""
-    if not desc:
-        return a
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return TensorDescriptor.from_tensor(a, [bm, bk])
+    return TensorDescriptor.from_tensor(t, block)
 
 
 def _e_pad(experts: int) -> int:
@@ -95,10 +87,11 @@ def _launch_up(a, a_idx, a_scale, b1, b3, bias1, bias3, mask, pre, gate, out1, o
     def run(cfg, o1=out1, o3=out3, p=pre, g=gate) -> None:
         bm, bn, bk, warps, stages, desc = cfg
         m_blocks = _grid_rows(rows, experts, bm)
-        w1 = _weight(b1, desc, b_nk, bn, bk)
+        block = [1, bn, bk] if b_nk else [1, bk, bn]
+        w1 = _operand(b1, desc, block)
         up_kernel[(m_blocks * triton.cdiv(n, bn),)](
             a, a if a_idx is None else a_idx, a if a_scale is None else a_scale, w1,
-            w1 if b3 is None else _weight(b3, desc, b_nk, bn, bk),
+            w1 if b3 is None else _operand(b3, desc, block),
             a if bias1 is None else bias1, a if bias3 is None else bias3, a if mask is None else mask, p, g, o1, o3,
             offsets, experts, m_blocks, n, k, a.stride(0), *strides,
             ACT=ACT_CODES[act], GATED=gated, DUAL=gated and not backward, GATHER=a_idx is not None,
@@ -128,9 +121,10 @@ def _launch_down(a, a2, b, b2, bias, row_tok, row_scale, out, y, offsets, stride
     def run(cfg, o=out, yy=y) -> None:
         bm, bn, bk, warps, stages, split, desc = cfg
         m_blocks = _grid_rows(rows, experts, bm)
-        ad, bd = _rows(a, desc, bm, bk), _weight(b, desc, b_nk, bn, bk)
+        block = [1, bn, bk] if b_nk else [1, bk, bn]
+        ad, bd = _operand(a, desc, [bm, bk]), _operand(b, desc, block)
         down_kernel[(m_blocks * triton.cdiv(n, bn), split)](
-            ad, ad if a2 is None else _rows(a2, desc, bm, bk), bd, bd if b2 is None else _weight(b2, desc, b_nk, bn, bk),
+            ad, ad if a2 is None else _operand(a2, desc, [bm, bk]), bd, bd if b2 is None else _operand(b2, desc, block),
             a if bias is None else bias, row_tok, a if row_scale is None else row_scale, o, a if yy is None else yy,
             offsets, experts, m_blocks, n, k, *strides,
             DUAL=a2 is not None, HAS_BIAS=bias is not None, SCALE=row_scale is not None, SCATTER=scatter,
