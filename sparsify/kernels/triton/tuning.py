@@ -45,8 +45,8 @@ CANDIDATES: dict[str, list[_T]] = {
     ],
     "wgrad": [(64, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3)],
 }
-# Under the interpreter the descriptor path is the default (CI checks it); tests switch it off
-# to check the pointer path too.
+# Under the interpreter the descriptor path is the default (CI checks it); a test declares the
+# operands unfit for descriptors to check the pointer path too.
 INTERPRETER: dict[str, _T] = {"up": (16, 32, 32, 1, 1, 1), "down": (16, 32, 32, 1, 1, 1, 1), "wgrad": (32, 32, 16, 1, 1)}
 
 _cache: dict[tuple, _T] = {}
