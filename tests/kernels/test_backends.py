@@ -74,3 +74,26 @@ def test_triton_unaligned_shapes_equal_reference() -> None:
     kernels fall back to pointer loads and still agree."""
     case = Case("unaligned", 9, 4, 2, hidden=30, inter=45)
     assert_matches_reference("triton", make_experts(case), *make_pairs(case))
+
+
+VARIANT_CASES = [c for c in CASES if c.name in ("top2-gated", "top1-dense-bias", "uneven", "empty-experts")]
+
+
+@pytest.mark.skipif("triton" not in FAST_BACKENDS, reason="triton is not installed")
+@pytest.mark.parametrize("variant", ["persistent", "persistent-flattened", "rows-through-descriptors"])
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=lambda c: c.name)
+def test_triton_tuning_variants_equal_reference(case: Case, variant: str, monkeypatch) -> None:
+    """The tuner's other kinds of candidates compute the same: persistent programs (a few
+    programs looping over the tiles, with the loops flattened or not; the interpreter launches
+    three) and the first kernel's rows read through a TMA descriptor after a gathering copy."""
+    from sparsify.kernels.triton import tuning
+
+    default = tuning.INTERPRETER
+    if variant == "rows-through-descriptors":
+        changed = {"up": default["up"]._replace(rows_desc=1)}
+    else:
+        persist = 1 if variant == "persistent" else 2
+        changed = {"up": default["up"]._replace(persist=persist), "down": default["down"]._replace(persist=persist)}
+    monkeypatch.setattr(tuning, "INTERPRETER", {**default, **changed})
+    assert_matches_reference("triton", make_experts(case), *make_pairs(case))
+    assert_inference_matches_reference("triton", make_experts(case), *make_pairs(case))

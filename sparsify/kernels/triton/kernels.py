@@ -10,7 +10,12 @@ or W^T. Accumulation is float32.
 With DESC, weights (and the second kernel's sorted rows) are read through TMA tensor descriptors
 (Hopper and newer; the host passes descriptors instead of pointers): a tile of rows read past an
 expert's segment belongs to the next expert and is masked at the store; past the tensor's end it
-reads zeros, as the masked pointer loads do.
+reads zeros, as the masked pointer loads do. With A_DESC the first kernel's rows come through a
+descriptor too (rows that are already in expert order, e.g. gathered by a copy beforehand).
+
+With PERSIST, one program per multiprocessor loops over the tiles that hold rows (their count
+read from the offsets on the device) instead of one program per tile; each tile's work is the
+same function (`_up_tile`, `_down_tile`).
 
 - `up_kernel`: rows gathered from A through A_IDX (the token index: the gather of dispatch is
   fused into the loads), optionally scaled per row, times B1[e] (and B3[e] for the gate).
@@ -34,37 +39,57 @@ __all__ = ["up_kernel", "down_kernel", "wgrad_kernel"]
 
 
 @triton.jit
-def _tile(OFFSETS, NUM_EXPERTS, N, M_BLOCKS, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
-          E_PAD: tl.constexpr):
-    """This program's expert (-1: no work), its first row and rows, its first column and columns
-    of the output, and their masks.
-
-    Row block b is found from the experts' row offsets alone (each expert's segment is cut into
-    ceil(rows / BM) blocks, in expert order): every program reads the E + 1 offsets and takes a
-    running sum, so no block table has to be built on the device before the launch.
-
-    Programs run GROUP_M row blocks by every column block in turn (the grouped order of Triton's
-    matmul tutorial), so the programs in flight share a few row blocks and a few weight tiles in
-    L2 instead of streaming all the rows once per column block.
-    """
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(N, BN)
-    first = (pid // (GROUP_M * n_blocks)) * GROUP_M
-    size = tl.minimum(M_BLOCKS - first, GROUP_M)
-    block = first + (pid % (GROUP_M * n_blocks)) % size
+def _expert_blocks(OFFSETS, NUM_EXPERTS, BM: tl.constexpr, E_PAD: tl.constexpr):
+    """Each expert's first and end row, and its row blocks of BM (ceil(rows / BM)), in [E_PAD]
+    vectors (zeros past the last expert)."""
     es = tl.arange(0, E_PAD)
     lo = tl.load(OFFSETS + es, mask=es < NUM_EXPERTS, other=0).to(tl.int32)
     hi = tl.load(OFFSETS + es + 1, mask=es < NUM_EXPERTS, other=0).to(tl.int32)
-    blocks = (hi - lo + BM - 1) // BM
+    return es, lo, hi, (hi - lo + BM - 1) // BM
+
+
+@triton.jit
+def _tile_count(OFFSETS, NUM_EXPERTS, N, BM: tl.constexpr, BN: tl.constexpr, E_PAD: tl.constexpr):
+    """The row blocks that hold rows, and the output tiles of BM x BN they make (persistent
+    programs loop over exactly these)."""
+    _, _, _, blocks = _expert_blocks(OFFSETS, NUM_EXPERTS, BM, E_PAD)
+    m_blocks = tl.sum(blocks, 0)
+    return m_blocks, m_blocks * tl.cdiv(N, BN)
+
+
+@triton.jit
+def _tile(t, OFFSETS, NUM_EXPERTS, N, M_BLOCKS, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
+          E_PAD: tl.constexpr):
+    """Output tile t's expert (-1: no work), its first row and rows, its first column and columns,
+    and their masks.
+
+    Row block b is found from the experts' row offsets alone (each expert's segment is cut into
+    ceil(rows / BM) blocks, in expert order): the E + 1 offsets are read and summed, so no block
+    table has to be built on the device before the launch. M_BLOCKS is the number of row blocks
+    the tiles are numbered over: an upper bound known on the host (one program per tile; blocks
+    past the experts' last get -1) or the exact count (`_tile_count`, persistent programs).
+
+    Rows are 32-bit (row counts are far below 2^31); callers widen them before multiplying by a
+    row length.
+
+    Tiles are numbered GROUP_M row blocks by every column block in turn (the grouped order of
+    Triton's matmul tutorial), so the tiles in flight share a few row blocks and a few weight tiles
+    in L2 instead of streaming all the rows once per column block.
+    """
+    n_blocks = tl.cdiv(N, BN)
+    first = (t // (GROUP_M * n_blocks)) * GROUP_M
+    size = tl.minimum(M_BLOCKS - first, GROUP_M)
+    block = first + (t % (GROUP_M * n_blocks)) % size
+    es, lo, hi, blocks = _expert_blocks(OFFSETS, NUM_EXPERTS, BM, E_PAD)
     ends = tl.cumsum(blocks, 0)  # row blocks of experts 0..e
     e = tl.sum((ends <= block).to(tl.int32), 0)  # the expert whose blocks cover `block`
     mine = es == e
-    r0 = tl.sum(tl.where(mine, lo + (block - (ends - blocks)) * BM, 0), 0).to(tl.int64)
-    end = tl.sum(tl.where(mine, hi, 0), 0).to(tl.int64)
+    r0 = tl.sum(tl.where(mine, lo + (block - (ends - blocks)) * BM, 0), 0)
+    end = tl.sum(tl.where(mine, hi, 0), 0)
     e = tl.where(e < NUM_EXPERTS, e, -1).to(tl.int64)
     rows = r0 + tl.arange(0, BM)
     rmask = rows < end
-    c0 = ((pid % (GROUP_M * n_blocks)) // size) * BN
+    c0 = ((t % (GROUP_M * n_blocks)) // size) * BN
     cols = c0 + tl.arange(0, BN)
     return e, r0, rows, rmask, c0, cols, cols < N
 
@@ -103,24 +128,21 @@ def _load_b(B, b_off, e, k0, c0, kmask, cmask, DESC: tl.constexpr, B_NK: tl.cons
 
 
 @triton.jit
-def up_kernel(
+def _up_tile(
     A, A_IDX, A_SCALE, B1, B3, BIAS1, BIAS3, MASK, PRE, GATE, OUT1, OUT3,
-    OFFSETS, NUM_EXPERTS, M_BLOCKS,
-    N, K, stride_am, stride_be, stride_bk, stride_bn,
+    N, K, stride_am, stride_be, stride_bk, stride_bn, e, r0, rows, rmask, c0, cols, cmask,
     ACT: tl.constexpr, GATED: tl.constexpr, DUAL: tl.constexpr, GATHER: tl.constexpr, SCALE: tl.constexpr,
     HAS_BIAS1: tl.constexpr, HAS_BIAS3: tl.constexpr, HAS_MASK: tl.constexpr, SAVE: tl.constexpr,
-    BACKWARD: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, DESC: tl.constexpr, B_NK: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, E_PAD: tl.constexpr,
+    BACKWARD: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, DESC: tl.constexpr,
+    A_DESC: tl.constexpr, B_NK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    e, r0, rows, rmask, c0, cols, cmask = _tile(OFFSETS, NUM_EXPERTS, N, M_BLOCKS, BM, BN, GROUP_M, E_PAD)
-    if e < 0:
-        return
+    """One [BM, BN] output tile of `up_kernel`."""
     if GATHER:
         src = tl.load(A_IDX + rows, mask=rmask, other=0).to(tl.int64)
     else:
-        src = rows
+        src = rows.to(tl.int64)
     ks = tl.arange(0, BK)
-    a_ptrs = A + src[:, None] * stride_am + ks[None, :]
+    a_off = src[:, None] * stride_am + ks[None, :]
     b_off = e * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
     if SCALE:
         s = tl.load(A_SCALE + rows, mask=rmask, other=0.0).to(tl.float32)
@@ -128,78 +150,119 @@ def up_kernel(
     acc3 = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         kmask = (k0 + ks) < K
-        a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        a = _load_rows(A, a_off, r0, k0, rmask, kmask, A_DESC)
         if SCALE:
-            a = (a.to(tl.float32) * s[:, None]).to(A.dtype.element_ty)
+            a = (a.to(tl.float32) * s[:, None]).to(a.dtype)
         acc1 = _mma(a, _load_b(B1, b_off, e, k0, c0, kmask, cmask, DESC, B_NK, BK, BN), acc1, DOT_F32, PRECISION)
         if DUAL:
             acc3 = _mma(a, _load_b(B3, b_off, e, k0, c0, kmask, cmask, DESC, B_NK, BK, BN), acc3, DOT_F32,
                         PRECISION)
-        a_ptrs += BK
+        a_off += BK
         b_off += BK * stride_bk
-    offs = rows[:, None] * N + cols[None, :]
+    # Addresses: the tile's first row (a 64-bit scalar) plus 32-bit offsets within the tile. With
+    # 64-bit rows and offsets per element a 64 x 256 SwiGLU tile spilled 520 bytes (sm_90, Triton 3.9), 80 so.
+    base = r0.to(tl.int64) * N
+    offs = (rows - r0)[:, None] * N + cols[None, :]
     omask = rmask[:, None] & cmask[None, :]
     if HAS_MASK:
-        keep = tl.load(MASK + offs, mask=omask, other=0.0).to(tl.float32)
+        keep = tl.load(MASK + base + offs, mask=omask, other=0.0).to(tl.float32)
     if BACKWARD:
         # acc1 is dL/dh for h = act(pre) [* gate] [* mask]
         dh = acc1
         if HAS_MASK:
             dh = dh * keep
-        pre = tl.load(PRE + offs, mask=omask, other=0.0).to(tl.float32)
+        pre = tl.load(PRE + base + offs, mask=omask, other=0.0).to(tl.float32)
         if GATED:
-            u = tl.load(GATE + offs, mask=omask, other=0.0).to(tl.float32)
-            tl.store(OUT3 + offs, (dh * act_forward(pre, ACT)).to(OUT3.dtype.element_ty), mask=omask)
+            u = tl.load(GATE + base + offs, mask=omask, other=0.0).to(tl.float32)
+            tl.store(OUT3 + base + offs, (dh * act_forward(pre, ACT)).to(OUT3.dtype.element_ty), mask=omask)
             dh = dh * u
-        tl.store(OUT1 + offs, (dh * act_derivative(pre, ACT)).to(OUT1.dtype.element_ty), mask=omask)
+        tl.store(OUT1 + base + offs, (dh * act_derivative(pre, ACT)).to(OUT1.dtype.element_ty), mask=omask)
     else:
+        # Round the pre-activations (and the gate) to the input dtype, as a torch linear layer
+        # would; both accumulators are rounded before the activation, which then needs registers
+        # for one float32 tile only (with both live, a SwiGLU tile of 64 x 256 spilled on sm_90).
         if HAS_BIAS1:
             acc1 += tl.load(BIAS1 + e * N + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        # Round the pre-activations to the input dtype, as a torch linear layer would.
         pre = acc1.to(OUT1.dtype.element_ty)
-        if SAVE:
-            tl.store(PRE + offs, pre, mask=omask)
-        h = act_forward(pre.to(tl.float32), ACT)
         if GATED:
             if HAS_BIAS3:
                 acc3 += tl.load(BIAS3 + e * N + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
             u = acc3.to(OUT1.dtype.element_ty)
-            if SAVE:
-                tl.store(GATE + offs, u, mask=omask)
+        if SAVE:
+            tl.store(PRE + base + offs, pre, mask=omask)
+            if GATED:
+                tl.store(GATE + base + offs, u, mask=omask)
+        h = act_forward(pre.to(tl.float32), ACT)
+        if GATED:
             h = h * u.to(tl.float32)
         if HAS_MASK:
             h = h * keep
-        tl.store(OUT1 + offs, h.to(OUT1.dtype.element_ty), mask=omask)
+        tl.store(OUT1 + base + offs, h.to(OUT1.dtype.element_ty), mask=omask)
 
 
 @triton.jit
-def down_kernel(
-    A, A2, B, B2, BIAS, ROW_TOK, ROW_SCALE, OUT, Y,
-    OFFSETS, NUM_EXPERTS, M_BLOCKS,
-    N, K, stride_be, stride_bk, stride_bn,
-    DUAL: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, SCATTER: tl.constexpr,
-    SAVE_Y: tl.constexpr, SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    DESC: tl.constexpr, B_NK: tl.constexpr,
+def up_kernel(
+    A, A_IDX, A_SCALE, B1, B3, BIAS1, BIAS3, MASK, PRE, GATE, OUT1, OUT3,
+    OFFSETS, NUM_EXPERTS, M_BLOCKS, PROGRAMS,
+    N, K, stride_am, stride_be, stride_bk, stride_bn,
+    ACT: tl.constexpr, GATED: tl.constexpr, DUAL: tl.constexpr, GATHER: tl.constexpr, SCALE: tl.constexpr,
+    HAS_BIAS1: tl.constexpr, HAS_BIAS3: tl.constexpr, HAS_MASK: tl.constexpr, SAVE: tl.constexpr,
+    BACKWARD: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, DESC: tl.constexpr,
+    A_DESC: tl.constexpr, B_NK: tl.constexpr, PERSIST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, E_PAD: tl.constexpr,
 ):
-    e, r0, rows, rmask, c0, cols, cmask = _tile(OFFSETS, NUM_EXPERTS, N, M_BLOCKS, BM, BN, GROUP_M, E_PAD)
-    if e < 0:
-        return
+    if PERSIST:
+        # PROGRAMS programs (one per multiprocessor) walk the tiles that hold rows; 2: with the
+        # tile loop and the K loop flattened into one software pipeline.
+        m_blocks, tiles = _tile_count(OFFSETS, NUM_EXPERTS, N, BM, BN, E_PAD)
+        for t in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=PERSIST == 2):
+            e, r0, rows, rmask, c0, cols, cmask = _tile(t, OFFSETS, NUM_EXPERTS, N, m_blocks, BM, BN, GROUP_M, E_PAD)
+            _up_tile(A, A_IDX, A_SCALE, B1, B3, BIAS1, BIAS3, MASK, PRE, GATE, OUT1, OUT3,
+                     N, K, stride_am, stride_be, stride_bk, stride_bn, e, r0, rows, rmask, c0, cols, cmask,
+                     ACT, GATED, DUAL, GATHER, SCALE, HAS_BIAS1, HAS_BIAS3, HAS_MASK, SAVE, BACKWARD, DOT_F32,
+                     PRECISION, DESC, A_DESC, B_NK, BM, BN, BK)
+    else:
+        e, r0, rows, rmask, c0, cols, cmask = _tile(tl.program_id(0), OFFSETS, NUM_EXPERTS, N, M_BLOCKS, BM, BN,
+                                                    GROUP_M, E_PAD)
+        if e < 0:
+            return
+        _up_tile(A, A_IDX, A_SCALE, B1, B3, BIAS1, BIAS3, MASK, PRE, GATE, OUT1, OUT3,
+                 N, K, stride_am, stride_be, stride_bk, stride_bn, e, r0, rows, rmask, c0, cols, cmask,
+                 ACT, GATED, DUAL, GATHER, SCALE, HAS_BIAS1, HAS_BIAS3, HAS_MASK, SAVE, BACKWARD, DOT_F32,
+                 PRECISION, DESC, A_DESC, B_NK, BM, BN, BK)
+
+
+@triton.jit
+def _down_tile(
+    A, A2, B, B2, BIAS, ROW_TOK, ROW_SCALE, OUT, Y,
+    N, K, stride_be, stride_bk, stride_bn, e, r0, rows, rmask, c0, cols, cmask,
+    DUAL: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, SCATTER: tl.constexpr,
+    SAVE_Y: tl.constexpr, SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    DESC: tl.constexpr, B_NK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """One [BM, BN] output tile of `down_kernel` (this program's share of K, with split-K)."""
     pid_k = tl.program_id(1)
     k_len = tl.cdiv(tl.cdiv(K, BK), SPLIT_K) * BK
     k_lo = pid_k * k_len
     k_hi = tl.minimum(K, k_lo + k_len)
     ks = k_lo + tl.arange(0, BK)
-    a_off = rows[:, None] * K + ks[None, :]
+    # Pointers: the tile's first row (64-bit scalar) plus 32-bit offsets within the tile.
+    if DESC:
+        a_rows = A
+        a2_rows = A2
+    else:
+        a_rows = A + r0.to(tl.int64) * K
+        a2_rows = A2 + r0.to(tl.int64) * K
+    a_off = (rows - r0)[:, None] * K + ks[None, :]
     b_off = e * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BK):
         kmask = (k0 - k_lo + ks) < k_hi
         # Split-K ranges are whole BK tiles, so a descriptor's tile never reaches into the next range.
-        a = _load_rows(A, a_off, r0, k0, rmask, kmask, DESC)
+        a = _load_rows(a_rows, a_off, r0, k0, rmask, kmask, DESC)
         acc = _mma(a, _load_b(B, b_off, e, k0, c0, kmask, cmask, DESC, B_NK, BK, BN), acc, DOT_F32, PRECISION)
         if DUAL:
-            a2 = _load_rows(A2, a_off, r0, k0, rmask, kmask, DESC)
+            a2 = _load_rows(a2_rows, a_off, r0, k0, rmask, kmask, DESC)
             acc = _mma(a2, _load_b(B2, b_off, e, k0, c0, kmask, cmask, DESC, B_NK, BK, BN), acc, DOT_F32, PRECISION)
         a_off += BK
         b_off += BK * stride_bk
@@ -207,8 +270,10 @@ def down_kernel(
         if pid_k == 0:
             acc += tl.load(BIAS + e * N + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     omask = rmask[:, None] & cmask[None, :]
+    base = r0.to(tl.int64) * N
+    offs = (rows - r0)[:, None] * N + cols[None, :]
     if SAVE_Y:
-        tl.store(Y + rows[:, None] * N + cols[None, :], acc.to(Y.dtype.element_ty), mask=omask)
+        tl.store(Y + base + offs, acc.to(Y.dtype.element_ty), mask=omask)
     if SCALE:
         # y rounded to the input dtype, then weighted, as the reference's combine does
         s = tl.load(ROW_SCALE + rows, mask=rmask, other=0.0)
@@ -219,11 +284,38 @@ def down_kernel(
         acc = acc.to(in_ty).to(tl.float32) * s.to(in_ty).to(tl.float32)[:, None]
     if SCATTER:
         tok = tl.load(ROW_TOK + rows, mask=rmask, other=0).to(tl.int64)
-        tl.atomic_add(OUT + tok[:, None] * N + cols[None, :], acc, mask=omask)
+        tl.atomic_add((OUT + tok * N)[:, None] + cols[None, :], acc, mask=omask)
     elif SPLIT_K == 1:
-        tl.store(OUT + rows[:, None] * N + cols[None, :], acc.to(OUT.dtype.element_ty), mask=omask)
+        tl.store(OUT + base + offs, acc.to(OUT.dtype.element_ty), mask=omask)
     else:
-        tl.atomic_add(OUT + rows[:, None] * N + cols[None, :], acc, mask=omask)
+        tl.atomic_add(OUT + base + offs, acc, mask=omask)
+
+
+@triton.jit
+def down_kernel(
+    A, A2, B, B2, BIAS, ROW_TOK, ROW_SCALE, OUT, Y,
+    OFFSETS, NUM_EXPERTS, M_BLOCKS, PROGRAMS,
+    N, K, stride_be, stride_bk, stride_bn,
+    DUAL: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, SCATTER: tl.constexpr,
+    SAVE_Y: tl.constexpr, SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    DESC: tl.constexpr, B_NK: tl.constexpr, PERSIST: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, E_PAD: tl.constexpr,
+):
+    if PERSIST:
+        m_blocks, tiles = _tile_count(OFFSETS, NUM_EXPERTS, N, BM, BN, E_PAD)
+        for t in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=PERSIST == 2):
+            e, r0, rows, rmask, c0, cols, cmask = _tile(t, OFFSETS, NUM_EXPERTS, N, m_blocks, BM, BN, GROUP_M, E_PAD)
+            _down_tile(A, A2, B, B2, BIAS, ROW_TOK, ROW_SCALE, OUT, Y, N, K, stride_be, stride_bk, stride_bn,
+                       e, r0, rows, rmask, c0, cols, cmask, DUAL, HAS_BIAS, SCALE, SCATTER, SAVE_Y, SPLIT_K,
+                       DOT_F32, PRECISION, DESC, B_NK, BM, BN, BK)
+    else:
+        e, r0, rows, rmask, c0, cols, cmask = _tile(tl.program_id(0), OFFSETS, NUM_EXPERTS, N, M_BLOCKS, BM, BN,
+                                                    GROUP_M, E_PAD)
+        if e < 0:
+            return
+        _down_tile(A, A2, B, B2, BIAS, ROW_TOK, ROW_SCALE, OUT, Y, N, K, stride_be, stride_bk, stride_bn,
+                   e, r0, rows, rmask, c0, cols, cmask, DUAL, HAS_BIAS, SCALE, SCATTER, SAVE_Y, SPLIT_K,
+                   DOT_F32, PRECISION, DESC, B_NK, BM, BN, BK)
 
 
 @triton.jit

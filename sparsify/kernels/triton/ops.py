@@ -16,6 +16,7 @@ take at decode sizes).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -76,6 +77,19 @@ def _grid_rows(rows: int, experts: int, bm: int) -> int:
     return triton.cdiv(rows, bm) + experts
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    # Under the interpreter: a few programs, so that each loops over several of the tests' tiles.
+    return 3 if interpreting() else torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _programs(tiles: int, persist: int, device: torch.device) -> int:
+    """Programs to launch for `tiles` output tiles (an upper bound): one per tile, or with
+    persistent programs one per multiprocessor (fewer where there are fewer tiles); the kernels
+    get the count as PROGRAMS, their loop's step (0 when not persistent: one compiled variant)."""
+    return min(tiles, _multiprocessors(device)) if persist else tiles
+
+
 def _launch_up(a, a_idx, a_scale, b1, b3, bias1, bias3, mask, pre, gate, out1, out3, offsets,
                strides, act, backward, save, gated) -> None:
     rows, n, k, experts = out1.shape[0], out1.shape[1], a.shape[1], offsets.numel() - 1
@@ -83,22 +97,29 @@ def _launch_up(a, a_idx, a_scale, b1, b3, bias1, bias3, mask, pre, gate, out1, o
 
     b_nk = strides[1] == 1  # the weight is stored [E, N, K] (else [E, K, N], N contiguous)
     desc_ok = _desc_ok(*(t for t in (b1, b3) if t is not None))
+    # rows in expert order (gathered by a copy where the kernel would gather them) are [rows, K] contiguous
+    rows_desc_ok = (k * a.element_size()) % 16 == 0 and (a_idx is not None or _desc_ok(a))
 
     def run(cfg, o1=out1, o3=out3, p=pre, g=gate) -> None:
-        bm, bn, bk, warps, stages, desc = cfg
-        m_blocks = _grid_rows(rows, experts, bm)
-        block = [1, bn, bk] if b_nk else [1, bk, bn]
-        w1 = _operand(b1, desc, block)
-        up_kernel[(m_blocks * triton.cdiv(n, bn),)](
-            a, a if a_idx is None else a_idx, a if a_scale is None else a_scale, w1,
-            w1 if b3 is None else _operand(b3, desc, block),
+        m_blocks = _grid_rows(rows, experts, cfg.bm)
+        tiles = m_blocks * triton.cdiv(n, cfg.bn)
+        block = [1, cfg.bn, cfg.bk] if b_nk else [1, cfg.bk, cfg.bn]
+        w1 = _operand(b1, cfg.desc, block)
+        src, idx = a, a_idx
+        if cfg.rows_desc and idx is not None:
+            src, idx = a.index_select(0, idx), None
+        programs = _programs(tiles, cfg.persist, a.device)
+        up_kernel[(programs,)](
+            _operand(src, cfg.rows_desc, [cfg.bm, cfg.bk]), a if idx is None else idx,
+            a if a_scale is None else a_scale,
+            w1, w1 if b3 is None else _operand(b3, cfg.desc, block),
             a if bias1 is None else bias1, a if bias3 is None else bias3, a if mask is None else mask, p, g, o1, o3,
-            offsets, experts, m_blocks, n, k, a.stride(0), *strides,
-            ACT=ACT_CODES[act], GATED=gated, DUAL=gated and not backward, GATHER=a_idx is not None,
+            offsets, experts, m_blocks, programs if cfg.persist else 0, n, k, src.stride(0), *strides,
+            ACT=ACT_CODES[act], GATED=gated, DUAL=gated and not backward, GATHER=idx is not None,
             SCALE=a_scale is not None, HAS_BIAS1=bias1 is not None, HAS_BIAS3=bias3 is not None,
-            HAS_MASK=mask is not None, SAVE=save, BACKWARD=backward, DESC=bool(desc), B_NK=b_nk,
-            BM=bm, BN=bn, BK=bk, GROUP_M=GROUP_M, E_PAD=_e_pad(experts), num_warps=warps, num_stages=stages,
-            **_flags(a.dtype),
+            HAS_MASK=mask is not None, SAVE=save, BACKWARD=backward, DESC=bool(cfg.desc),
+            A_DESC=bool(cfg.rows_desc), B_NK=b_nk, PERSIST=cfg.persist, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
+            GROUP_M=GROUP_M, E_PAD=_e_pad(experts), num_warps=cfg.warps, num_stages=cfg.stages, **_flags(a.dtype),
         )
 
     def scratch(cfg) -> None:
@@ -106,7 +127,7 @@ def _launch_up(a, a_idx, a_scale, b1, b3, bias1, bias3, mask, pre, gate, out1, o
             torch.empty_like(gate) if save else gate)
 
     key = ("bwd" if backward else "fwd", a.dtype, n, k, experts, gated)
-    run(pick("up", key, bucket, scratch, desc_ok=desc_ok))
+    run(pick("up", key, bucket, scratch, desc_ok=desc_ok, rows_desc_ok=rows_desc_ok))
 
 
 def _launch_down(a, a2, b, b2, bias, row_tok, row_scale, out, y, offsets, strides, scatter) -> None:
@@ -119,18 +140,20 @@ def _launch_down(a, a2, b, b2, bias, row_tok, row_scale, out, y, offsets, stride
     desc_ok = _desc_ok(*(t for t in (a, a2, b, b2) if t is not None))
 
     def run(cfg, o=out, yy=y) -> None:
-        bm, bn, bk, warps, stages, split, desc = cfg
-        m_blocks = _grid_rows(rows, experts, bm)
-        block = [1, bn, bk] if b_nk else [1, bk, bn]
-        ad, bd = _operand(a, desc, [bm, bk]), _operand(b, desc, block)
-        down_kernel[(m_blocks * triton.cdiv(n, bn), split)](
-            ad, ad if a2 is None else _operand(a2, desc, [bm, bk]), bd, bd if b2 is None else _operand(b2, desc, block),
+        m_blocks = _grid_rows(rows, experts, cfg.bm)
+        tiles = m_blocks * triton.cdiv(n, cfg.bn)
+        block = [1, cfg.bn, cfg.bk] if b_nk else [1, cfg.bk, cfg.bn]
+        ad, bd = _operand(a, cfg.desc, [cfg.bm, cfg.bk]), _operand(b, cfg.desc, block)
+        programs = _programs(tiles, cfg.persist, a.device)
+        down_kernel[(programs, cfg.split)](
+            ad, ad if a2 is None else _operand(a2, cfg.desc, [cfg.bm, cfg.bk]), bd,
+            bd if b2 is None else _operand(b2, cfg.desc, block),
             a if bias is None else bias, row_tok, a if row_scale is None else row_scale, o, a if yy is None else yy,
-            offsets, experts, m_blocks, n, k, *strides,
+            offsets, experts, m_blocks, programs if cfg.persist else 0, n, k, *strides,
             DUAL=a2 is not None, HAS_BIAS=bias is not None, SCALE=row_scale is not None, SCATTER=scatter,
-            SAVE_Y=yy is not None, SPLIT_K=split, DESC=bool(desc), B_NK=b_nk, BM=bm, BN=bn, BK=bk, GROUP_M=GROUP_M,
-            E_PAD=_e_pad(experts), num_warps=warps, num_stages=stages,
-            **_flags(a.dtype),
+            SAVE_Y=yy is not None, SPLIT_K=cfg.split, DESC=bool(cfg.desc), B_NK=b_nk, PERSIST=cfg.persist,
+            BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=GROUP_M, E_PAD=_e_pad(experts), num_warps=cfg.warps,
+            num_stages=cfg.stages, **_flags(a.dtype),
         )
 
     def scratch(cfg) -> None:
@@ -144,12 +167,11 @@ def _launch_wgrad(a, a_idx, a_scale, b, b_idx, out, offsets) -> None:
     m, n = out.shape[1], out.shape[2]
 
     def run(cfg, o=out) -> None:
-        bm, bn, bk, warps, stages = cfg
-        wgrad_kernel[(out.shape[0], triton.cdiv(m, bm) * triton.cdiv(n, bn))](
+        wgrad_kernel[(out.shape[0], triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn))](
             a, a if a_idx is None else a_idx, a if a_scale is None else a_scale, b, b if b_idx is None else b_idx,
             o, offsets, m, n, a.stride(0), b.stride(0),
             GATHER_A=a_idx is not None, SCALE_A=a_scale is not None, GATHER_B=b_idx is not None,
-            BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages, **_flags(a.dtype),
+            BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.warps, num_stages=cfg.stages, **_flags(a.dtype),
         )
 
     rows = a.shape[0] if a_idx is None else a_idx.shape[0]
