@@ -12,9 +12,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
 # The tests' shapes are tiny: take the first fitting tile instead of timing every candidate.
-SPARSIFY_TRITON_TUNE=0 timeout "${TEST_TIMEOUT:-300}" python3 -m pytest tests/kernels -p no:cacheprovider \
-    -o addopts="" -q --maxfail=5 2>&1 | tee "$out/tests.log" | tail -n 15
-SPARSIFY_TRITON_TUNE_LOG="$out/tune.jsonl" timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/moe_layer.py \
+# test_triton_sm90 compiles for an H100 without one (for CI): here the kernels compile for real.
+# SKIP_TESTS=1: the benchmark alone (when a short lease is better spent on timings).
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    SPARSIFY_TRITON_TUNE=0 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests/kernels -p no:cacheprovider \
+        -o addopts="" -q --maxfail=5 --ignore tests/kernels/test_triton_sm90.py 2>&1 | tee "$out/tests.log" \
+        | tail -n 15
+fi
+SPARSIFY_TRITON_TUNE_LOG="$out/tune.jsonl" timeout "${BENCH_TIMEOUT:-330}" python3 benchmarks/moe_layer.py \
     --device cuda --profile ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.jsonl"
 python3 - "$out/bench.jsonl" <<'PY'
 import json, sys
@@ -23,7 +28,10 @@ for line in open(sys.argv[1]):
         r = json.loads(line)
     except ValueError:
         continue
-    if "median_ms" in r:
+    if "faster_in_rounds" in r:
+        print(f"{r['tokens']:>6} {r['impl']:<58} speedup {r['speedup_median']} "
+              f"({r['speedup_min']}-{r['speedup_max']}), faster in {r['faster_in_rounds']} rounds")
+    elif "median_ms" in r:
         extra = {k: r[k] for k in ("ratio_to_dense", "time_over_bound", "rel_err_vs_reference") if k in r}
         print(f"{r['tokens']:>6} {r['impl']:<34} {r['median_ms']:>9} ms  {extra}")
 PY

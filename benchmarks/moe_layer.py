@@ -22,7 +22,9 @@ CUDA (when a GPU is present, or --device cuda): bfloat16, Mixtral-8x7B layer (40
 top-2) at 1, 64, 4096 and 16384 tokens: the `triton` backend, the dense-equivalent, a
 torch grouped_mm MoE (sort, grouped_mm, SwiGLU, grouped_mm, index_add), transformers' Mixtral
 block with experts_implementation="grouped_mm", and the weight-bandwidth bound (time to read the
-chosen experts' weights at the measured device copy bandwidth).
+chosen experts' weights at the measured device copy bandwidth). The `triton-vs-torch-grouped_mm`
+lines compare the two round by round (eager, and each replayed from a CUDA graph): median and
+spread of the speedup, and in how many rounds the triton backend was the faster.
 
     python benchmarks/moe_layer.py                      # CPU, as in BENCHMARKS.md
     python benchmarks/moe_layer.py --shapes switch-base --rounds 5
@@ -362,6 +364,17 @@ def _host_profile(fn: Callable[[], object], calls: int = 50) -> dict:
     return {"host_ms_per_call_profiled": round(host_ms, 3), "host_sync": sync, "top": rows}
 
 
+def _paired(base: dict, times: dict[str, list[float]], ours: str, theirs: str) -> None:
+    """`ours` against `theirs` round by round (each round ran both, one after the other): the
+    median and the spread of their time over ours, and in how many rounds ours was faster."""
+    if ours not in times or theirs not in times:
+        return
+    speedups = sorted(t / o for o, t in zip(times[ours], times[theirs]))
+    print(json.dumps({**base, "impl": f"{ours}-vs-{theirs}", "speedup_median": round(statistics.median(speedups), 4),
+                      "speedup_min": round(speedups[0], 4), "speedup_max": round(speedups[-1], 4),
+                      "faster_in_rounds": f"{sum(s > 1 for s in speedups)}/{len(speedups)}"}), flush=True)
+
+
 @torch.inference_mode()
 def run_cuda(args: argparse.Namespace) -> None:
     shape = SHAPES["mixtral-8x7b"]
@@ -402,6 +415,8 @@ def run_cuda(args: argparse.Namespace) -> None:
                 "hidden": shape.hidden, "ffn": shape.ffn, "experts": shape.experts, "top_k": shape.top_k,
                 "tokens": tokens, "copy_bandwidth_GBps": round(bandwidth / 1e9, 1)}
         _report({**base, **check}, times, tokens, ["dense-equivalent"])
+        _paired(base, times, "triton", "torch-grouped_mm")
+        _paired(base, times, "triton-cudagraph", "torch-grouped_mm-cudagraph")
         bound = weight_bytes / bandwidth
         if "triton-cudagraph" in fns:
             # the graph replayed back to back and timed by device events (no host round trip per call)
