@@ -173,10 +173,12 @@ def _up_tile(
             dh = dh * keep
         pre = tl.load(PRE + base + offs, mask=omask, other=0.0).to(tl.float32)
         if GATED:
-            u = tl.load(GATE + base + offs, mask=omask, other=0.0).to(tl.float32)
             tl.store(OUT3 + base + offs, (dh * act_forward(pre, ACT)).to(OUT3.dtype.element_ty), mask=omask)
-            dh = dh * u
-        tl.store(OUT1 + base + offs, (dh * act_derivative(pre, ACT)).to(OUT1.dtype.element_ty), mask=omask)
+            dh = dh * act_derivative(pre, ACT)
+            u = tl.load(GATE + base + offs, mask=omask, other=0.0).to(tl.float32)
+            tl.store(OUT1 + base + offs, (dh * u).to(OUT1.dtype.element_ty), mask=omask)
+        else:
+            tl.store(OUT1 + base + offs, (dh * act_derivative(pre, ACT)).to(OUT1.dtype.element_ty), mask=omask)
     else:
         # Round the pre-activations (and the gate) to the input dtype, as a torch linear layer
         # would; both accumulators are rounded before the activation, which then needs registers
