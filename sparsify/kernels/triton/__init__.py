@@ -2,7 +2,8 @@
 
 - permute: the reference's (one stable sort and a binary search for the experts' offsets;
   nothing waits for the host); the kernels read the order directly, so no copy of the hidden
-  states is ever made in expert order.
+  states is made in expert order (unless the tuner finds that gathering the rows by a copy,
+  to read them through a TMA descriptor, is faster on the GPU at hand).
 - grouped_ffn / moe_ffn: the gather is fused into the first grouped GEMM together with the
   activation and the gate; the weighted scatter-combine is fused into the second.
 - combine: inside `moe_ffn`'s second GEMM; the standalone op is the reference's index_add,

@@ -1,6 +1,7 @@
 """Launching the Triton kernels: the MoE FFN forward and backward as custom ops with autograd.
 
-Forward (two launches): `up_kernel` gathers each pair's token row and computes
+Forward (two launches; three where the tuner prefers to gather the rows by a copy first and
+read them through a TMA descriptor): `up_kernel` gathers each pair's token row and computes
 h = act(x W1^T + b1) [* (x W3^T + b3)] per expert; `down_kernel` computes h W2^T + b2, weights
 each row by its routing weight and adds it atomically into its token's float32 output row.
 
