@@ -21,7 +21,6 @@ import functools
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor
 
 from ..dropout import hidden_dropout_mask
@@ -69,13 +68,19 @@ def _operand(t: Tensor, desc: bool, block: list[int]):
     return TensorDescriptor.from_tensor(t, block)
 
 
+def _cdiv(a: int, b: int) -> int:
+    # Plain integers: triton.cdiv and triton.next_power_of_2 are constexpr functions, 1.5 us a
+    # call; six calls were a fifth of this module's host time per eager layer (47 -> 37 us here).
+    return -(-a // b)
+
+
 def _e_pad(experts: int) -> int:
-    return triton.next_power_of_2(max(2, experts))
+    return 1 << (max(2, experts) - 1).bit_length()
 
 
 def _grid_rows(rows: int, experts: int, bm: int) -> int:
     """Row blocks to launch: an upper bound on the experts' blocks, known without the counts."""
-    return triton.cdiv(rows, bm) + experts
+    return _cdiv(rows, bm) + experts
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,7 +108,7 @@ def _launch_up(a, a_idx, a_scale, b1, b3, bias1, bias3, mask, pre, gate, out1, o
 
     def run(cfg, o1=out1, o3=out3, p=pre, g=gate) -> None:
         m_blocks = _grid_rows(rows, experts, cfg.bm)
-        tiles = m_blocks * triton.cdiv(n, cfg.bn)
+        tiles = m_blocks * _cdiv(n, cfg.bn)
         block = [1, cfg.bn, cfg.bk] if b_nk else [1, cfg.bk, cfg.bn]
         w1 = _operand(b1, cfg.desc, block)
         src, idx = a, a_idx
@@ -142,7 +147,7 @@ def _launch_down(a, a2, b, b2, bias, row_tok, row_scale, out, y, offsets, stride
 
     def run(cfg, o=out, yy=y) -> None:
         m_blocks = _grid_rows(rows, experts, cfg.bm)
-        tiles = m_blocks * triton.cdiv(n, cfg.bn)
+        tiles = m_blocks * _cdiv(n, cfg.bn)
         block = [1, cfg.bn, cfg.bk] if b_nk else [1, cfg.bk, cfg.bn]
         ad, bd = _operand(a, cfg.desc, [cfg.bm, cfg.bk]), _operand(b, cfg.desc, block)
         programs = _programs(tiles, cfg.persist, a.device)
@@ -168,7 +173,7 @@ def _launch_wgrad(a, a_idx, a_scale, b, b_idx, out, offsets) -> None:
     m, n = out.shape[1], out.shape[2]
 
     def run(cfg, o=out) -> None:
-        wgrad_kernel[(out.shape[0], triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn))](
+        wgrad_kernel[(out.shape[0], _cdiv(m, cfg.bm) * _cdiv(n, cfg.bn))](
             a, a if a_idx is None else a_idx, a if a_scale is None else a_scale, b, b if b_idx is None else b_idx,
             o, offsets, m, n, a.stride(0), b.stride(0),
             GATHER_A=a_idx is not None, SCALE_A=a_scale is not None, GATHER_B=b_idx is not None,
