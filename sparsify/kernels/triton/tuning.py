@@ -7,6 +7,12 @@ candidate that fits on scratch outputs (replayed from a CUDA graph) and keeps th
 the life of the process. Under `TRITON_INTERPRET=1` (CPU testing) nothing is timed: the small
 `INTERPRETER` tiles are used, which keep the interpreted programs few and cheap.
 
+A candidate (`Up`, `Down`, `Wgrad`) is a tile shape, warps and pipeline stages, and for the
+first two kernels whether operands are read through TMA descriptors, whether the programs are
+persistent, and (first kernel) whether the rows are gathered by a copy to be read through a
+descriptor too. `python -m sparsify.kernels.triton.offline` compiles every candidate for an H100
+without one and reports whether it fits and spills.
+
 Environment: `SPARSIFY_TRITON_TUNE=0` skips the timing and takes the first candidate that fits
 (quick runs of many small shapes, e.g. the test suite on a GPU); `SPARSIFY_TRITON_TUNE_LOG=FILE`
 appends one JSON line per timed candidate to FILE (to see how close the runners-up were).
