@@ -30,6 +30,7 @@ def _offline(*args: str) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
+H100_SHARED = 232448  # bytes one program may use (227 KB)
 SMALL = ["--tokens", "32", "--hidden", "64", "--ffn", "128", "--experts", "4", "--first", "--backward"]
 
 
@@ -58,4 +59,19 @@ def test_prefill_candidates_fit_an_h100_and_use_wgmma() -> None:
     for r in rows:
         assert r["error"] is None, r
         assert r["fits"], f"{r['kernel']} {r['cfg']} needs {r['shared']} bytes of shared memory"
+        assert r["shared_estimate"] <= H100_SHARED, r  # the launcher's estimate does not rule it out
         assert r["hgmma"] > 0 and r["hmma"] == 0, r
+
+
+def test_tuner_passes_over_only_tiles_that_cannot_fit() -> None:
+    """The launcher estimates each tile's shared memory so that the tuner does not compile tiles
+    that would fail at launch. The backward's second kernel reads two row and two weight tiles per
+    step, so its tallest tiles cannot fit an H100: every tile the estimate rules out is one the
+    compiler could not fit, and every other compiles."""
+    rows = _offline("--tokens", "4096", "--backward", "--kernels", "down")
+    ruled_out = [r for r in rows if r["shared_estimate"] > H100_SHARED]
+    assert ruled_out, "no tile ruled out: the check checks nothing"
+    for r in rows:
+        assert r["error"] is None, r
+        if r["shared_estimate"] > H100_SHARED:
+            assert not r["fits"], f"{r['cfg']} fits ({r['shared']} B), yet estimated {r['shared_estimate']} B"

@@ -4,8 +4,8 @@ Rows are (token, expert) pairs sorted by expert; expert e owns sorted rows
 `OFFSETS[e]:OFFSETS[e + 1]`. The row blocks of the first two kernels never straddle two experts:
 each program finds its expert and rows from the offsets (`_tile`); the grid is launched for an
 upper bound on the block count, ceil(rows / BM) + E, and programs past the last block return at
-once, so the host never waits for the routing to know it. Weights are [E, ., .] with arbitrary strides, which lets one kernel read W
-or W^T. Accumulation is float32.
+once, so the host never waits for the routing to know it. Weights are [E, ., .] with arbitrary
+strides, which lets one kernel read W or W^T. Accumulation is float32.
 
 With DESC, weights (and the second kernel's sorted rows) are read through TMA tensor descriptors
 (Hopper and newer; the host passes descriptors instead of pointers): a tile of rows read past an

@@ -60,15 +60,16 @@ class _StandIn:
 
 
 class _Compiling:
-    """Stands in `ops` for a kernel: `kernel[grid](*args)` compiles it for the target, launches
-    nothing, and hands the compiled kernel to `sink`."""
+    """Stands in `ops` for a kernel: `kernel[grid](*args)` compiles it for the target (unless not
+    `wanted`), launches nothing, and hands the compiled kernel to `sink`."""
 
-    def __init__(self, kernel, sink: Callable) -> None:
-        self.kernel, self.sink = kernel, sink
+    def __init__(self, kernel, sink: Callable, wanted: bool = True) -> None:
+        self.kernel, self.sink, self.wanted = kernel, sink, wanted
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs) -> None:
-            self.sink(self.kernel.fn.__name__, self.kernel.warmup(*args, grid=grid, **kwargs))
+            if self.wanted:
+                self.sink(self.kernel.fn.__name__, self.kernel.warmup(*args, grid=grid, **kwargs))
 
         return launch
 
@@ -96,10 +97,12 @@ def _machine_code(kernel) -> dict:
 
 def report(tokens: int = 4096, hidden: int = 4096, ffn: int = 14336, experts: int = 8, top_k: int = 2,
            dtype: torch.dtype = torch.bfloat16, activation: str = "silu", gated: bool = True, backward: bool = False,
-           arch: int = 90, multiprocessors: int = 132, first: bool = False) -> list[dict]:
+           arch: int = 90, multiprocessors: int = 132, first: bool = False,
+           kernels: tuple[str, ...] = ("up", "down", "wgrad")) -> list[dict]:
     """Compile the kernels of one MoE layer's forward (and backward) for GPU `arch`, for every
-    configuration the tuner would try there (`first`: only the one it would try first); one
-    dict per kernel and configuration."""
+    configuration the tuner would try there (`first`: only the one it would try first; `kernels`:
+    only these); one dict per kernel and configuration, with `shared_estimate`, the launcher's
+    estimate by which the tuner passes over tiles that cannot fit."""
     import triton
     from triton.runtime.driver import driver
 
@@ -117,13 +120,18 @@ def report(tokens: int = 4096, hidden: int = 4096, ffn: int = 14336, experts: in
         shared = kernel.metadata.shared
         rows.append({"kernel": name, "pass": state["pass"], "key": [str(k) for k in state["key"]],
                      "cfg": state["cfg"]._asdict(), "shared": shared, "fits": shared <= SHARED_LIMIT.get(arch, 49152),
+                     "shared_estimate": state["estimate"],
                      **_machine_code(kernel), "error": None})
 
-    def every(kind, key, bucket, run, split_ok=True, desc_ok=True, rows_desc_ok=True):
+    def every(kind, key, bucket, run, split_ok=True, desc_ok=True, rows_desc_ok=True, room=None):
+        # every candidate, also those the launcher's estimate says cannot fit: the report checks it
         cfgs = tuning.candidates(kind, bucket, split_ok, desc_ok, rows_desc_ok)
+        if kind not in kernels:
+            state["cfg"] = None
+            return cfgs[0]
         compiled = []
         for cfg in cfgs[:1] if first else cfgs:
-            state.update(cfg=cfg, key=key)
+            state.update(cfg=cfg, key=key, estimate=room.bytes(cfg))
             try:
                 run(cfg)
                 compiled.append(cfg)
@@ -136,14 +144,15 @@ def report(tokens: int = 4096, hidden: int = 4096, ffn: int = 14336, experts: in
         return compiled[0]
 
     saved = {name: getattr(ops, name) for name in ("pick", "up_kernel", "down_kernel", "wgrad_kernel",
-                                                    "_multiprocessors")}
+                                                    "_multiprocessors", "_shared_limit")}
     previous = getattr(driver, "_active", None)  # None until a launch asks for one (none on a CPU machine)
     driver.set_active(_StandIn(arch))
     try:
         ops.pick = every
         for name in ("up_kernel", "down_kernel", "wgrad_kernel"):
-            setattr(ops, name, _Compiling(saved[name], sink))
+            setattr(ops, name, _Compiling(saved[name], sink, name.removesuffix("_kernel") in kernels))
         ops._multiprocessors = lambda device: multiprocessors
+        ops._shared_limit = lambda device: None
         x = torch.empty(tokens, hidden, dtype=dtype)
         w1, w2 = torch.empty(experts, ffn, hidden, dtype=dtype), torch.empty(experts, hidden, ffn, dtype=dtype)
         w3 = torch.empty(experts, ffn, hidden, dtype=dtype) if gated else None
@@ -181,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense", action="store_true", help="an FFN without a gate (default: gated, SwiGLU-style)")
     parser.add_argument("--backward", action="store_true", help="the backward kernels too")
     parser.add_argument("--first", action="store_true", help="only the configuration the tuner tries first")
+    parser.add_argument("--kernels", default="up,down,wgrad", help="which kernels to compile (comma-separated)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100 / H200)")
     parser.add_argument("--multiprocessors", type=int, default=132, help="for persistent programs (132: H100 SXM)")
     args = parser.parse_args(argv)
@@ -193,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for name in names:
         rows = report(args.tokens, args.hidden, args.ffn, args.experts, args.top_k, getattr(torch, args.dtype), name,
-                      not args.dense, args.backward, args.arch, args.multiprocessors, args.first)
+                      not args.dense, args.backward, args.arch, args.multiprocessors, args.first,
+                      tuple(args.kernels.split(",")))
         for row in rows:
             row["activation"] = name
             print(json.dumps(row))

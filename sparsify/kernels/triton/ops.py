@@ -89,6 +89,32 @@ def _multiprocessors(device: torch.device) -> int:
     return 3 if interpreting() else torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _shared_limit(device: torch.device) -> Optional[int]:
+    """Shared memory one program may use on `device`, bytes (None under the interpreter)."""
+    if interpreting():
+        return None
+    # None (no estimate) where this torch does not report it
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+
+
+class _Room:
+    """Whether a configuration's pipeline can fit the device's shared memory, estimated as `stages`
+    buffers of its [BM, BK] row tiles (`a_tiles` operands) and [BK, BN] weight tiles (`b_tiles`),
+    so that the tuner does not compile tiles only to see them fail at launch. The compiler's own
+    figure differs by a stage of rows either way; CI compiles every candidate for an H100 and
+    checks that none this rules out would have fitted (tests/kernels/test_triton_sm90.py)."""
+
+    def __init__(self, device: torch.device, a_tiles: int, b_tiles: int, element_size: int) -> None:
+        self.limit, self.a_tiles, self.b_tiles, self.size = _shared_limit(device), a_tiles, b_tiles, element_size
+
+    def bytes(self, cfg) -> int:
+        return cfg.stages * (self.a_tiles * cfg.bm * cfg.bk + self.b_tiles * cfg.bk * cfg.bn) * self.size
+
+    def __call__(self, cfg) -> bool:
+        return self.limit is None or self.bytes(cfg) <= self.limit
+
+
 def _programs(tiles: int, persist: int, device: torch.device) -> int:
     """Programs to launch for `tiles` output tiles (an upper bound): one per tile, or with
     persistent programs one per multiprocessor (fewer where there are fewer tiles); the kernels
@@ -133,7 +159,8 @@ def _launch_up(a, a_idx, a_scale, b1, b3, bias1, bias3, mask, pre, gate, out1, o
             torch.empty_like(gate) if save else gate)
 
     key = ("bwd" if backward else "fwd", a.dtype, n, k, experts, gated)
-    run(pick("up", key, bucket, scratch, desc_ok=desc_ok, rows_desc_ok=rows_desc_ok))
+    room = _Room(a.device, 1, 2 if gated and not backward else 1, b1.element_size())
+    run(pick("up", key, bucket, scratch, desc_ok=desc_ok, rows_desc_ok=rows_desc_ok, room=room))
 
 
 def _launch_down(a, a2, b, b2, bias, row_tok, row_scale, out, y, offsets, strides, scatter) -> None:
@@ -166,7 +193,9 @@ def _launch_down(a, a2, b, b2, bias, row_tok, row_scale, out, y, offsets, stride
         run(cfg, torch.zeros_like(out), None if y is None else torch.empty_like(y))
 
     key = (a.dtype, n, k, experts, a2 is not None, scatter)
-    run(pick("down", key, bucket, scratch, split_ok=split_ok, desc_ok=desc_ok))
+    operands = 1 if a2 is None else 2
+    room = _Room(a.device, operands, operands, b.element_size())
+    run(pick("down", key, bucket, scratch, split_ok=split_ok, desc_ok=desc_ok, room=room))
 
 
 def _launch_wgrad(a, a_idx, a_scale, b, b_idx, out, offsets) -> None:
@@ -182,7 +211,8 @@ def _launch_wgrad(a, a_idx, a_scale, b, b_idx, out, offsets) -> None:
 
     rows = a.shape[0] if a_idx is None else a_idx.shape[0]
     key = (a.dtype, m, n, out.shape[0])
-    run(pick("wgrad", key, rows_bucket(rows, out.shape[0]), lambda cfg: run(cfg, torch.empty_like(out))))
+    run(pick("wgrad", key, rows_bucket(rows, out.shape[0]), lambda cfg: run(cfg, torch.empty_like(out)),
+             room=_Room(a.device, 1, 1, a.element_size())))
 
 
 def _empty(x: Tensor) -> Tensor:

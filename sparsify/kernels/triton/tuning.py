@@ -148,23 +148,29 @@ def _time(run: Callable[[], None]) -> float:
 
 
 def candidates(kind: str, bucket: int, split_ok: bool = True, desc_ok: bool = True,
-               rows_desc_ok: bool = True) -> list[_T]:
-    """The configurations `pick` tries, in order, for kernel `kind` at `bucket` rows per expert."""
+               rows_desc_ok: bool = True, room: Callable[[_T], bool] | None = None) -> list[_T]:
+    """The configurations `pick` tries, in order, for kernel `kind` at `bucket` rows per expert;
+    `room(cfg)`: whether the tile's pipeline can fit this GPU's shared memory (the others would be
+    compiled only to fail at launch)."""
     fits = [c for c in CANDIDATES[kind] if _fits(c, bucket)] or CANDIDATES[kind][:1]
-    return list(dict.fromkeys(_allowed(c, split_ok, desc_ok, rows_desc_ok) for c in fits))
+    fits = list(dict.fromkeys(_allowed(c, split_ok, desc_ok, rows_desc_ok) for c in fits))
+    if room is None:
+        return fits
+    return [c for c in fits if room(c)] or fits[:1]
 
 
 def pick(kind: str, key: tuple, bucket: int, run: Callable[[_T], None], split_ok: bool = True,
-         desc_ok: bool = True, rows_desc_ok: bool = True) -> _T:
+         desc_ok: bool = True, rows_desc_ok: bool = True, room: Callable[[_T], bool] | None = None) -> _T:
     """The block configuration for kernel `kind` at shape `key`; `run(cfg)` launches it on
     scratch outputs (only called while tuning). `split_ok`: partial sums may be added atomically
     (split-K); `desc_ok`: the weights (and the second kernel's rows) can be read through TMA
-    descriptors; `rows_desc_ok`: the first kernel's rows can be too, once in expert order."""
+    descriptors; `rows_desc_ok`: the first kernel's rows can be too, once in expert order; `room`:
+    see `candidates`."""
     if interpreting():
         return _allowed(INTERPRETER[kind], split_ok, desc_ok, rows_desc_ok)
     full = (kind, *key, bucket, split_ok, desc_ok, rows_desc_ok)
     if full not in _cache:
-        fits = candidates(kind, bucket, split_ok, desc_ok, rows_desc_ok)
+        fits = candidates(kind, bucket, split_ok, desc_ok, rows_desc_ok, room)
         quick = os.environ.get("SPARSIFY_TRITON_TUNE", "1") == "0"
         log = os.environ.get("SPARSIFY_TRITON_TUNE_LOG")
         timed = []
