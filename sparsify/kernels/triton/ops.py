@@ -106,13 +106,15 @@ class _Room:
     checks that none this rules out would have fitted (tests/kernels/test_triton_sm90.py)."""
 
     def __init__(self, device: torch.device, a_tiles: int, b_tiles: int, element_size: int) -> None:
-        self.limit, self.a_tiles, self.b_tiles, self.size = _shared_limit(device), a_tiles, b_tiles, element_size
+        # built on every launch; the device is asked for its limit only while tuning
+        self.device, self.a_tiles, self.b_tiles, self.size = device, a_tiles, b_tiles, element_size
 
     def bytes(self, cfg) -> int:
         return cfg.stages * (self.a_tiles * cfg.bm * cfg.bk + self.b_tiles * cfg.bk * cfg.bn) * self.size
 
     def __call__(self, cfg) -> bool:
-        return self.limit is None or self.bytes(cfg) <= self.limit
+        limit = _shared_limit(self.device)
+        return limit is None or self.bytes(cfg) <= limit
 
 
 def _programs(tiles: int, persist: int, device: torch.device) -> int:
