@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from sparsify.kernels.triton.offline import SHARED_LIMIT
+
 from .cases import FAST_BACKENDS
 
 pytestmark = pytest.mark.skipif("triton" not in FAST_BACKENDS, reason="triton is not installed")
@@ -30,7 +32,7 @@ def _offline(*args: str) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
-H100_SHARED = 232448  # bytes one program may use (227 KB)
+H100_SHARED = SHARED_LIMIT[90]  # bytes one program may use on an H100 (227 KB)
 SMALL = ["--tokens", "32", "--hidden", "64", "--ffn", "128", "--experts", "4", "--first", "--backward"]
 
 

@@ -15,7 +15,7 @@ Under TRITON_INTERPRET=1 the kernels are interpreter objects, so this runs in a 
     python -m sparsify.kernels.triton.offline [--tokens 4096 --hidden 4096 --ffn 14336 --experts 8
         --top-k 2 --dtype bfloat16 --activation silu --backward --first --arch 90]
 
-prints one JSON line per compiled kernel and configuration, then a table.
+prints one JSON line per compiled kernel and configuration (exit status 1 if any failed).
 """
 
 from __future__ import annotations
