@@ -70,7 +70,7 @@ def _operand(t: Tensor, desc: bool, block: list[int]):
 
 def _cdiv(a: int, b: int) -> int:
     # Plain integers: triton.cdiv and triton.next_power_of_2 are constexpr functions, 1.5 us a
-    # call; six calls were a fifth of this module's host time per eager layer (47 -> 37 us here).
+    # call, six per eager layer: 9 us of this module's host time (about 44 us per layer here).
     return -(-a // b)
 
 
