@@ -68,11 +68,13 @@ def upcycle(model: nn.Module | str, experts: int = 8, top_k: int | None = 2, eve
 
     `model` is an `nn.Module` or a source string (a local directory, a hub id, `demo:NAME`).
     Within each stack, FFN number j becomes MoE when `j % every == every - 1`, or when j is in
-    `layers=[...]`. Other options: `router` (topk | switch | expert-choice), `normalize`,
-    `capacity_factor`, `noise`, `router_init_std`, `seed`, `backend` (the MoE kernels: auto |
-    reference | cpu | triton), and `example_inputs=(x,)` for a
-    module whose inputs cannot be made from a Hugging Face config. Returns the rewritten module
-    (its plan is `module.sparsify_plan`).
+    `layers=[...]`. Routing: `router` (topk | switch | expert-choice), `normalize`,
+    `capacity_factor`. Initialisation (see `sparsify.recipe`): `noise`, `drop_ratio`
+    (Drop-Upcycling), `granularity` (granular upcycling), `shared_fraction` (a shared expert),
+    `split` (parameter-neutral), `router_init_std`, `seed`. `backend` picks the MoE kernels
+    (auto | reference | cpu | triton); `example_inputs=(x,)` serves a module whose inputs cannot
+    be made from a Hugging Face config. Returns the rewritten module (its plan is
+    `module.sparsify_plan`).
     """
     return upcycle_with_plan(model, experts=experts, top_k=top_k, every=every, **options)[0]
 

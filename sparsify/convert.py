@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,7 +26,7 @@ from .io.atomic import check_output, check_space
 from .io.checkpoint import Checkpoint
 from .io.skeleton import build_skeleton, model_class
 from .io.sources import Source, load_source, resolve_source, sha256_files
-from .moe import MoEConfig
+from .recipe import LayerRecipe
 from .api import upcycle_passes
 from .passes import PassManager
 from .plan import UpcyclePlan
@@ -93,21 +93,23 @@ def convert(
     force: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
     example_inputs: tuple | None = None,
+    **scheme: Any,
 ) -> ConversionReport:
     """Upcycle `source` and write it to `out` in `format`; returns what was done.
 
-    `progress(stage, done, total)` is called as work advances (stage "write": bytes)."""
+    `scheme` holds the initialisation options of `sparsify.recipe.LayerRecipe` (drop_ratio,
+    granularity, shared_fraction, split, router_init). `progress(stage, done, total)` is called
+    as work advances (stage "write": bytes)."""
     if every is not None and layers is not None:
         raise OptionError("give either --every or --layers, not both")
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise OptionError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
-    if noise < 0:
-        raise OptionError(f"--noise must be non-negative, got {noise}")
     if every is not None and every < 1:
         raise OptionError(f"--every must be 1 or more, got {every}")
-    # Validate the routing options before any slow work (format defaults may still fill gaps).
-    MoEConfig(num_experts=experts, top_k=top_k if top_k is not None else (1 if router == "switch" else 2), router=router or "topk",
-              normalize=normalize, capacity_factor=capacity_factor)
+    # Validate the options before any slow work (format defaults may still fill gaps).
+    LayerRecipe.from_options(experts=experts, top_k=top_k if top_k is not None else (1 if router == "switch" else 2),
+                             router=router or "topk", normalize=normalize, capacity_factor=capacity_factor, noise=noise,
+                             router_init_std=router_init_std, **scheme)
     from .io.safetensors_io import parse_size
 
     parse_size(shard_size)
@@ -147,7 +149,8 @@ def convert(
 
     report("plan", 0, 1)
     passes = upcycle_passes(every, layers, experts=experts, top_k=top_k, router=router, normalize=normalize,
-                            noise=noise, router_init_std=router_init_std, seed=seed, capacity_factor=capacity_factor)
+                            noise=noise, router_init_std=router_init_std, seed=seed, capacity_factor=capacity_factor,
+                            **scheme)
     result = PassManager(passes).run(model, example_inputs=example_inputs)
     plan, model = result.plan, result.model
     fmt, reason = choose_format(format, plan, config)
@@ -172,7 +175,7 @@ def convert(
 
     fmt.write(out, model, plan, tensors_from, manifest, source_dir=src.path, shard_size=shard_size,
               force=force, progress=on_bytes, tensors=tensors)
-    why = plan.moe.why_not_preserving() or ("--noise perturbs the expert copies" if noise > 0 else None)
+    why = plan.why_not_preserving()
     return ConversionReport(out, plan, fmt.name, reason, ckpt is not None, dense_params, total, why)
 
 

@@ -35,7 +35,9 @@ def test_pass_manager_exactly_as_documented(demo):
                           passes.UpcycleFFN(experts=8, top_k=2)]).run(model)
     assert isinstance(result.model, nn.Module)
     d = result.plan.to_dict()
-    assert d["moe"]["num_experts"] == 8 and d["moe"]["top_k"] == 2
+    layers = d["layers"]
+    assert set(layers) == set(d["selected"]) and len(layers) == 4
+    assert all(v["moe"]["num_experts"] == 8 and v["moe"]["top_k"] == 2 and len(v["experts"]) == 8 for v in layers.values())
     assert [s.index for s in result.plan.selected_sites] == [1, 3, 1, 3]
     c = compare(reference, result.model)
     assert c.max_abs < 1e-5 * c.max_ref

@@ -9,7 +9,7 @@ from ..formats.registry import output_format
 from ..io.sources import Source, load_source, resolve_source
 from ..plan import UpcyclePlan
 
-__all__ = ["load_any", "count_params", "sites_table", "parse_layers", "human"]
+__all__ = ["load_any", "count_params", "sites_table", "parse_layers", "human", "layer_summary", "routing_summary"]
 
 
 def load_any(spec: str) -> tuple[nn.Module, Source]:
@@ -48,16 +48,31 @@ def parse_layers(text: str | None) -> list[int] | None:
         raise OptionError(f"--layers takes comma-separated FFN indices like 1,3,5, got {text!r}") from None
 
 
+def layer_summary(plan: UpcyclePlan, site) -> str:
+    """One MoE layer's settings in a few words: '8 experts, topk k=2' (+ the scheme when not plain copies)."""
+    layer = plan.layer(site)
+    moe = layer.moe
+    text = f"{moe.num_experts} experts, {moe.router} k={moe.top_k}"
+    if layer.shared is not None:
+        text += " + shared"
+    return text if layer.scheme == "copy" else f"{text} ({layer.scheme})"
+
+
+def routing_summary(plan: UpcyclePlan) -> str:
+    """The routing of every MoE layer in a few words, or 'per-layer settings' when they differ."""
+    moe = plan.moe
+    if moe is None:
+        return "per-layer settings (see sparsify inspect)"
+    return f"{moe.num_experts} experts each, router {moe.router}, top-{moe.top_k}"
+
+
 def sites_table(plan: UpcyclePlan, title: str) -> Table:
     """The FFN sites of `plan` as a rich table."""
     table = Table(title=title, title_justify="left")
     for col in ("stack", "#", "module", "form", "activation", "hidden x ffn", "MoE"):
         table.add_column(col)
-    chosen = set(plan.selected)
     for s in plan.sites:
-        moe = ""
-        if s.path in chosen and plan.moe:
-            moe = f"{plan.moe.num_experts} experts, {plan.moe.router} k={plan.moe.top_k}"
+        moe = layer_summary(plan, s) if s.path in plan.layers else ""
         table.add_row(s.stack or "-", str(s.index), s.path + (f" (+ {s.exit_path})" if s.exit_path else ""),
                       s.form, s.activation, f"{s.hidden_size} x {s.intermediate_size}", moe)
     return table

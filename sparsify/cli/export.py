@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import typer
 
 from ..errors import OptionError
-from .common import human, load_any, parse_layers
+from .common import human, load_any, parse_layers, routing_summary
 from .main import app, console, err_console
 
 __all__ = ["export", "upcycle_onnx_command"]
@@ -60,6 +60,7 @@ def upcycle_onnx_command(
     seed: int,
     force: bool,
     target: str = "ort",
+    **scheme: Any,
 ) -> None:
     """`sparsify upcycle model.onnx ...`: upcycle the ONNX graph and print a summary."""
     from ..onnx.upcycle import upcycle_onnx
@@ -73,17 +74,16 @@ def upcycle_onnx_command(
     result = upcycle_onnx(
         source, out, experts=experts, top_k=top_k, every=every if every is not None else (None if layer_list else 2),
         layers=layer_list, router=router, normalize=normalize, capacity_factor=capacity_factor, noise=noise,
-        seed=seed, target=target, force=force,
+        seed=seed, target=target, force=force, **scheme,
     )
-    plan, cfg = result.plan, result.plan.moe
+    plan = result.plan
     console.print(f"[bold green]upcycled[/] {source} -> {result.path}")
     console.print(f"  FFN sites found: {len(plan.sites)} ({len(plan.rejected)} candidates rejected)")
-    console.print(f"  layers converted: {len(plan.selected)} -> {cfg.num_experts} experts, "
-                  f"router {cfg.router}, top-{cfg.top_k}")
+    console.print(f"  MoE layers: {len(plan.selected)} of {len(plan.sites)} FFNs, {routing_summary(plan)}")
     console.print(f"  parameters: {human(result.total_params)} total (dense: {human(result.dense_params)})")
     for line in result.report.lines():
         console.print(f"  {line}", highlight=False)
-    why = cfg.why_not_preserving() or ("--noise perturbs the expert copies" if noise > 0 else None)
+    why = plan.why_not_preserving()
     if why:
         console.print(f"  [yellow]outputs differ from the dense graph at initialisation[/]: {why}")
     else:

@@ -24,9 +24,8 @@ def inspect(path: str = typer.Argument(..., help="A dense source (directory, hub
     if fmt is not None:
         plan = UpcyclePlan.from_dict(json.loads((src.path / "sparsify.json").read_text())["plan"])
         console.print(sites_table(plan, f"{path}: upcycled, {fmt} format ({len(plan.selected)} of {len(plan.sites)} FFNs are MoE)"))
-        cfg = plan.moe
-        per_site = sum(s.expert_param_count() for s in plan.selected_sites)
-        active = params - (cfg.num_experts - cfg.top_k) * per_site
+        inactive = sum(t - a for t, a in (plan.layer(s).param_counts(s) for s in plan.selected_sites))
+        active = params - inactive
         console.print(f"parameters: {human(params)} total, {human(active)} active per token")
     else:
         plan = PassManager([FindFFN()]).run(model).plan

@@ -13,7 +13,7 @@ from ..formats.native import read_manifest
 from ..io.atomic import check_output
 from ..io.sources import is_native, resolve_source
 from ..partition.memory import footprint_of_checkpoint, format_bytes, parse_memory
-from ..partition.placement import ExpertPlacement
+from ..partition.placement import ExpertPlacement, uniform_moe
 from ..partition.planner import plan_placement
 from ..partition.stats import RoutingStats
 from ..plan import UpcyclePlan
@@ -47,7 +47,7 @@ def partition(
     routing = RoutingStats.load(stats) if stats is not None else None
     if routing is not None:
         routing.check_matches(plan, where=f"'{stats}'")
-    footprint = footprint_of_checkpoint(path, plan.selected, plan.moe.num_experts)
+    footprint = footprint_of_checkpoint(path, plan.selected, uniform_moe(plan).num_experts)
     placement = plan_placement(plan, world_size, footprint, routing, memory, equal_experts=not uneven, tolerance=tolerance)
     placement.save(out, force=force)
     print_report(placement)

@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from ..convert import convert
-from .common import human, parse_layers
+from .common import human, parse_layers, routing_summary
 from .main import app, console, err_console
 
 _STAGES = {"load": "loading source", "plan": "capturing graph, finding FFNs, planning", "write": "writing"}
@@ -28,6 +28,10 @@ def upcycle(
     capacity_factor: Optional[float] = typer.Option(None, "--capacity-factor", help="Expert capacity factor; default dropless."),
     noise: float = typer.Option(0.0, "--noise", help="Std of Gaussian noise added to each expert copy (breaks exact preservation)."),
     seed: int = typer.Option(0, "--seed", help="Seed of router init and expert noise."),
+    drop_ratio: float = typer.Option(0.0, "--drop-ratio", help="Drop-Upcycling: re-initialise this share of each expert's neurons from the weights' mean and std [default: 0]."),
+    granularity: int = typer.Option(1, "--granularity", help="Granular upcycling: split each FFN into G shards, one per expert of a router group; --experts and --top-k multiples of G [default: 1]."),
+    shared_fraction: float = typer.Option(0.0, "--shared-fraction", help="Put this share of each FFN's neurons in one always-on shared expert; the routed experts copy the rest [default: 0]."),
+    split: bool = typer.Option(False, "--split", help="Parameter-neutral: each expert holds 1/E of the FFN's neurons (fewer active parameters; not function-preserving)."),
     format: str = typer.Option("auto", "--format", "-f", help="auto | native | mixtral | qwen2-moe | switch."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 [default: the source's]."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard, e.g. 5GB or 500MiB."),
@@ -41,7 +45,8 @@ def upcycle(
         from .export import upcycle_onnx_command
 
         return upcycle_onnx_command(source, out, experts, top_k, router, normalize, every, layers,
-                                    capacity_factor, noise, seed, force, target=target)
+                                    capacity_factor, noise, seed, force, target=target, drop_ratio=drop_ratio,
+                                    granularity=granularity, shared_fraction=shared_fraction, split=split)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task(f"loading {source}", total=None)
@@ -53,12 +58,13 @@ def upcycle(
             source, out, experts=experts, top_k=top_k, router=router, normalize=normalize, every=every,
             layers=parse_layers(layers), capacity_factor=capacity_factor, noise=noise, seed=seed,
             format=format, dtype=dtype, shard_size=shard_size, force=force, progress=progress,
+            drop_ratio=drop_ratio, granularity=granularity, shared_fraction=shared_fraction, split=split,
         )
-    plan, cfg = r.plan, r.plan.moe
+    plan = r.plan
     total, active = r.params
     console.print(f"[bold green]upcycled[/] {source} -> {r.out}")
     console.print(f"  FFN sites found: {len(plan.sites)} ({len(plan.rejected)} candidates rejected)")
-    console.print(f"  layers converted: {len(plan.selected)} -> {cfg.num_experts} experts, router {cfg.router}, top-{cfg.top_k}")
+    console.print(f"  MoE layers: {len(plan.selected)} of {len(plan.sites)} FFNs, {routing_summary(plan)}")
     console.print(f"  parameters: {human(total)} total, {human(active)} active per token (dense: {human(r.dense_params)})")
     console.print(f"  format: {r.format_reason}; {human(r.bytes_written)}B written{' by streaming' if r.streamed else ''}")
     if r.why_not_preserving:

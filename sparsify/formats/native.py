@@ -47,11 +47,13 @@ class NativeFormat(OutputFormat):
 
     def tensors(self, model: nn.Module, plan: UpcyclePlan, source: TensorSource) -> list[OutputTensor]:
         moe_tensors: dict[str, tuple] = {}
-        e = plan.moe.num_experts
         for site in plan.selected_sites:
-            moe_tensors[f"{site.path}.router.weight"] = (site, "router")
+            layer = plan.layer(site)
+            moe_tensors[f"{site.path}.router.weight"] = (site, "router", None)
             for role in site.weights:
-                moe_tensors[f"{site.path}.experts.{role}"] = (site, role)
+                moe_tensors[f"{site.path}.experts.{role}"] = (site, role, range(layer.moe.num_experts))
+                if layer.shared is not None:
+                    moe_tensors[f"{site.path}.shared.{role}"] = (site, role, "shared")
         out: list[OutputTensor] = []
         groups = alias_groups(model)
         for name, t in model.state_dict(keep_vars=True).items():
@@ -59,12 +61,15 @@ class NativeFormat(OutputFormat):
                 continue  # a tied tensor: stored once, under its first name
             shape = tuple(t.shape)
             if name in moe_tensors:
-                site, role = moe_tensors[name]
+                site, role, which = moe_tensors[name]
                 if role == "router":
                     out.append(OutputTensor(name, torch.float32, shape, lambda s=site: [source.router(s)]))
+                elif which == "shared":
+                    out.append(OutputTensor(name, source.expert_dtype(site, role), shape,
+                                            lambda s=site, r=role: [source.expert(s, r, "shared")]))
                 else:
                     out.append(OutputTensor(name, source.expert_dtype(site, role), shape,
-                                            lambda s=site, r=role: (source.expert(s, r, i) for i in range(e))))
+                                            lambda s=site, r=role, es=which: (source.expert(s, r, i) for i in es)))
             else:
                 out.append(OutputTensor(name, source.plain_dtype(name), shape, lambda n=name: [source.plain(n)]))
         return out

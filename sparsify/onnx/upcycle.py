@@ -76,6 +76,8 @@ def upcycle_onnx(
     keeps standard ops.
     """
     convert = UpcycleFFN(experts=experts, **options)  # validates the MoE options
+    if convert.recipe.shared_fraction > 0:
+        raise OptionError("ONNX-native upcycling has no shared experts (--shared-fraction); upcycle the checkpoint instead")
     if convert.config.router == "expert-choice":
         raise OptionError("--router expert-choice needs to know which layers are causal, which an ONNX graph "
                           "does not say; use topk or switch, or upcycle the checkpoint instead")
@@ -90,13 +92,14 @@ def upcycle_onnx(
     find(model)
     if not find.found:
         raise NoFFNFoundError(_no_ffn_message(str(source), find.rejected))
-    plan = UpcyclePlan(sites=[f.site for f in find.found], rejected=find.rejected, moe=convert.config,
-                       init={"noise": convert.noise, "router_init_std": convert.router_init_std, "seed": convert.seed,
-                             "every": select.every, "layers": list(layers) if layers is not None else None})
+    plan = UpcyclePlan(sites=[f.site for f in find.found], rejected=find.rejected, seed=convert.seed,
+                       selection={"every": select.every, "layers": list(layers) if layers is not None else None})
     plan.selected = select_layers(plan.sites, select.every, select.layers)
     if not plan.selected:
         raise OptionError(f"no FFN layer was selected among the graph's {len(plan.sites)} FFNs; "
                           "lower --every or pass --layers")
+    plan.layers = {s.path: convert.recipe.build(s) for s in plan.selected_sites}
+    plan.recipe = convert.recipe.to_dict()
     plan.source = {"spec": str(source), "kind": "onnx"}
 
     UpcycleFFNOnnx(find.found, plan)(model)

@@ -25,7 +25,7 @@ from ..errors import OptionError
 from ..plan import UpcyclePlan
 from .memory import Footprint, format_bytes
 from .metrics import LayerDemand, layer_metrics
-from .placement import ExpertPlacement, contiguous_ranks
+from .placement import ExpertPlacement, contiguous_ranks, uniform_moe
 from .stats import RoutingStats
 
 __all__ = ["plan_placement", "place_layer", "experts_per_rank_range"]
@@ -171,11 +171,12 @@ def plan_placement(
     tolerance: float = 0.0,
 ) -> ExpertPlacement:
     """Place the experts of every MoE layer of `plan` on `world_size` ranks, with a report."""
-    if plan.moe is None or not plan.selected:
+    if not plan.selected:
         raise OptionError("the model has no MoE layers; upcycle it before partitioning")
+    moe = uniform_moe(plan)
     if tolerance < 0:
         raise OptionError(f"--tolerance must be non-negative, got {tolerance}")
-    e, k, n = plan.moe.num_experts, plan.moe.top_k, world_size
+    e, k, n = moe.num_experts, moe.top_k, world_size
     lo, hi = experts_per_rank_range(e, n, footprint, memory_per_rank, equal_experts)
     if stats is not None:
         stats.check_matches(plan)

@@ -50,7 +50,7 @@ class PartitionExperts(Pass):
         self.placement = None
 
     def requires(self, ctx: PassContext) -> None:
-        if ctx.plan.moe is None or not ctx.plan.selected:
+        if not ctx.plan.layers or not ctx.plan.selected:
             raise PreconditionError("partition-experts needs MoE layers; run upcycle-ffn before it")
         from ..moe import SparseMoE
 
@@ -60,10 +60,11 @@ class PartitionExperts(Pass):
 
     def call(self, ctx: PassContext) -> bool:
         from ..partition.memory import footprint_of_module
+        from ..partition.placement import uniform_moe
         from ..partition.planner import plan_placement
 
         plan = ctx.plan
-        footprint = footprint_of_module(ctx.model, plan.selected, plan.moe.num_experts)
+        footprint = footprint_of_module(ctx.model, plan.selected, uniform_moe(plan).num_experts)
         self.placement = plan_placement(plan, self.world_size, footprint, self.stats, self.memory_per_rank,
                                         self.equal_experts, self.tolerance)
         ctx.model.sparsify_placement = self.placement

@@ -52,8 +52,8 @@ class SelectLayers(Pass):
 
     def call(self, ctx: PassContext) -> bool:
         ctx.plan.selected = select_layers(ctx.plan.sites, self.every, self.layers)
-        ctx.plan.init["every"] = None if self.layers is not None else self.every
-        ctx.plan.init["layers"] = list(self.layers) if self.layers is not None else None
+        ctx.plan.selection = {"every": None if self.layers is not None else self.every,
+                              "layers": list(self.layers) if self.layers is not None else None}
         return False
 
     def __repr__(self) -> str:

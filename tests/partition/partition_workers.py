@@ -71,9 +71,10 @@ def build_variant(name: str, plan_dict: dict, top_k: int) -> torch.nn.Module:
     from sparsify.plan import UpcyclePlan
     from sparsify.rewrite import apply_plan
 
+    from sparsify.moe import MoEConfig
+
     plan = UpcyclePlan.from_dict(plan_dict)
-    plan.moe.top_k = top_k
-    plan.moe.router = "switch" if top_k == 1 else "topk"
+    plan.set_routing(MoEConfig(**{**plan.moe.to_dict(), "top_k": top_k, "router": "switch" if top_k == 1 else "topk"}))
     model = apply_plan(build_demo(name), plan)
     model.sparsify_plan = plan
     return skew_routers(model).eval()

@@ -10,7 +10,7 @@ from sparsify.partition.memory import Footprint, format_bytes, parse_memory
 from sparsify.partition.placement import ExpertPlacement
 from sparsify.partition.planner import plan_placement
 from sparsify.partition.stats import LayerStats, RoutingStats
-from sparsify.plan import FFNSite, UpcyclePlan
+from sparsify.plan import ExpertInit, FFNSite, LayerPlan, UpcyclePlan
 from sparsify.moe import MoEConfig
 
 E = 8
@@ -20,7 +20,9 @@ LAYERS = ["enc.1.mlp", "enc.3.mlp"]
 def toy_plan(experts: int = E) -> UpcyclePlan:
     sites = [FFNSite(p, "dense", "relu", 64, 128, {"w1": f"{p}.wi.weight", "w2": f"{p}.wo.weight"}, index=i)
              for i, p in enumerate(LAYERS)]
-    return UpcyclePlan(sites=sites, selected=list(LAYERS), moe=MoEConfig(num_experts=experts, top_k=2))
+    moe = MoEConfig(num_experts=experts, top_k=2)
+    return UpcyclePlan(sites=sites, selected=list(LAYERS),
+                       layers={p: LayerPlan(moe, [ExpertInit()] * experts) for p in LAYERS})
 
 
 def footprint(replicated: int = 1000, per_expert: int = 100) -> Footprint:
