@@ -60,7 +60,7 @@ class Router(nn.Module):
         """{"load_balancing", "z_loss"} of the last forward; {} before any."""
         if self._aux is None:
             last = self._last
-            self._aux = {} if last is None else self.losses(last.logits, last.probs, last.routing.expert_idx)
+            self._aux = {} if last is None else self._losses(last.logits, last.probs, last.routing.expert_idx)
         return self._aux
 
     @property
@@ -114,8 +114,7 @@ class Router(nn.Module):
         return Routing(token.reshape(-1), expert_idx, weight.reshape(-1))
 
     @staticmethod
-    def losses(logits: torch.Tensor, probs: torch.Tensor, expert_idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The balancing loss and z-loss of one forward's logits, probabilities and chosen experts."""
+    def _losses(logits: torch.Tensor, probs: torch.Tensor, expert_idx: torch.Tensor) -> dict[str, torch.Tensor]:
         e = probs.shape[-1]
         if probs.shape[0] == 0:
             zero = logits.sum() * 0.0

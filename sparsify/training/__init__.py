@@ -9,7 +9,7 @@ checkpoints that stay sparsify outputs.
     Trainer(model=model, args=args, train_dataset=ds, callbacks=[RouterStats()]).train()
 
 Models from `sparsify.upcycle` and `sparsify.load` are prepared by `prepare_for_training`; call it
-(or just `include_aux_losses`) for an upcycled model made another way.
+for an upcycled model made another way.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import torch.nn as nn
 from .aux_loss import include_aux_losses, includes_aux_losses
 from .callback import RouterStats
 from .checkpoint import prepare_checkpoints, save_native_pretrained
-from .stats import RoutingTotals, router_stats
+from .stats import RoutingTotals, router_stats, track_routers
 
 __all__ = [
     "RouterStats",
     "router_stats",
     "RoutingTotals",
+    "track_routers",
     "include_aux_losses",
     "includes_aux_losses",
     "prepare_for_training",
@@ -34,8 +35,11 @@ __all__ = [
 
 
 def prepare_for_training(model: nn.Module, format_name: str | None = None) -> nn.Module:
-    """`include_aux_losses(model)`, and `save_pretrained` writing a checkpoint `sparsify.load`
-    reads (`prepare_checkpoints`; `format_name` is the output format it was loaded from, None for
-    native). Returns `model`."""
-    return prepare_checkpoints(include_aux_losses(model), format_name)
+    """What `sparsify.upcycle` and `sparsify.load` do to the model they return, for an upcycled
+    model made another way (a `PassManager` run; a Mixtral, Qwen-MoE or Switch output loaded by
+    transformers): `include_aux_losses`, `track_routers`, and, for a model with a
+    `sparsify_plan`, `save_pretrained` writing a checkpoint `sparsify.load` reads
+    (`prepare_checkpoints`; `format_name`: the output format it was loaded from, None for native).
+    Returns `model`."""
+    return prepare_checkpoints(track_routers(include_aux_losses(model)), format_name)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from .stats import RoutingTotals
+from .stats import RoutingTotals, track_routers
 
 __all__ = ["RouterStats"]
 
@@ -26,8 +26,10 @@ class RouterStats(TrainerCallback):
     def __init__(self) -> None:
         self.totals = RoutingTotals()
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.totals.reset()
+        if model is not None:
+            track_routers(model)  # a Hugging Face MoE loaded by transformers: its routers keep their output
 
     def on_substep_end(self, args, state, control, model=None, **kwargs):
         if model is not None:

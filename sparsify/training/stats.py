@@ -1,7 +1,9 @@
 """Router statistics: how each MoE layer used its experts.
 
 Computed from what every `Router` keeps of its last forward (`Router.last_forward`), after the
-forward and only when asked, so inference pays nothing for them. `RoutingTotals` adds them up over
+forward and only when asked, so inference pays nothing for them. The routers of the Hugging Face
+MoE classes (Mixtral, Qwen-MoE, Switch) keep theirs once `track_routers` has run (`sparsify.load`
+and `RouterStats` run it); a layer is then named by the module that holds the router. `RoutingTotals` adds them up over
 several forwards on the device (no host synchronisation per step) and is read once, when logged.
 
 Keys, per MoE layer (its module path, e.g. `model.layers.1.mlp`):
@@ -19,6 +21,7 @@ Keys, per MoE layer (its module path, e.g. `model.layers.1.mlp`):
 from __future__ import annotations
 
 import weakref
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -26,7 +29,7 @@ import torch.nn as nn
 from ..kernels.reference import expert_counts
 from ..moe import Router, SparseMoE
 
-__all__ = ["router_stats", "RoutingTotals", "PREFIX"]
+__all__ = ["router_stats", "RoutingTotals", "track_routers", "PREFIX"]
 
 PREFIX = "router/"
 
@@ -34,35 +37,88 @@ PREFIX = "router/"
 # entropy sum, z sum, tokens, balancing loss, forwards]. Sums of these are the totals.
 _TAIL = ("assignments", "dropped", "dropped_of", "entropy", "z", "tokens", "balancing", "forwards")
 
+# transformers' routers in the MoE formats sparsify writes: Mixtral's and Qwen-MoE's return
+# (logits [T, E], top-k weights, top-k experts [T, k]); Switch's returns (one-hot experts [..., E]
+# with the assignments over capacity zeroed, top probability [..., 1], logits [..., E]).
+_HF_TOPK_ROUTERS = ("MixtralTopKRouter", "Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter")
+_HF_SWITCH_ROUTER = "SwitchTransformersTop1Router"
+_TRACE = "_sparsify_last_forward"
 
-def _layer_vector(router: Router) -> torch.Tensor | None:
-    last = router.last_forward
-    if last is None:
-        return None
-    cfg = router.config
-    e, t = cfg.num_experts, last.tokens
-    logits, probs = last.logits.detach(), last.probs.detach()
-    routing = last.routing
-    counts = expert_counts(routing.expert_idx, e, torch.float32)
-    pairs = torch.tensor(float(routing.expert_idx.numel()), device=counts.device)
+
+def _vector(logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor, dropped: torch.Tensor,
+            dropped_of: float, tokens: int) -> torch.Tensor:
+    """One forward's vector (see `_TAIL`) from its logits and probabilities [T, E], the kept
+    assignments per expert, and how many of `dropped_of` were dropped."""
+    logits, probs = logits.detach().float(), probs.detach().float()
+    pairs = counts.sum()
+    device = counts.device
+    # the Switch balancing loss E * sum_i f_i P_i, as the router computes it for its aux loss
+    balancing = counts.numel() * torch.sum(counts / pairs.clamp(min=1.0) * probs.mean(dim=0)) if tokens else pairs * 0
+    return torch.cat([counts, torch.stack([
+        pairs, dropped.float(), torch.tensor(float(dropped_of), device=device),
+        torch.special.entr(probs).sum(), torch.logsumexp(logits, dim=-1).square().sum(),
+        torch.tensor(float(tokens), device=device), balancing, torch.ones((), device=device),
+    ])])
+
+
+def _native_vector(router: Router) -> torch.Tensor:
+    last, cfg = router.last_forward, router.config
+    routing, t = last.routing, last.tokens
+    counts = expert_counts(routing.expert_idx, cfg.num_experts, torch.float32)
     if cfg.router == "expert-choice":
         chosen = torch.zeros(t, device=counts.device).index_add_(
             0, routing.token_idx, torch.ones_like(routing.token_idx, dtype=torch.float32))
-        dropped, dropped_of = (chosen == 0).sum().float(), float(t)
+        dropped, dropped_of = (chosen == 0).sum(), t
     else:
-        dropped, dropped_of = t * cfg.top_k - pairs, float(t * cfg.top_k)
-    losses = Router.losses(logits, probs, routing.expert_idx)
-    tail = torch.stack([
-        pairs, dropped, torch.tensor(dropped_of, device=counts.device),
-        torch.special.entr(probs).sum().float(), torch.logsumexp(logits, dim=-1).square().sum().float(),
-        torch.tensor(float(t), device=counts.device), losses["load_balancing"].float(),
-        torch.ones((), device=counts.device),
-    ])
-    return torch.cat([counts, tail])
+        dropped, dropped_of = t * cfg.top_k - counts.sum(), t * cfg.top_k
+    return _vector(last.logits, last.probs, counts, dropped, dropped_of, t)
 
 
-def _routers(model: nn.Module) -> dict[str, Router]:
-    return {name: m.router for name, m in model.named_modules() if isinstance(m, SparseMoE)}
+def _hf_vector(kind: str, output: tuple) -> torch.Tensor:
+    if kind == _HF_SWITCH_ROUTER:  # its second output is each token's top probability only
+        chosen, logits = (output[i].reshape(-1, output[i].shape[-1]) for i in (0, 2))
+        counts = chosen.float().sum(dim=0)
+        tokens = chosen.shape[0]
+        return _vector(logits, logits.float().softmax(dim=-1), counts, tokens - counts.sum(), tokens, tokens)
+    logits, _, experts = output
+    logits = logits.reshape(-1, logits.shape[-1])
+    counts = expert_counts(experts.reshape(-1), logits.shape[-1], torch.float32)
+    return _vector(logits, logits.float().softmax(dim=-1), counts, counts.sum() * 0, experts.numel(), logits.shape[0])
+
+
+class _HFForward:
+    """What a transformers router returned in its last forward (kept by `track_routers`)."""
+
+    def __init__(self, kind: str, output: tuple) -> None:
+        self.kind, self.output = kind, output
+
+
+def _keep_output(module: nn.Module, args: tuple, output: tuple) -> None:
+    # References only: nothing is computed until the statistics are read.
+    object.__setattr__(module, _TRACE, _HFForward(type(module).__name__, output))
+
+
+def track_routers(model: nn.Module) -> nn.Module:
+    """Make the routers of a Hugging Face MoE model (Mixtral, Qwen-MoE, Switch) keep their last
+    forward's output, as sparsify's own routers do, for the statistics. Idempotent; returns `model`."""
+    for m in model.modules():
+        kind = type(m).__name__
+        if (kind in _HF_TOPK_ROUTERS or kind == _HF_SWITCH_ROUTER) and not hasattr(m, _TRACE):
+            object.__setattr__(m, _TRACE, None)
+            m.register_forward_hook(_keep_output)
+    return model
+
+
+def _layers(model: nn.Module) -> dict[str, tuple[object, Callable[[], torch.Tensor]]]:
+    """MoE layer name -> (its last forward, how to make its vector), for layers that ran."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, SparseMoE) and m.router.last_forward is not None:
+            out[name] = (m.router.last_forward, lambda r=m.router: _native_vector(r))
+        elif getattr(m, _TRACE, None) is not None:
+            last = getattr(m, _TRACE)
+            out[name.rsplit(".", 1)[0]] = (last, lambda f=last: _hf_vector(f.kind, f.output))
+    return out
 
 
 class RoutingTotals:
@@ -76,12 +132,11 @@ class RoutingTotals:
     def add(self, model: nn.Module) -> None:
         """Add the last forward of each of `model`'s routers (on the device; nothing waits)."""
         with torch.no_grad():
-            for name, router in _routers(model).items():
-                last = router.last_forward
+            for name, (last, vector_of) in _layers(model).items():
                 seen = self._seen.get(name)
-                if last is None or (seen is not None and seen() is last):
+                if seen is not None and seen() is last:
                     continue
-                vector = _layer_vector(router)
+                vector = vector_of()
                 self._seen[name] = weakref.ref(last)
                 self._totals[name] = vector if name not in self._totals else self._totals[name] + vector
 

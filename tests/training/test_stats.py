@@ -119,3 +119,42 @@ def test_reading_statistics_keeps_the_aux_losses_differentiable():
     layer(torch.randn(16, 8, requires_grad=True))
     _stats_of(layer)
     assert layer.aux_loss().requires_grad
+
+
+# Hugging Face formats: (demo, format, the layers' path pattern)
+HF_FORMATS = [
+    ("llama", "mixtral", "model.layers.{i}.mlp"),
+    ("qwen2", "qwen2-moe", "model.layers.{i}.mlp"),
+    ("t5", "switch", None),
+]
+
+
+@pytest.mark.parametrize("name,fmt,pattern", HF_FORMATS, ids=[f[1] for f in HF_FORMATS])
+def test_statistics_of_hugging_face_formats(tmp_path, sparsify_cli, name, fmt, pattern):
+    import transformers
+
+    code, _, err = sparsify_cli("upcycle", f"demo:{name}", "--experts", str(E), "--format", fmt, "-o", tmp_path / "out")
+    assert code == 0, err
+    from_sparsify = sparsify.load(tmp_path / "out")
+    from_transformers = sparsify.training.prepare_for_training(
+        type(from_sparsify).from_pretrained(tmp_path / "out"))  # the one call such a model needs
+    ids = torch.randint(2, 512, (2, 12))
+    kwargs = {"decoder_input_ids": ids} if fmt == "switch" else {}
+    for model in (from_sparsify, from_transformers):
+        assert isinstance(model, transformers.PreTrainedModel)
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids, **kwargs)
+        stats = sparsify.router_stats(model)
+        layers = sorted({k.split("/")[1] for k in stats})
+        assert layers and all(f"router/{n}/{s}" in stats for n in layers for s in STATS)
+        if pattern:
+            assert set(layers) <= {pattern.format(i=i) for i in range(model.config.num_hidden_layers)}
+        for n in layers:
+            assert sum(stats[f"router/{n}/load/{e}"] for e in range(E)) == pytest.approx(1.0)
+            # fresh routers (weights of std 0.02) are close to uniform: entropy near ln E
+            assert 0.9 * math.log(E) < stats[f"router/{n}/entropy"] <= math.log(E) + 1e-6
+            assert stats[f"router/{n}/balancing_loss"] >= 1.0 - 1e-3
+            assert 0.0 <= stats[f"router/{n}/dropped"] < 1.0
+            assert stats[f"router/{n}/z_loss"] > 0.0
+    assert sparsify.router_stats(from_sparsify).keys() == sparsify.router_stats(from_transformers).keys()
