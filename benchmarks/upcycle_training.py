@@ -81,7 +81,7 @@ class Setting:
 SETTINGS = {
     # about 35 minutes on an otherwise idle 2-core machine (BENCHMARKS.md says how it was sized)
     "full": Setting(corpus_mb=12.0, vocab=4096, hidden=128, intermediate=512, layers=4, heads=4, seq=128,
-                    batch=16, pretrain_steps=1200, extra_steps=600, evals=12, eval_windows=64),
+                    batch=16, pretrain_steps=1000, extra_steps=500, evals=10, eval_windows=64),
     "quick": Setting(corpus_mb=2.0, vocab=2048, hidden=96, intermediate=384, layers=4, heads=4, seq=96,
                      batch=16, pretrain_steps=300, extra_steps=150, evals=6, eval_windows=32),
     "tiny": Setting(corpus_mb=0.25, vocab=384, hidden=32, intermediate=64, layers=2, heads=2, seq=32,
@@ -269,10 +269,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for arm in ("pretrain", *ARMS):
         points = [(r["extra_flops"], r["heldout_loss"]) for r in rows if r.get("arm") == arm and not r.get("summary")]
         if points:
-            style = {"color": "grey", "linestyle": "--", "label": "dense pretraining"} if arm == "pretrain" else {"label": arm}
+            style = {"label": arm}
+            if arm == "pretrain":
+                style = {"color": "grey", "linestyle": "--", "label": "dense pretraining"}
+            elif arm == "scratch":
+                style = {"label": "scratch (its FLOPs less the dense pretraining's)"}
             ax.plot(*zip(*points), marker="o", markersize=3, **style)
     ax.axvline(0.0, color="grey", linewidth=0.8, linestyle=":")
-    ax.set_xlabel("extra training FLOPs (active parameters; scratch: its total minus the dense pretraining)")
+    ax.set_xlabel("extra training FLOPs, from active parameters")
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
