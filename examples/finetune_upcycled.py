@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--every", type=int, default=1, help="every N-th FFN becomes an MoE")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--no-balance", action="store_true", help="train without the load-balancing loss")
@@ -144,7 +144,7 @@ def main() -> None:
     data = corpus()
     split = int(0.95 * data.numel())
     train_data, held = data[:split], data[split:]
-    held_out = list(itertools.islice(batches(held, 16, args.seq, seed=99), 4))
+    held_out = list(itertools.islice(batches(held, args.batch, args.seq, seed=99), 4))
     say = (lambda *a: None) if args.json else print
     say(f"corpus: {data.numel():,} bytes of Python stdlib source; held out {held.numel():,}")
 
