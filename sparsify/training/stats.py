@@ -51,13 +51,13 @@ def _vector(logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor, dro
     assignments per expert, and how many of `dropped_of` were dropped."""
     logits, probs = logits.detach().float(), probs.detach().float()
     pairs = counts.sum()
-    device = counts.device
     # the Switch balancing loss E * sum_i f_i P_i, as the router computes it for its aux loss
     balancing = counts.numel() * torch.sum(counts / pairs.clamp(min=1.0) * probs.mean(dim=0)) if tokens else pairs * 0
+    # constants made on the device (new_full), not copied from the host: no synchronisation
     return torch.cat([counts, torch.stack([
-        pairs, dropped.float(), torch.tensor(float(dropped_of), device=device),
+        pairs, dropped.float(), counts.new_full((), float(dropped_of)),
         torch.special.entr(probs).sum(), torch.logsumexp(logits, dim=-1).square().sum(),
-        torch.tensor(float(tokens), device=device), balancing, torch.ones((), device=device),
+        counts.new_full((), float(tokens)), balancing, counts.new_ones(()),
     ])])
 
 
