@@ -27,7 +27,8 @@ def _script():
 
 def _has_drop_upcycling() -> bool:
     """Whether `sparsify.upcycle` takes `drop_ratio` (Drop-Upcycling, being added on main)."""
-    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    ffn = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    net = torch.nn.Sequential(ffn)  # the FFN must be a submodule to be found
     try:
         sparsify.upcycle(net, experts=2, top_k=1, every=1, drop_ratio=0.5, example_inputs=(torch.randn(2, 4),))
     except TypeError as err:
