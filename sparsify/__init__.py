@@ -18,6 +18,7 @@ from .errors import SparsifyError  # noqa: E402
 from .moe import MoEConfig, SparseMoE, aux_losses  # noqa: E402
 from .passes import PassManager  # noqa: E402
 from .plan import FFNSite, UpcyclePlan  # noqa: E402
+from .training import router_stats  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -25,6 +26,7 @@ __all__ = [
     "load",
     "save",
     "aux_losses",
+    "router_stats",
     "PassManager",
     "passes",
     "MoEConfig",

@@ -14,6 +14,7 @@ from .formats.tensors import ModelTensors
 from .io.sources import Source, load_source
 from .passes import FindFFN, FuseDispatchCombine, PassManager, SelectLayers, UpcycleFFN
 from .plan import UpcyclePlan
+from .training import include_aux_losses, prepare_for_training
 
 __all__ = ["upcycle", "upcycle_with_plan", "upcycle_passes", "save", "load"]
 
@@ -60,7 +61,7 @@ def upcycle_with_plan(
     result.plan.source = source.describe()
     result.model.sparsify_plan = result.plan
     result.model.sparsify_source = source
-    return result.model, result.plan, source
+    return prepare_for_training(result.model), result.plan, source
 
 
 def upcycle(model: nn.Module | str, experts: int = 8, top_k: int | None = 2, every: int | None = 2, **options: Any) -> nn.Module:
@@ -74,7 +75,9 @@ def upcycle(model: nn.Module | str, experts: int = 8, top_k: int | None = 2, eve
     `split` (parameter-neutral), `router_init_std`, `seed`. `backend` picks the MoE kernels
     (auto | reference | cpu | triton); `example_inputs=(x,)` serves a module whose inputs cannot
     be made from a Hugging Face config. Returns the rewritten module (its plan is
-    `module.sparsify_plan`).
+    `module.sparsify_plan`). In training mode the loss it returns includes the routers' weighted
+    balancing and z losses, and its `save_pretrained` writes the native format (see
+    `sparsify.training`).
     """
     return upcycle_with_plan(model, experts=experts, top_k=top_k, every=every, **options)[0]
 
@@ -104,6 +107,8 @@ def load(path: str | Path, placement: Any = None, group: Any = None, backend: st
     `group` (a process group or 1-D DeviceMesh; default the world), or for a directory written
     by `sparsify shard`, each rank loads only its experts and gets the whole model back with
     expert-parallel MoE layers. `backend` picks the MoE kernels (see `FuseDispatchCombine`).
+    In training mode the loss the model returns includes its router losses, and `save_pretrained`
+    writes a checkpoint this function reads again (see `sparsify.training`).
     """
     from .partition.shards import is_shard_dir
 
@@ -111,8 +116,8 @@ def load(path: str | Path, placement: Any = None, group: Any = None, backend: st
     if placement is not None or group is not None or is_shard_dir(path):
         from .partition.loader import load_expert_parallel
 
-        return fuse.run(load_expert_parallel(path, placement, group)).model
+        return include_aux_losses(fuse.run(load_expert_parallel(path, placement, group)).model)
     fmt = output_format(path)
     if fmt is not None and fmt != NativeFormat.name:
-        return load_hf_output(path)
-    return fuse.run(load_native(path)).model
+        return prepare_for_training(load_hf_output(path), fmt)
+    return prepare_for_training(fuse.run(load_native(path)).model)

@@ -157,7 +157,7 @@ def _header(tensors: list[OutputTensor]) -> bytes:
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
-    t = t.contiguous()
+    t = t.contiguous().cpu()  # a model training on a GPU is saved from its device tensors
     return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
 
 
