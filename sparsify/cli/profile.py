@@ -21,7 +21,7 @@ def profile(
                                        help="An upcycled model directory (written by sparsify upcycle).")],
     out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE",
                                       help="Where to write the statistics (JSON, written atomically).")],
-    calibration: Annotated[Optional[Path], typer.Option("--calibration", metavar="FILE",
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", metavar="FILE", show_default="none: this or --demo-text",
                                                         help="A UTF-8 text file to run the model on.")] = None,
     demo_text: Annotated[bool, typer.Option("--demo-text", help="Use a short built-in text instead of --calibration.")] = False,
     seq_len: Annotated[int, typer.Option("--seq-len", metavar="N", help="Tokens per sequence.")] = 128,

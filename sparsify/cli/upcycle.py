@@ -36,7 +36,7 @@ def upcycle(
         "--every", metavar="N", show_default="2; 1 with --format mixtral",
         help="Within each stack, FFN j becomes an MoE layer when j % N == N - 1.")] = None,
     layers: Annotated[Optional[str], typer.Option(
-        "--layers", metavar="LIST", help="Comma-separated FFN indices within each stack, e.g. 1,3,5 (instead of --every).")] = None,
+        "--layers", metavar="LIST", show_default="chosen by --every", help="Comma-separated FFN indices within each stack, e.g. 1,3,5 (instead of --every).")] = None,
     capacity_factor: Annotated[Optional[float], typer.Option(
         "--capacity-factor", metavar="F", show_default="none: dropless",
         help="Expert capacity factor; tokens over an expert's capacity are dropped.")] = None,
@@ -100,8 +100,9 @@ def _upcycle_checkpoint(o: Output, source: str, out: Path, format: str, dry_run:
     else:
         short = f"{name} (a Hugging Face format that fits this source and keeps the options' meaning)"
     total, active = r.params
+    written = None if dry_run else sum(f.stat().st_size for f in Path(r.out).rglob("*") if f.is_file())
     return _doc(source, r.out, r.plan, {"total": total, "active_per_token": active, "dense": r.dense_params},
-                name, short, r.format_reason, r.bytes_written, r.streamed, r.why_not_preserving, dry_run)
+                name, short, r.format_reason, r.bytes_written, written, r.streamed, r.why_not_preserving, dry_run)
 
 
 def _upcycle_onnx(o: Output, source: str, out: Path, experts: int, top_k: int | None, router: str | None,
@@ -126,8 +127,9 @@ def _upcycle_onnx(o: Output, source: str, out: Path, experts: int, top_k: int | 
     why = cfg.why_not_preserving() or ("--noise perturbs the expert copies" if noise > 0 else None)
     params = param_counts(r.plan, r.dense_params)
     params["total"] = r.total_params
-    written = r.weight_bytes if dry_run else sum(p.stat().st_size for p in _onnx_files(r.path))
-    doc = _doc(source, r.path, r.plan, params, "onnx", f"onnx, target {target}", "", written, False, why, dry_run)
+    written = None if dry_run else sum(p.stat().st_size for p in _onnx_files(r.path))
+    doc = _doc(source, r.path, r.plan, params, "onnx", f"onnx, target {target}", "", r.weight_bytes, written, False,
+               why, dry_run)
     doc["fusion"] = r.report.to_dict()
     doc["fusion_lines"] = r.report.lines()
     return doc
@@ -139,14 +141,14 @@ def _onnx_files(path: Path) -> list[Path]:
 
 
 def _doc(source: str, out: Path, plan: Any, params: dict[str, int], fmt: str, format_line: str, format_reason: str,
-         nbytes: int, streamed: bool, why: str | None, dry_run: bool) -> dict[str, Any]:
+         weight_bytes: int, written: int | None, streamed: bool, why: str | None, dry_run: bool) -> dict[str, Any]:
     cfgs = plan_moes(plan)
     return {
         "command": "upcycle", "source": source, "out": str(out), "dry_run": dry_run,
         "sites": site_rows(plan), "rejected": [{"path": r.path, "reason": r.reason} for r in plan.rejected],
         "selected": list(plan.selected), "moe": moe_dict(cfgs[0]) if len(cfgs) == 1 else None,
         "parameters": params, "format": fmt, "format_line": format_line, "format_reason": format_reason,
-        "bytes": nbytes, "streamed": streamed, "preserves_outputs": why is None, "why_not_preserving": why,
+        "weight_bytes": weight_bytes, "bytes_written": written, "streamed": streamed, "preserves_outputs": why is None, "why_not_preserving": why,
     }
 
 
@@ -165,8 +167,12 @@ def summary_lines(doc: dict[str, Any]) -> list[str]:
         f"{verb} {len(selected)} of the {len(sites)} FFNs into {how}",
         f"parameters: {counts_text(doc['parameters'])}",
     ]
-    written = "would be written" if doc["dry_run"] else "written"
-    lines.append(f"format: {doc['format_line']}; {format_bytes(doc['bytes'])} {written}{' by streaming' if doc['streamed'] else ''}")
+    how = " by streaming" if doc["streamed"] else ""
+    if doc["dry_run"]:
+        size = f"{format_bytes(doc['weight_bytes'])} of weights would be written{how}"
+    else:
+        size = f"{format_bytes(doc['bytes_written'])} written{how}"
+    lines.append(f"format: {doc['format_line']}; {size}")
     lines.extend(doc.get("fusion_lines", []))
     dense = "dense graph's" if doc["format"] == "onnx" else "dense model's"
     if doc["why_not_preserving"]:
