@@ -7,7 +7,6 @@ without torch (tests/cli/test_fast_start.py checks it).
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Annotated, Any, Callable
 
@@ -71,7 +70,6 @@ def _root(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
         argv = ["--help"]  # bare `sparsify`: the help, not an error
