@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ..plan import FFNSite, UpcyclePlan
 
 __all__ = ["load_any", "count_params", "parse_layers", "site_moe", "plan_moes", "moe_text", "moe_dict",
-           "site_rows", "sites_table", "param_counts", "params_from_total", "counts_text"]
+           "site_rows", "sites_table", "param_counts", "params_from_total", "counts_text", "cache_note"]
 
 
 def load_any(spec: str) -> tuple[nn.Module, Source]:
@@ -35,6 +35,22 @@ def load_any(spec: str) -> tuple[nn.Module, Source]:
 
         return load(src.path), src
     return load_source(src)
+
+
+def cache_note(spec: str) -> str | None:
+    """A line saying which cached model a hub id found under its other name, if it did."""
+    from pathlib import Path
+
+    if spec.startswith("demo:") or spec.endswith(".onnx") or Path(spec).expanduser().exists():
+        return None
+    from ..io.hub_cache import repo_of_snapshot
+    from ..io.sources import resolve_source
+
+    src = resolve_source(spec)
+    repo = repo_of_snapshot(src.path) if src.kind == "hub" and src.path is not None else None
+    if repo is None or repo.lower() == spec.lower():
+        return None
+    return f"'{spec}' is not in the Hugging Face cache under that id; using the cached '{repo}' (its other name)"
 
 
 def count_params(model: nn.Module) -> int:

@@ -42,10 +42,13 @@ def export(
     ort); the rest, or everything with --target standard, is written in standard ops."""
     with Output(quiet, as_json, verbose) as o:
         from ..onnx.export import check_export_options, export_onnx
-        from .common import load_any
+        from .common import cache_note, load_any
 
         check_export_options(target, opset, batch, seq)  # before the (slow) load
         o.step(f"loading {source}")
+        note = cache_note(source)
+        if note:
+            o.detail(note)
         model, _ = load_any(source)
         o.step("exporting to ONNX: torch.export, translation, MoE fusion, onnx.checker")
         shape = {"batch": batch, "seq": seq} if not dynamic else {}  # dynamic: small example inputs

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ..units import format_bytes, format_count
-from .common import counts_text, param_counts, params_from_total, site_rows, sites_table
+from .common import cache_note, counts_text, param_counts, params_from_total, site_rows, sites_table
 from .main import command
 from .options import AsJson, Quiet, Verbose
 from .output import Output
@@ -31,6 +31,9 @@ def inspect(
     and router. ONNX graphs are read from their sparsify metadata, or searched for FFNs."""
     with Output(quiet, as_json, verbose) as o:
         o.step(f"reading {path}")
+        note = cache_note(path)
+        if note:
+            o.detail(note)
         doc = _inspect_onnx(path) if path.endswith(".onnx") else _inspect_model(path)
         o.emit(doc)
         sites, selected = doc["sites"], doc["selected"]

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..units import format_bytes
-from .common import counts_text, moe_dict, moe_text, param_counts, parse_layers, plan_moes, site_rows, sites_table
+from .common import cache_note, counts_text, moe_dict, moe_text, param_counts, parse_layers, plan_moes, site_rows, sites_table
 from .main import command
 from .options import (DTYPE_CHOICES, FORMAT_CHOICES, ONNX_TARGETS, ROUTER_CHOICES, SOURCE_HELP, AsJson, Force, Quiet,
                       Verbose, choices)
@@ -91,6 +91,9 @@ def _upcycle_checkpoint(o: Output, source: str, out: Path, format: str, dry_run:
         o.advance(text, done, total if stage == "write" else None)
 
     o.step(_STAGES["load"].format(source=source))
+    note = cache_note(source)
+    if note:
+        o.detail(note)
     r = convert(source, out, format=format, progress=progress, dry_run=dry_run, **options)
     name = "native" if r.format == "sparsify-native" else r.format
     if format != "auto":

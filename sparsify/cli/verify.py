@@ -45,8 +45,10 @@ def verify(
                               "(sparsify export) or pass the checkpoint of the graph")
         else:
             from ..verify import compare
-            from .common import load_any
+            from .common import cache_note, load_any
 
+            for note in filter(None, map(cache_note, (dense, moe))):
+                o.detail(note)
             o.step(f"loading {dense}")
             ref, _ = load_any(dense)
             o.step(f"loading {moe}")

@@ -11,21 +11,23 @@ legacy `NAME`. The cache is read with huggingface_hub's `scan_cache_dir`.
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 
 from ..errors import SourceError
 
-__all__ = ["cached_models", "cached_alias", "describe_cache"]
+__all__ = ["cached_models", "cached_alias", "describe_cache", "repo_of_snapshot"]
 
 _LISTED = 8
 
 
 def cached_models() -> list[str]:
     """Ids of the models in the Hugging Face cache (HF_HUB_CACHE), sorted; [] without a cache."""
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
     try:
-        info = scan_cache_dir()
+        # The cache snapshot_download reads (scan_cache_dir's own default is bound at its import).
+        info = scan_cache_dir(constants.HF_HUB_CACHE)
     except (CacheNotFound, OSError):
         return []
     return sorted(r.repo_id for r in info.repos if r.repo_type == "model")
@@ -55,3 +57,11 @@ def describe_cache(repo_id: str) -> str:
     more = "" if close or len(held) <= _LISTED else f" and {len(held) - _LISTED} more"
     label = "the closest cached models are" if close else f"the cache ({constants.HF_HUB_CACHE}) holds"
     return f"{label} {', '.join(shown)}{more}"
+
+
+def repo_of_snapshot(path: str | Path) -> str | None:
+    """The repo id of a cache snapshot directory (.../models--ORG--NAME/snapshots/REV), else None."""
+    parts = Path(path).parts
+    if len(parts) < 3 or parts[-2] != "snapshots" or not parts[-3].startswith("models--"):
+        return None
+    return parts[-3][len("models--"):].replace("--", "/")
