@@ -8,12 +8,24 @@ class formats arguments and text defaults itself and leaves everything else to t
 
 from __future__ import annotations
 
-from typer.core import TyperArgument, TyperCommand
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-__all__ = ["Command"]
+__all__ = ["Command", "Group"]
 
 
-class Command(TyperCommand):
+class _HelpDefaultsToFalse:
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None and option.default is None:
+            option.default = False
+        return option
+
+
+class Group(_HelpDefaultsToFalse, TyperGroup):
+    """The `sparsify` group: typer's, with the help flag defaulting to False."""
+
+
+class Command(_HelpDefaultsToFalse, TyperCommand):
     """A typer command with untyped argument names and unwrapped text defaults in its help."""
 
     def collect_usage_pieces(self, ctx) -> list[str]:

@@ -14,12 +14,13 @@ import typer
 from rich.console import Console
 
 from ..errors import SparsifyError
-from .help import Command
+from .help import Command, Group
 
 __all__ = ["app", "main", "command", "console", "err_console"]
 
 app = typer.Typer(
     name="sparsify",
+    cls=Group,
     help="Turn dense transformer checkpoints into Mixture-of-Experts models (sparse upcycling).",
     add_completion=False,
     pretty_exceptions_enable=False,
