@@ -10,7 +10,7 @@ import typer
 from ..units import format_bytes, format_count
 from .common import cache_note, counts_text, param_counts, params_from_total, site_rows, sites_table
 from .main import command
-from .options import AsJson, Quiet, Verbose
+from .options import argument
 from .output import Output
 
 __all__ = ["inspect"]
@@ -18,41 +18,37 @@ __all__ = ["inspect"]
 
 @command()
 def inspect(
-    path: Annotated[str, typer.Argument(
-        metavar="PATH", show_default=False,
-        help="A dense source (directory, hub id, demo:NAME), an upcycled directory, or an .onnx graph.")],
-    quiet: Quiet = False,
-    as_json: AsJson = False,
-    verbose: Verbose = False,
+    o: Output,
+    path: Annotated[str, argument(
+        "PATH", "A dense source (directory, hub id, demo:NAME), an upcycled directory, or an .onnx graph.")],
 ) -> None:
     """Show a model's FFN sites, MoE layers and parameter counts.
 
     One row per FFN site: its module, activation and shape, and for an MoE layer its experts
     and router. ONNX graphs are read from their sparsify metadata, or searched for FFNs."""
-    with Output(quiet, as_json, verbose) as o:
-        o.step(f"reading {path}")
-        note = cache_note(path)
-        if note:
-            o.detail(note)
-        doc = _inspect_onnx(path) if path.endswith(".onnx") else _inspect_model(path)
-        o.emit(doc)
-        sites, selected = doc["sites"], doc["selected"]
-        if doc["kind"] == "upcycled":
-            what = f"upcycled, {doc['format']} format, {len(selected)} of {len(sites)} FFNs are MoE layers"
-        else:
-            what = f"dense, {len(sites)} FFN sites"
-        o.result(f"{path}: {what}")
-        o.table(sites_table(sites, ""))
-        if "graph" in doc:
-            g = doc["graph"]
-            o.detail(f"graph: {g['role']}, opset {g['opset']}{', target ' + g['target'] if g['target'] else ''}; "
-                     f"({', '.join(g['inputs'])}) -> {', '.join(g['outputs'])}; {format_bytes(g['weight_bytes'])} of weights")
-            for line in g["fusion_lines"]:
-                o.detail(f"  {line}")
-        p = doc["parameters"]
-        o.detail(f"parameters: {counts_text(p)}" if doc["kind"] == "upcycled" else f"parameters: {format_count(p['total'])}")
-        for r in doc["rejected"]:
-            o.detail(f"rejected {r['path'] or '<root>'}: {r['reason']}", style="yellow")
+    o.step(f"reading {path}")
+    note = cache_note(path)
+    if note:
+        o.detail(note)
+    doc = _inspect_onnx(path) if path.endswith(".onnx") else _inspect_model(path)
+    o.emit(doc)
+    sites, selected = doc["sites"], doc["selected"]
+    if doc["kind"] == "upcycled":
+        what = f"upcycled, {doc['format']} format, {len(selected)} of {len(sites)} FFNs are MoE layers"
+    else:
+        what = f"dense, {len(sites)} FFN sites"
+    o.result(f"{path}: {what}")
+    o.table(sites_table(sites, ""))
+    if "graph" in doc:
+        g = doc["graph"]
+        o.detail(f"graph: {g['role']}, opset {g['opset']}{', target ' + g['target'] if g['target'] else ''}; "
+                 f"({', '.join(g['inputs'])}) -> {', '.join(g['outputs'])}; {format_bytes(g['weight_bytes'])} of weights")
+        for line in g["fusion_lines"]:
+            o.detail(f"  {line}")
+    p = doc["parameters"]
+    o.detail(f"parameters: {counts_text(p)}" if doc["kind"] == "upcycled" else f"parameters: {format_count(p['total'])}")
+    for r in doc["rejected"]:
+        o.detail(f"rejected {r['path'] or '<root>'}: {r['reason']}", style="yellow")
 
 
 def _doc(path: str, kind: str, fmt: str | None, plan: Any, params: dict[str, int]) -> dict[str, Any]:

@@ -7,6 +7,8 @@ without torch (tests/cli/test_fast_start.py checks it).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from typing import Annotated, Any, Callable
 
@@ -15,6 +17,8 @@ from rich.console import Console
 
 from ..errors import SparsifyError
 from .help import Command, Group
+from .options import AsJson, Quiet, Verbose
+from .output import Output
 
 __all__ = ["app", "main", "command", "console", "err_console"]
 
@@ -36,8 +40,26 @@ _HELPERS = {"main", "common", "help", "options", "output"}
 
 
 def command(**kwargs: Any) -> Callable:
-    """`app.command`, with sparsify's help layout (see `help.Command`)."""
-    return app.command(cls=Command, **kwargs)
+    """Register a command: `app.command` with sparsify's help layout (see `help.Command`), and
+    the options every command has. The function takes the run's `Output` as its first argument;
+    the command gets --quiet, --json and --verbose and runs inside that Output."""
+
+    def register(fn: Callable) -> Callable:
+        signature = inspect.signature(fn, eval_str=True)
+        own = list(signature.parameters.values())[1:]  # the first is the Output
+        shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=annotation)
+                  for name, annotation in (("quiet", Quiet), ("as_json", AsJson), ("verbose", Verbose))]
+
+        @functools.wraps(fn)
+        def run(*args: Any, quiet: bool = False, as_json: bool = False, verbose: bool = False, **options: Any) -> Any:
+            with Output(quiet, as_json, verbose) as o:
+                return fn(o, *args, **options)
+
+        run.__signature__ = signature.replace(parameters=[*own, *shared])  # what typer reads the options from
+        app.command(cls=Command, **kwargs)(run)
+        return fn
+
+    return register
 
 
 def _register() -> None:

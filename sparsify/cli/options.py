@@ -8,14 +8,14 @@ tests/cli/test_help.py checks that each list equals its registry. The demos come
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from ..io.demo import DEMOS
 
 __all__ = ["Quiet", "AsJson", "Verbose", "Force", "DEMO_LIST", "SOURCE_HELP", "FORMAT_CHOICES", "DTYPE_CHOICES",
-           "ROUTER_CHOICES", "ONNX_TARGETS", "choices"]
+           "ROUTER_CHOICES", "ONNX_TARGETS", "choices", "argument", "UpcycledDir"]
 
 DEMO_LIST = ", ".join(f"demo:{name}" for name in DEMOS)
 SOURCE_HELP = (f"A dense model: a local Hugging Face directory, a hub id (looked up in the Hugging Face cache first), "
@@ -24,6 +24,11 @@ FORMAT_CHOICES = ("auto", "native", "mixtral", "qwen2-moe", "switch")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 ROUTER_CHOICES = ("topk", "switch", "expert-choice")
 ONNX_TARGETS = ("ort", "standard")
+
+
+def argument(metavar: str, help: str) -> Any:
+    """A positional argument, named in help and usage by `metavar` (arguments have no default)."""
+    return typer.Argument(metavar=metavar, show_default=False, help=help)
 
 
 def choices(names: tuple[str, ...]) -> str:
@@ -38,3 +43,4 @@ Verbose = Annotated[bool, typer.Option(
     "--verbose", "-v", help="Explain each choice in full, and show other libraries' log lines, warnings and progress bars.")]
 Force = Annotated[bool, typer.Option(
     "--force", help="Replace OUT if it exists (only once the new output is complete).")]
+UpcycledDir = Annotated[str, argument("MOE", "An upcycled model directory (written by sparsify upcycle).")]

@@ -20,6 +20,7 @@ import sys
 import warnings
 from typing import Any, Iterator
 
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -69,7 +70,7 @@ class Output:
         self._stack.close()
         from ..errors import SparsifyError
 
-        if err is not None and not isinstance(err, (SparsifyError, KeyboardInterrupt)):
+        if err is not None and not isinstance(err, (SparsifyError, KeyboardInterrupt, SystemExit, typer.Exit)):
             # An unexpected failure: what the libraries said may explain it.
             self.stderr.write(self._captured.getvalue())
 

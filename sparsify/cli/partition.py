@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..units import format_bytes
 from .main import command
-from .options import AsJson, Force, Quiet, Verbose
+from .options import Force, UpcycledDir
 from .output import Output
 
 __all__ = ["partition", "native_dir"]
@@ -29,8 +29,8 @@ def native_dir(spec: str) -> Path:
 
 @command()
 def partition(
-    moe: Annotated[str, typer.Argument(metavar="MOE", show_default=False,
-                                       help="An upcycled model directory (written by sparsify upcycle).")],
+    o: Output,
+    moe: UpcycledDir,
     world_size: Annotated[int, typer.Option("--world-size", "-n", metavar="N", help="Ranks (devices) that share the experts.")],
     out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="Where to write the placement (plan.json, atomically).")],
     stats: Annotated[Optional[Path], typer.Option("--stats", metavar="FILE", show_default="uniform load",
@@ -42,38 +42,34 @@ def partition(
         "--tolerance", metavar="T",
         help="Load above the balanced maximum allowed to keep co-chosen experts together (0.05 = 5%).")] = 0.0,
     force: Force = False,
-    quiet: Quiet = False,
-    as_json: AsJson = False,
-    verbose: Verbose = False,
 ) -> None:
     """Place each MoE layer's experts on N ranks.
 
     Balances the expected load, fits --memory-per-rank, and keeps experts that are often chosen
     together on one rank; reports load, memory and all-to-all traffic against the contiguous
     placement."""
-    with Output(quiet, as_json, verbose) as o:
-        from ..formats.native import read_manifest
-        from ..io.atomic import check_output
-        from ..partition.memory import footprint_of_checkpoint, parse_memory
-        from ..partition.planner import plan_placement
-        from ..partition.stats import RoutingStats
-        from ..plan import UpcyclePlan
+    from ..formats.native import read_manifest
+    from ..io.atomic import check_output
+    from ..partition.memory import footprint_of_checkpoint, parse_memory
+    from ..partition.planner import plan_placement
+    from ..partition.stats import RoutingStats
+    from ..plan import UpcyclePlan
 
-        memory = parse_memory(memory_per_rank) if memory_per_rank is not None else None
-        check_output(out, force)
-        path = native_dir(moe)
-        plan = UpcyclePlan.from_dict(read_manifest(path)["plan"])
-        routing = RoutingStats.load(stats) if stats is not None else None
-        if routing is not None:
-            routing.check_matches(plan, where=f"'{stats}'")
-        o.step("planning the placement")
-        footprint = footprint_of_checkpoint(path, plan.selected, plan.moe.num_experts)
-        placement = plan_placement(plan, world_size, footprint, routing, memory, equal_experts=not uneven, tolerance=tolerance)
-        placement.save(out, force=force)
-        o.emit({"command": "partition", "model": moe, "out": str(out), "world_size": placement.world_size,
-                "report": placement.report})
-        _print_report(o, placement.world_size, placement.report)
-        o.result(f"wrote {out}")
+    memory = parse_memory(memory_per_rank) if memory_per_rank is not None else None
+    check_output(out, force)
+    path = native_dir(moe)
+    plan = UpcyclePlan.from_dict(read_manifest(path)["plan"])
+    routing = RoutingStats.load(stats) if stats is not None else None
+    if routing is not None:
+        routing.check_matches(plan, where=f"'{stats}'")
+    o.step("planning the placement")
+    footprint = footprint_of_checkpoint(path, plan.selected, plan.moe.num_experts)
+    placement = plan_placement(plan, world_size, footprint, routing, memory, equal_experts=not uneven, tolerance=tolerance)
+    placement.save(out, force=force)
+    o.emit({"command": "partition", "model": moe, "out": str(out), "world_size": placement.world_size,
+            "report": placement.report})
+    _print_report(o, placement.world_size, placement.report)
+    o.result(f"wrote {out}")
 
 
 def _print_report(o: Output, world_size: int, rep: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .main import command
-from .options import AsJson, Force, Quiet, Verbose
+from .options import Force, UpcycledDir
 from .output import Output
 
 __all__ = ["profile"]
@@ -17,8 +17,8 @@ __all__ = ["profile"]
 
 @command()
 def profile(
-    moe: Annotated[str, typer.Argument(metavar="MOE", show_default=False,
-                                       help="An upcycled model directory (written by sparsify upcycle).")],
+    o: Output,
+    moe: UpcycledDir,
     out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE",
                                       help="Where to write the statistics (JSON, written atomically).")],
     calibration: Annotated[Optional[Path], typer.Option("--calibration", metavar="FILE", show_default="none: this or --demo-text",
@@ -28,39 +28,35 @@ def profile(
     batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", help="Sequences per forward pass.")] = 8,
     max_tokens: Annotated[int, typer.Option("--max-tokens", metavar="N", help="Stop after this many calibration tokens.")] = 65536,
     force: Force = False,
-    quiet: Quiet = False,
-    as_json: AsJson = False,
-    verbose: Verbose = False,
 ) -> None:
     """Record how the routers use the experts on calibration text.
 
     Per MoE layer: the tokens each expert receives and how often each pair of experts is chosen
     for the same token (the input of sparsify partition)."""
-    with Output(quiet, as_json, verbose) as o:
-        import json
+    import json
 
-        from ..io.atomic import atomic_file, check_output
-        from ..partition.calibration import calibration_batches, load_tokenizer, read_calibration, token_ids
-        from ..partition.profile import profile_routing
-        from .common import load_any
+    from ..io.atomic import atomic_file, check_output
+    from ..partition.calibration import calibration_batches, load_tokenizer, read_calibration, token_ids
+    from ..partition.profile import profile_routing
+    from .common import load_any
 
-        text, where = read_calibration(calibration, demo_text)
-        check_output(out, force)
-        o.step(f"loading {moe}")
-        model, src = load_any(moe)
-        o.step("tokenizing the calibration text")
-        tokenizer = load_tokenizer(src.path)
-        ids = token_ids(text, tokenizer, model.config.vocab_size)
-        batches = calibration_batches(model, ids, seq_len, batch_size, max_tokens)
-        info = {"source": where, "model": moe, "tokenizer": "model" if tokenizer is not None else "utf-8 bytes"}
-        o.step("running the model and counting the routers' choices")
-        stats = profile_routing(model, batches, info)
-        with atomic_file(out, force=force) as tmp:
-            tmp.write_text(json.dumps(stats.to_dict(), indent=2))
-        layers = {path: _layer_summary(s) for path, s in stats.layers.items()}
-        o.emit({"command": "profile", "model": moe, "calibration": where, "out": str(out), "layers": layers})
-        o.table(_table(layers, f"routing statistics of {moe} on {where}"))
-        o.result(f"wrote {out}")
+    text, where = read_calibration(calibration, demo_text)
+    check_output(out, force)
+    o.step(f"loading {moe}")
+    model, src = load_any(moe)
+    o.step("tokenizing the calibration text")
+    tokenizer = load_tokenizer(src.path)
+    ids = token_ids(text, tokenizer, model.config.vocab_size)
+    batches = calibration_batches(model, ids, seq_len, batch_size, max_tokens)
+    info = {"source": where, "model": moe, "tokenizer": "model" if tokenizer is not None else "utf-8 bytes"}
+    o.step("running the model and counting the routers' choices")
+    stats = profile_routing(model, batches, info)
+    with atomic_file(out, force=force) as tmp:
+        tmp.write_text(json.dumps(stats.to_dict(), indent=2))
+    layers = {path: _layer_summary(s) for path, s in stats.layers.items()}
+    o.emit({"command": "profile", "model": moe, "calibration": where, "out": str(out), "layers": layers})
+    o.table(_table(layers, f"routing statistics of {moe} on {where}"))
+    o.result(f"wrote {out}")
 
 
 def _layer_summary(s: Any) -> dict[str, Any]:

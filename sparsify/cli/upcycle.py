@@ -10,8 +10,7 @@ import typer
 from ..units import format_bytes
 from .common import cache_note, counts_text, moe_dict, moe_text, param_counts, parse_layers, plan_moes, site_rows, sites_table
 from .main import command
-from .options import (DTYPE_CHOICES, FORMAT_CHOICES, ONNX_TARGETS, ROUTER_CHOICES, SOURCE_HELP, AsJson, Force, Quiet,
-                      Verbose, choices)
+from .options import DTYPE_CHOICES, FORMAT_CHOICES, ONNX_TARGETS, ROUTER_CHOICES, SOURCE_HELP, Force, argument, choices
 from .output import Output
 
 __all__ = ["upcycle", "summary_lines"]
@@ -21,7 +20,8 @@ _STAGES = {"load": "loading {source}", "plan": "capturing the graph, finding FFN
 
 @command()
 def upcycle(
-    source: Annotated[str, typer.Argument(help=SOURCE_HELP, metavar="SOURCE", show_default=False)],
+    o: Output,
+    source: Annotated[str, argument("SOURCE", SOURCE_HELP)],
     experts: Annotated[int, typer.Option("--experts", "-e", metavar="N", help="Experts per MoE layer (2 or more).")],
     out: Annotated[Path, typer.Option("--out", "-o", metavar="OUT",
                                       help="Output directory (an .onnx file for an ONNX source), written atomically.")],
@@ -54,33 +54,29 @@ def upcycle(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Plan, choose the format and size the output (sites, selection, parameters, bytes), write nothing.")] = False,
     force: Force = False,
-    quiet: Quiet = False,
-    as_json: AsJson = False,
-    verbose: Verbose = False,
 ) -> None:
     """Convert a dense model into an MoE model.
 
     Each selected FFN becomes a router and N experts that start as copies of it, so the outputs
     stay those of the dense model (with the default routing). Checkpoints are converted by streaming, one tensor at a time, in bounded memory; ONNX
     graphs (SOURCE ending in .onnx) are upcycled into an ONNX graph."""
-    with Output(quiet, as_json, verbose) as o:
-        if source.endswith(".onnx"):  # ONNX-native upcycling: ONNX in, ONNX out (sparsify.onnx)
-            doc = _upcycle_onnx(o, source, out, experts, top_k, router, normalize, every, layers, capacity_factor,
-                                noise, seed, force, target, dry_run)
-        else:
-            doc = _upcycle_checkpoint(o, source, out, experts=experts, top_k=top_k, router=router, normalize=normalize,
-                                      every=every, layers=parse_layers(layers), capacity_factor=capacity_factor, noise=noise,
-                                      seed=seed, format=format, dtype=dtype, shard_size=shard_size, force=force,
-                                      dry_run=dry_run)
-        o.emit(doc)
-        verb = "dry run (nothing written):" if dry_run else "upcycled"
-        o.result(f"{verb} {source} -> {doc['out']}")
-        if dry_run:
-            o.table(sites_table(doc["sites"], f"{source}: the plan"))
-        for line in summary_lines(doc):
-            o.detail(f"  {line}")
-        if doc["format_reason"]:
-            o.explain(f"  format choice: {doc['format_reason']}")
+    if source.endswith(".onnx"):  # ONNX-native upcycling: ONNX in, ONNX out (sparsify.onnx)
+        doc = _upcycle_onnx(o, source, out, experts, top_k, router, normalize, every, layers, capacity_factor,
+                            noise, seed, force, target, dry_run)
+    else:
+        doc = _upcycle_checkpoint(o, source, out, experts=experts, top_k=top_k, router=router, normalize=normalize,
+                                  every=every, layers=parse_layers(layers), capacity_factor=capacity_factor, noise=noise,
+                                  seed=seed, format=format, dtype=dtype, shard_size=shard_size, force=force,
+                                  dry_run=dry_run)
+    o.emit(doc)
+    verb = "dry run (nothing written):" if dry_run else "upcycled"
+    o.result(f"{verb} {source} -> {doc['out']}")
+    if dry_run:
+        o.table(sites_table(doc["sites"], f"{source}: the plan"))
+    for line in summary_lines(doc):
+        o.detail(f"  {line}")
+    if doc["format_reason"]:
+        o.explain(f"  format choice: {doc['format_reason']}")
 
 
 def _upcycle_checkpoint(o: Output, source: str, out: Path, format: str, dry_run: bool, **options: Any) -> dict[str, Any]:
