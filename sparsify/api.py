@@ -48,7 +48,7 @@ def upcycle_with_plan(
     **moe_options: Any,
 ) -> tuple[nn.Module, UpcyclePlan, Source]:
     """`upcycle`, also returning the plan and the resolved source."""
-    check_keywords("sparsify.upcycle_with_plan", moe_options, _MOE_ONLY_OPTIONS)
+    check_keywords("sparsify.upcycle_with_plan", moe_options, _upcycle_keywords())
     if every is not None and layers is not None and every != 2:
         raise OptionError("give either --every or --layers, not both")
     # Validate every option before the (possibly slow) load.
@@ -87,7 +87,7 @@ def upcycle(model: nn.Module | str, experts: int = 8, top_k: int | None = 2, eve
     in place instead and returns it, which saves holding its non-FFN weights twice). Returns
     the MoE model; its plan is `model.sparsify_plan`. Unknown keywords are refused by name.
     """
-    check_keywords("sparsify.upcycle", options, _UPCYCLE_OPTIONS)
+    check_keywords("sparsify.upcycle", options, _upcycle_keywords())
     return upcycle_with_plan(model, experts=experts, top_k=top_k, every=every, **options)[0]
 
 
@@ -150,8 +150,10 @@ def load(path: str | Path, placement: Any = None, group: Any = None, backend: st
     return fuse.run(load_native(path)).model
 
 
-# MoEConfig's settings that have no argument of their own in upcycle_with_plan.
-_MOE_ONLY_OPTIONS = [f.name for f in dataclasses.fields(MoEConfig)
-                     if f.name not in ("num_experts", "top_k", "router", "normalize", "capacity_factor")]
-_UPCYCLE_OPTIONS = [n for n in keyword_names(upcycle_with_plan) if n != "model"] \
-    + _MOE_ONLY_OPTIONS
+def _upcycle_keywords() -> list[str]:
+    """Every keyword `upcycle` takes: its own and `upcycle_with_plan`'s, those it passes on to
+    the upcycle-ffn pass, and the MoE layer's settings that have no argument of their own."""
+    names = [n for n in keyword_names(upcycle_with_plan) if n != "model"]
+    names += [n for n in keyword_names(UpcycleFFN.__init__) if n != "self" and n not in names]
+    covered = {"num_experts", "top_k", "router", "normalize", "capacity_factor"}
+    return names + [f.name for f in dataclasses.fields(MoEConfig) if f.name not in covered and f.name not in names]
