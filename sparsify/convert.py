@@ -49,6 +49,7 @@ class ConversionReport:
     bytes_written: int
     why_not_preserving: str | None = None
     notes: list[str] = field(default_factory=list)
+    dry_run: bool = False  # nothing was written; bytes_written is what would be
 
     @property
     def params(self) -> tuple[int, int]:
@@ -93,13 +94,15 @@ def convert(
     force: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
     example_inputs: tuple | None = None,
+    dry_run: bool = False,
     **scheme: Any,
 ) -> ConversionReport:
     """Upcycle `source` and write it to `out` in `format`; returns what was done.
 
     `scheme` holds the initialisation options of `sparsify.recipe.LayerRecipe` (drop_ratio,
     granularity, shared_fraction, split, router_init). `progress(stage, done, total)` is called
-    as work advances (stage "write": bytes)."""
+    as work advances (stage "write": bytes). `dry_run` plans, chooses the format and sizes the
+    output, and writes nothing."""
     if every is not None and layers is not None:
         raise OptionError("give either --every or --layers, not both")
     if dtype is not None and dtype not in DTYPE_NAMES:
@@ -134,7 +137,7 @@ def convert(
             ckpt = Checkpoint(src.path, src.spec)
             model = build_skeleton(config, model_class(config))
             ckpt.check_shapes(model, src.spec)
-    hasher = _Hasher(src.files)
+    hasher = _Hasher([] if dry_run else src.files)
     hasher.start()
     dense_params = _dense_param_count(model)
 
@@ -162,6 +165,9 @@ def convert(
     tensors = fmt.tensors(model, plan, tensors_from)
     total = sum(t.nbytes for t in tensors)
     check_space(out, total)
+    why = plan.why_not_preserving()
+    if dry_run:
+        return ConversionReport(out, plan, fmt.name, reason, ckpt is not None, dense_params, total, why, dry_run=True)
 
     hasher.join()
     provenance = {"spec": src.spec, "kind": src.kind, "sha256": hasher.result}
@@ -175,7 +181,6 @@ def convert(
 
     fmt.write(out, model, plan, tensors_from, manifest, source_dir=src.path, shard_size=shard_size,
               force=force, progress=on_bytes, tensors=tensors)
-    why = plan.why_not_preserving()
     return ConversionReport(out, plan, fmt.name, reason, ckpt is not None, dense_params, total, why)
 
 

@@ -1,30 +1,69 @@
-"""`sparsify verify DENSE MOE`: compare outputs on the same seeded inputs."""
+"""`sparsify verify DENSE MOE`: compare outputs on the same seeded inputs (checkpoints or ONNX graphs)."""
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Annotated, Optional
 
 import typer
 
-from ..verify import compare
-from .common import load_any
-from .main import app, console
+from .main import command
+from .options import argument
+from .output import Output
+
+__all__ = ["verify"]
 
 
-@app.command()
+@command()
 def verify(
-    dense: str = typer.Argument(..., help="The dense model (directory, hub id, or demo:NAME)."),
-    moe: str = typer.Argument(..., help="The upcycled model directory."),
-    atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance [default: 1e-5 x largest dense output]."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the test inputs."),
+    o: Output,
+    dense: Annotated[str, argument("DENSE", "The dense model (directory, hub id, demo:NAME), or a dense .onnx graph.")],
+    moe: Annotated[str, argument("MOE", "The upcycled model directory, or the upcycled .onnx graph.")],
+    atol: Annotated[Optional[float], typer.Option("--atol", metavar="A", help="Absolute tolerance.",
+                                                  show_default="1e-5 x the largest dense output")] = None,
+    seed: Annotated[int, typer.Option("--seed", metavar="S", help="Seed of the test inputs.")] = 0,
 ) -> None:
-    """Run both models on the same inputs; exit 0 within tolerance, 1 outside it."""
-    ref, _ = load_any(dense)
-    cand, _ = load_any(moe)
-    c = compare(ref, cand, seed=seed)
+    """Check that two models give the same outputs on the same inputs.
+
+    Exits 0 within the tolerance, 1 outside it. Two .onnx files are run in ONNX Runtime (CPU);
+    anything else is loaded as a model."""
+    onnx = [spec.endswith(".onnx") for spec in (dense, moe)]
+    if all(onnx):
+        from ..onnx.compare import compare_onnx
+
+        o.step("running both graphs in ONNX Runtime")
+        c, runtime = compare_onnx(dense, moe, seed=seed), "onnxruntime"
+    elif any(onnx):
+        from ..errors import OptionError
+
+        raise OptionError("verify compares two models or two ONNX graphs; export the model to ONNX first "
+                          "(sparsify export) or pass the checkpoint of the graph")
+    else:
+        from ..verify import compare
+        from .common import cache_note, load_any
+
+        for note in filter(None, map(cache_note, (dense, moe))):
+            o.detail(note)
+        o.step(f"loading {dense}")
+        ref, _ = load_any(dense)
+        o.step(f"loading {moe}")
+        cand, _ = load_any(moe)
+        o.step("running both models")
+        c, runtime = compare(ref, cand, seed=seed), "torch"
     bound = atol if atol is not None else 1e-5 * c.max_ref
     ok = c.within(atol)
-    console.print(f"max abs diff {c.max_abs:.3e}   max rel diff {c.max_rel:.3e}   (tolerance {bound:.3e})")
-    console.print("[bold green]match[/]" if ok else "[bold red]MISMATCH[/]: outputs differ beyond the tolerance")
+    finite = math.isfinite(c.max_abs)
+    o.emit({"command": "verify", "dense": dense, "moe": moe, "runtime": runtime, "seed": seed,
+            "max_abs": c.max_abs if finite else None, "max_rel": c.max_rel if finite else None,
+            "max_ref": c.max_ref, "tolerance": bound, "match": ok,
+            "note": None if finite else "the outputs have different shapes"})
+    if finite:
+        o.detail(f"max abs diff {c.max_abs:.3e}   max rel diff {c.max_rel:.3e}   (tolerance {bound:.3e})")
+    else:
+        o.detail("the outputs have different shapes")
+    if ok:
+        o.result("match", style="bold green")
+    else:
+        o.result("MISMATCH: outputs differ beyond the tolerance", style="bold red")
     if not ok:
         raise typer.Exit(1)

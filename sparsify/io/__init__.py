@@ -1,8 +1,22 @@
 """Model sources and crash-safe writing."""
 
-from .atomic import atomic_directory, atomic_file, check_output
-from .demo import DEMOS, build_demo
-from .sources import Source, is_native, load_source, resolve_source
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = ["Source", "load_source", "resolve_source", "is_native", "DEMOS", "build_demo",
            "atomic_directory", "atomic_file", "check_output"]
+
+_WHERE = {
+    **dict.fromkeys(["Source", "load_source", "resolve_source", "is_native"], ".sources"),
+    **dict.fromkeys(["DEMOS", "build_demo"], ".demo"),
+    **dict.fromkeys(["atomic_directory", "atomic_file", "check_output"], ".atomic"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: the command line reads `io.demo` and `io.atomic` without torch.
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import OutputError
+from ..units import format_bytes
 
 __all__ = ["atomic_directory", "atomic_file", "check_output", "check_space", "clean_stale", "fsync_tree"]
 
@@ -123,7 +124,7 @@ def check_space(out: str | os.PathLike, needed: int) -> None:
     free = shutil.disk_usage(parent).free
     if needed * 1.01 + (1 << 20) > free:
         raise OutputError(
-            f"not enough disk space for '{out}': it needs {needed / 1e9:.2f} GB and {free / 1e9:.2f} GB are free; "
+            f"not enough disk space for '{out}': it needs {format_bytes(needed)} and {format_bytes(free)} are free; "
             "free some space or write elsewhere with -o"
         )
 

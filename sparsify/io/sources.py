@@ -20,6 +20,7 @@ import torch.nn as nn
 from ..errors import SourceError
 from .demo import DEMOS, build_demo
 from .checkpoint import Checkpoint
+from .hub_cache import cached_alias, describe_cache
 from .skeleton import build_skeleton, model_class
 
 __all__ = ["Source", "load_source", "resolve_source", "WEIGHT_PATTERNS", "TOKENIZER_FILES", "sha256_files"]
@@ -74,15 +75,20 @@ def _resolve_hub(repo_id: str) -> Path:
         pass
     except Exception as err:  # invalid repo id and the like
         raise SourceError(f"'{repo_id}' is neither a local path nor a valid hub id ({err})") from None
+    alias = cached_alias(repo_id)  # cached under its legacy or its current id
+    if alias is not None:
+        return Path(snapshot_download(alias, allow_patterns=patterns, local_files_only=True))
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     hint = f"download '{repo_id}' where the hub is reachable or pass the path of a local model directory"
     if offline:
-        raise SourceError(f"'{repo_id}' is not a local path and is not in the Hugging Face cache (HF_HUB_OFFLINE is set); {hint}")
+        raise SourceError(f"'{repo_id}' is not a local path and is not in the Hugging Face cache (HF_HUB_OFFLINE is set; "
+                          f"{describe_cache(repo_id)}); {hint}")
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as err:
         reason = type(err).__name__
-        raise SourceError(f"'{repo_id}' is not a local path and could not be fetched from the hub ({reason}); {hint}") from None
+        raise SourceError(f"'{repo_id}' is not a local path and could not be fetched from the hub ({reason}; "
+                          f"{describe_cache(repo_id)}); {hint}") from None
 
 
 def resolve_source(spec: str) -> Source:
