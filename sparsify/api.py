@@ -88,8 +88,10 @@ def save(model: nn.Module, out: str | Path, force: bool = False, shard_size: int
     provenance = plan.source or (source.describe() if isinstance(source, Source) else dict(source or {}))
     source_dir = source.path if isinstance(source, Source) else None
     fmt = NativeFormat()
+    # Neither the dense source nor the output the model was loaded from may be written over.
     return fmt.write(out, model, plan, ModelTensors(model), fmt.manifest(model, plan, provenance),
-                     source_dir=source_dir, shard_size=shard_size, force=force)
+                     source_dir=source_dir, shard_size=shard_size, force=force,
+                     sources=[getattr(model, "sparsify_loaded_from", None)])
 
 
 def load(path: str | Path, placement: Any = None, group: Any = None, backend: str = "auto") -> nn.Module:

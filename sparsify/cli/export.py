@@ -33,10 +33,10 @@ def export(
         raise OptionError("choose an export format: --onnx")
     check_export_options(target, opset, batch, seq)  # before the (slow) load
     with err_console.status(f"loading {source}"):
-        model, _ = load_any(source)
+        model, src = load_any(source)
     with err_console.status("capturing and exporting to ONNX"):
         shape = {"batch": batch, "seq": seq} if not dynamic else {}  # dynamic: small example inputs
-        result = export_onnx(model, out, target=target, opset=opset, dynamic=dynamic, force=force, **shape)
+        result = export_onnx(model, out, target=target, opset=opset, dynamic=dynamic, force=force, sources=[src.path], **shape)
     shape = "dynamic batch and sequence" if dynamic else f"static {batch} x {seq}"
     console.print(f"[bold green]exported[/] {source} -> {', '.join(str(f) for f in result.files)}")
     console.print(f"  opset {result.opset}, target {result.target}, {shape}")

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from ..errors import SparsifyError
+from ..io.signals import Interrupted, handle_signals
 
 __all__ = ["app", "main", "console", "err_console"]
 
@@ -53,6 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     _register()
+    with handle_signals():
+        try:
+            return _run(argv)
+        except Interrupted as err:
+            from rich.markup import escape
+
+            from ..io.atomic import remove_live_temporaries
+
+            remove_live_temporaries()
+            err_console.print(escape(str(err)), style="bold red", highlight=False, soft_wrap=True)
+            return err.exit_code
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         # Outside standalone mode click returns the code of typer.Exit instead of raising it.
         code = app(args=argv, standalone_mode=False)

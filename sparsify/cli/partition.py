@@ -41,7 +41,7 @@ def partition(
 ) -> None:
     """Place each MoE layer's experts on N ranks: balance load, fit memory, keep co-chosen experts together."""
     memory = parse_memory(memory_per_rank) if memory_per_rank is not None else None
-    check_output(out, force)
+    check_output(out, force, [moe, stats], kind="file")
     path = native_dir(moe)
     plan = UpcyclePlan.from_dict(read_manifest(path)["plan"])
     routing = RoutingStats.load(stats) if stats is not None else None
@@ -49,7 +49,7 @@ def partition(
         routing.check_matches(plan, where=f"'{stats}'")
     footprint = footprint_of_checkpoint(path, plan.selected, plan.moe.num_experts)
     placement = plan_placement(plan, world_size, footprint, routing, memory, equal_experts=not uneven, tolerance=tolerance)
-    placement.save(out, force=force)
+    placement.save(out, force=force, sources=[path, stats])
     print_report(placement)
     console.print(f"[bold green]wrote[/] {out}")
 

@@ -31,14 +31,14 @@ def profile(
     """Run the model over calibration text; record per MoE layer the tokens each expert gets and
     how often each pair of experts is chosen for the same token."""
     text, where = read_calibration(calibration, demo_text)
-    check_output(out, force)
+    check_output(out, force, [moe, calibration], kind="file")
     model, src = load_any(moe)
     tokenizer = load_tokenizer(src.path)
     ids = token_ids(text, tokenizer, model.config.vocab_size)
     batches = calibration_batches(model, ids, seq_len, batch_size, max_tokens)
     info = {"source": where, "model": moe, "tokenizer": "model" if tokenizer is not None else "utf-8 bytes"}
     stats = profile_routing(model, batches, info)
-    with atomic_file(out, force=force) as tmp:
+    with atomic_file(out, force=force, sources=[src.path, calibration]) as tmp:
         tmp.write_text(json.dumps(stats.to_dict(), indent=2))
     console.print(_table(stats, f"routing statistics of {moe} on {where}"))
     console.print(f"[bold green]wrote[/] {out}")

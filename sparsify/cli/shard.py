@@ -24,7 +24,7 @@ def shard(
     """Write one file of experts per rank plus the replicated tensors; each rank of an
     expert-parallel job then loads only its own experts (sparsify.load(OUT, group=...))."""
     placement = ExpertPlacement.load(plan)
-    check_output(out, force)
+    check_output(out, force, [moe, plan], kind="dir")
     write_shards(native_dir(moe), placement, out, force=force)
     info = read_shard_manifest(out)
     replicated = (Path(out) / REPLICATED).stat().st_size

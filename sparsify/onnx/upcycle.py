@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from .. import __version__
 from ..errors import NoFFNFoundError, OptionError, SourceError
-from ..formats.onnx import METADATA_KEY, read_onnx, write_onnx
+from ..formats.onnx import METADATA_KEY, external_files, read_onnx, write_onnx
 from ..io.atomic import check_output
 from ..passes.onnx.find_ffn import FindFFNOnnx
 from ..passes.onnx.fuse_moe_ort import FusionReport
@@ -81,8 +81,9 @@ def upcycle_onnx(
                           "does not say; use topk or switch, or upcycle the checkpoint instead")
     select = SelectLayers(every=every if layers is None else None, layers=layers)
     check_export_options(target, DEFAULT_OPSET, 1, 1)
-    check_output(out, force)
+    check_output(out, force, [source], kind="file")
     model = read_onnx(source)
+    check_output(out, force, [source, *external_files(model)], kind="file")  # its weights may live beside it
     _check_opset(model, str(source))
     dense_params = _count(model)
 
@@ -106,7 +107,7 @@ def upcycle_onnx(
          "plan": plan.to_dict(), "fusion": report.to_dict()}
     )
     total = _count(model)
-    (path,) = write_onnx({Path(out): model}, force=force)[:1]
+    (path,) = write_onnx({Path(out): model}, force=force, sources=[source])[:1]
     return OnnxUpcycleResult(plan, report, path, dense_params, total)
 
 
