@@ -102,14 +102,14 @@ def check_output(
             else:
                 continue
             raise OutputError(f"output '{out}' {relation} the source '{source}', which is never replaced or written into "
-                              "(not even with --force); choose an output path outside it")
+                              "(not even with --force / force=True); choose an output path outside it")
     existing = _kind_of(target)
     if existing is not None:
         if not force:
-            raise OutputError(f"output '{out}' already exists; choose another path or pass --force to replace it")
+            raise OutputError(f"output '{out}' already exists; choose another path or pass --force (force=True) to replace it")
         if existing != kind:
             what = {"dir": "a directory", "file": "a file"}.get(existing, "not a regular file or directory")
-            raise OutputError(f"output '{out}' is {what}, and --force replaces only {_noun(kind, article=True)} by a new one; "
+            raise OutputError(f"output '{out}' is {what}, and --force (force=True) replaces only {_noun(kind, article=True)} by a new one; "
                               f"choose another path or remove it yourself")
     parent = target.parent
     if not parent.is_dir():
