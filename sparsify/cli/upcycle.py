@@ -43,7 +43,8 @@ def upcycle(
         return upcycle_onnx_command(source, out, experts, top_k, router, normalize, every, layers,
                                     capacity_factor, noise, seed, force, target=target)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
+    # Off the terminal the bar shows nothing, but stopping it would print a blank line.
+    with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_interactive) as bar:
         task = bar.add_task(f"loading {source}", total=None)
 
         def progress(stage: str, done: int, total: int) -> None:

@@ -73,7 +73,8 @@ def temp_path(target: Path, role: str = "tmp") -> Path:
 
 
 def clean_stale(out: str | os.PathLike) -> None:
-    """Remove temporaries beside `out` left by runs of this host whose process is gone."""
+    """Remove temporaries beside `out` left by runs of this host whose process is gone; a
+    previous output left aside by a swap that never finished is put back instead."""
     target = real_path(out)
     pattern = re.compile(rf"^\.{re.escape(target.name[:_NAME_KEEP])}\.(tmp|old|probe)-{re.escape(_HOST)}-(\d+)-[0-9a-f]+$")
     try:
@@ -83,6 +84,12 @@ def clean_stale(out: str | os.PathLike) -> None:
     for entry in entries:
         m = pattern.match(entry.name)
         if m and not _alive(int(m.group(2))):
+            if m.group(1) == "old" and not os.path.lexists(target):
+                # A run killed between the two renames of a swap: this is the previous output,
+                # put back (or, if that fails, left where it is; never removed).
+                with contextlib.suppress(OSError):
+                    os.rename(entry, target)
+                continue
             _remove(entry)
 
 
@@ -155,7 +162,7 @@ def _swap_into_place(tmp: Path, target: Path, out: Path, force: bool, kind: str)
             raise OutputError(f"output '{out}' appeared while writing; nothing was replaced")
         elif rc:
             raise OSError(rc, os.strerror(rc), str(target))
-        _fsync(target.parent)
+        _settle(target)
         return
     if not force:
         raise OutputError(f"output '{out}' appeared while writing; nothing was replaced")
@@ -173,14 +180,25 @@ def _swap_into_place(tmp: Path, target: Path, out: Path, force: bool, kind: str)
             # Decided by what is on disk, not by which call returned: an exception can arrive
             # between a rename and the next statement.
             if not os.path.lexists(target) and os.path.lexists(old):
-                os.rename(old, target)
+                try:
+                    os.rename(old, target)
+                except OSError as err:
+                    raise OutputError(f"cannot write '{out}', nor put the previous one back ({err.strerror}); "
+                                      f"it is at '{old}', rename it to '{target}'") from None
             raise
     else:
         raise OSError(rc, os.strerror(rc), str(target))
     _LIVE[old] = _LIVE.get(tmp, Write(out, True))
-    _fsync(target.parent)
+    _settle(target)
     _remove(old)  # now the previous output
     _LIVE.pop(old, None)
+
+
+def _settle(target: Path) -> None:
+    """Make the rename that put `target` in place durable. The new output is in place already,
+    so a failure here must not be reported as a failed write."""
+    with contextlib.suppress(OSError):
+        _fsync(target.parent)
 
 
 def check_space(out: str | os.PathLike, needed: int) -> None:

@@ -36,10 +36,10 @@ def temporaries(*dirs: Path) -> list[str]:
 
 
 def assert_one_line_failure(code: int, out: str, err: str, match: str | None = None) -> str:
-    """A non-zero exit with exactly one non-empty stderr line (returned), and no traceback."""
+    """A non-zero exit with exactly one line on stderr (returned), and no traceback."""
     assert code != 0, (out, err)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].strip() and err.endswith("\n"), repr(err)  # not even a blank line besides
     assert "Traceback" not in err + out, err
     if match is not None:
         assert match in lines[0], lines[0]

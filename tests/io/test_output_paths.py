@@ -165,11 +165,19 @@ def test_stale_temporaries_of_this_host_only_are_removed(tmp_path):
             f".out.tmp-{other}-{_dead_pid()}-0a1b2c40": True,  # another host's: kept, whatever its pid
             f".other.tmp-{host}-{_dead_pid()}-0a1b2c41": True,  # another output's
         }
+        out.mkdir()  # the output is in place, so a previous one left aside is garbage
         for name in names:
             (tmp_path / name).mkdir()
             (tmp_path / name / "shard.safetensors").write_bytes(b"x" * 100)
         clean_stale(out)
-        assert {p.name for p in tmp_path.iterdir()} == {n for n, kept in names.items() if kept}
+        assert {p.name for p in tmp_path.iterdir()} == {"out", *(n for n, kept in names.items() if kept)}
+        # A swap killed between its two renames left the previous output aside: put back.
+        out.rmdir()
+        aside = tmp_path / f".out.old-{host}-{_dead_pid()}-0a1b2c42"
+        aside.mkdir()
+        (aside / "config.json").write_text("{}")
+        clean_stale(out)
+        assert (out / "config.json").read_text() == "{}" and not aside.exists()
     finally:
         sleeper.kill()
         sleeper.wait()

@@ -53,7 +53,6 @@ def test_signal_while_writing(tmp_path, big_dense, request, sig, previous):
     assert code == 128 + sig, err
     name = signal.Signals(sig).name
     line = assert_one_line_failure(code, "", err, f"interrupted by {name}; nothing was written")
-    assert err == line + "\n", repr(err)  # not even a blank line besides
     assert ("previous" in line and "untouched" in line) if previous else "not created" in line, line
     assert temporaries(tmp_path) == []
     if previous:
@@ -73,5 +72,4 @@ def test_signal_before_writing(tmp_path, big_dense, sig):
     err = proc.stderr.read().decode()
     assert code == 128 + sig, err
     line = assert_one_line_failure(code, "", err, f"interrupted by {signal.Signals(sig).name}; nothing was written")
-    assert err == line + "\n", repr(err)
     assert list(tmp_path.iterdir()) == []
