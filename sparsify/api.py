@@ -128,7 +128,9 @@ def save(model: nn.Module, out: str | Path, format: str = "native", force: bool 
     except OptionError as err:  # the registry speaks of the CLI's --format
         raise OptionError(str(err).replace(f"--format {format}", f"format={format!r}", 1)) from None
     return fmt.write(out, model, plan, ModelTensors(model), NativeFormat.manifest(model, plan, provenance),
-                     source_dir=source_dir, shard_size=shard_size, force=force)
+                     source_dir=source_dir, shard_size=shard_size, force=force,
+                     # neither the dense source nor the output the model was loaded from may be written over
+                     sources=[getattr(model, "sparsify_loaded_from", None)])
 
 
 @refuse_unknown_keywords

@@ -22,7 +22,7 @@ from .errors import OptionError, SourceError
 from .formats.native import NativeFormat
 from .formats.registry import choose_format, format_defaults
 from .formats.tensors import ModelTensors, SourceTensors, TensorSource
-from .io.atomic import check_output, check_space
+from .io.atomic import check_output
 from .io.checkpoint import Checkpoint
 from .io.skeleton import build_skeleton, model_class
 from .io.sources import Source, load_source, resolve_source, sha256_files
@@ -116,7 +116,7 @@ def convert(
     from .io.safetensors_io import parse_size
 
     parse_size(shard_size)
-    out = check_output(out, force)
+    out = check_output(out, force, kind="dir")
     report = progress or (lambda *a: None)
 
     report("load", 0, 1)
@@ -125,6 +125,7 @@ def convert(
         model, src = source, Source(type(source).__name__, "module")
     else:
         src = resolve_source(source)
+        check_output(out, force, [src.path], kind="dir")  # never onto, around or into the source
         if src.kind == "demo":
             model, src = load_source(src)
         else:
@@ -164,7 +165,6 @@ def convert(
     )
     tensors = fmt.tensors(model, plan, tensors_from)
     total = sum(t.nbytes for t in tensors)
-    check_space(out, total)
     why = plan.why_not_preserving()
     if dry_run:
         return ConversionReport(out, plan, fmt.name, reason, ckpt is not None, dense_params, total, why, dry_run=True)

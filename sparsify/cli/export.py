@@ -45,10 +45,11 @@ def export(
     note = cache_note(source)
     if note:
         o.detail(note)
-    model, _ = load_any(source)
+    model, src = load_any(source)
     o.step("exporting to ONNX: torch.export, translation, MoE fusion, onnx.checker")
     shape = {"batch": batch, "seq": seq} if not dynamic else {}  # dynamic: small example inputs
-    result = export_onnx(model, out, target=target, opset=opset, dynamic=dynamic, force=force, **shape)
+    result = export_onnx(model, out, target=target, opset=opset, dynamic=dynamic, force=force, sources=[src.path],
+                         **shape)
     doc = {
         "command": "export", "source": source, "files": [str(f) for f in result.files], "opset": result.opset,
         "target": result.target, "dynamic": dynamic, "batch": None if dynamic else batch, "seq": None if dynamic else seq,

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from ..errors import SparsifyError
+from ..io.signals import Interrupted, handle_signals
 from .help import Command, Group
 from .options import AsJson, Quiet, Verbose
 from .output import Output
@@ -97,13 +98,29 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         argv = ["--help"]  # bare `sparsify`: the help, not an error
     _register()
+    with handle_signals():
+        try:
+            return _run(argv)
+        except Interrupted as err:
+            from rich.markup import escape
+
+            from ..io.atomic import remove_live_temporaries
+
+            remove_live_temporaries()
+            err_console.print(escape(str(err)), style="bold red", highlight=False, soft_wrap=True)
+            return err.exit_code
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         # Outside standalone mode click returns the code of typer.Exit instead of raising it.
         code = app(args=argv, prog_name="sparsify", standalone_mode=False)
         if isinstance(code, int):
             return code
     except SparsifyError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return err.exit_code
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]; nothing was written")
@@ -114,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         # Usage errors come from the click that typer vendors; recognise them by shape, and keep
         # them to one line like every other error.
         if hasattr(err, "format_message") and hasattr(err, "exit_code"):
-            err_console.print(f"[bold red]error:[/] {err.format_message()} (see --help)", highlight=False, soft_wrap=True)
+            from rich.markup import escape
+
+            err_console.print(f"[bold red]error:[/] {escape(err.format_message())} (see --help)", highlight=False,
+                              soft_wrap=True)
             return err.exit_code
         if type(err).__name__ == "Abort":
             err_console.print("[bold red]aborted[/]; nothing was written")

@@ -26,9 +26,11 @@ ROUTER_CHOICES = ("topk", "switch", "expert-choice")
 ONNX_TARGETS = ("ort", "standard")
 
 
-def argument(metavar: str, help: str) -> Any:
-    """A positional argument, named in help and usage by `metavar` (arguments have no default)."""
-    return typer.Argument(metavar=metavar, show_default=False, help=help)
+def argument(metavar: str, help: str, required: bool = True) -> Any:
+    """A positional argument, named in help and usage by `metavar` (a required one has no default)."""
+    if required:
+        return typer.Argument(metavar=metavar, show_default=False, help=help)
+    return typer.Argument(metavar=f"[{metavar}]", show_default=False, help=help)
 
 
 def choices(names: tuple[str, ...]) -> str:

@@ -57,7 +57,7 @@ def partition(
     from ..plan import UpcyclePlan
 
     memory = parse_memory(memory_per_rank) if memory_per_rank is not None else None
-    check_output(out, force)
+    check_output(out, force, [moe, stats], kind="file")
     path = native_dir(moe)
     plan = UpcyclePlan.from_dict(read_manifest(path)["plan"])
     routing = RoutingStats.load(stats) if stats is not None else None
@@ -66,7 +66,7 @@ def partition(
     o.step("planning the placement")
     footprint = footprint_of_checkpoint(path, plan.selected, uniform_moe(plan).num_experts)
     placement = plan_placement(plan, world_size, footprint, routing, memory, equal_experts=not uneven, tolerance=tolerance)
-    placement.save(out, force=force)
+    placement.save(out, force=force, sources=[path, stats])
     o.emit({"command": "partition", "model": moe, "out": str(out), "world_size": placement.world_size,
             "report": placement.report})
     _print_report(o, placement.world_size, placement.report)

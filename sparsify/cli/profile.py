@@ -41,7 +41,7 @@ def profile(
     from .common import load_any
 
     text, where = read_calibration(calibration, demo_text)
-    check_output(out, force)
+    check_output(out, force, [moe, calibration], kind="file")
     o.step(f"loading {moe}")
     model, src = load_any(moe)
     o.step("tokenizing the calibration text")
@@ -51,7 +51,7 @@ def profile(
     info = {"source": where, "model": moe, "tokenizer": "model" if tokenizer is not None else "utf-8 bytes"}
     o.step("running the model and counting the routers' choices")
     stats = profile_routing(model, batches, info)
-    with atomic_file(out, force=force) as tmp:
+    with atomic_file(out, force=force, sources=[src.path, calibration]) as tmp:
         tmp.write_text(json.dumps(stats.to_dict(), indent=2))
     layers = {path: _layer_summary(s) for path, s in stats.layers.items()}
     o.emit({"command": "profile", "model": moe, "calibration": where, "out": str(out), "layers": layers})

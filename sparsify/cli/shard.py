@@ -33,7 +33,7 @@ def shard(
     from .partition import native_dir
 
     placement = ExpertPlacement.load(plan)
-    check_output(out, force)
+    check_output(out, force, [moe, plan], kind="dir")
     o.step(f"writing {out}")
     write_shards(native_dir(moe), placement, out, force=force)
     info = read_shard_manifest(out)

@@ -17,8 +17,10 @@ __all__ = ["verify"]
 @command()
 def verify(
     o: Output,
-    dense: Annotated[str, argument("DENSE", "The dense model (directory, hub id, demo:NAME), or a dense .onnx graph.")],
-    moe: Annotated[str, argument("MOE", "The upcycled model directory, or the upcycled .onnx graph.")],
+    dense: Annotated[str, argument("DENSE", "The dense model (directory, hub id, demo:NAME), or a dense .onnx graph; "
+                                            "alone: an output directory whose files to check.")],
+    moe: Annotated[Optional[str], argument("MOE", "The upcycled model directory, or the upcycled .onnx graph.",
+                                           required=False)] = None,
     atol: Annotated[Optional[float], typer.Option("--atol", metavar="A", help="Absolute tolerance.",
                                                   show_default="1e-5 x the largest dense output")] = None,
     seed: Annotated[int, typer.Option("--seed", metavar="S", help="Seed of the test inputs.")] = 0,
@@ -26,7 +28,16 @@ def verify(
     """Check that two models give the same outputs on the same inputs.
 
     Exits 0 within the tolerance, 1 outside it. Two .onnx files are run in ONNX Runtime (CPU);
-    anything else is loaded as a model."""
+    anything else is loaded as a model. Given only an output directory (sparsify verify OUT):
+    checks every file against the size and sha256 its manifest records."""
+    if moe is None:
+        from ..formats.manifest import verify_output
+
+        o.step(f"hashing the files of {dense}")
+        manifest, n = verify_output(dense)
+        o.emit({"command": "verify", "out": dense, "files": n, "manifest": str(manifest), "match": True})
+        o.result(f"OK: {n} files of {dense} match the sizes and sha256 recorded in {manifest}", style="bold green")
+        return
     onnx = [spec.endswith(".onnx") for spec in (dense, moe)]
     if all(onnx):
         from ..onnx.compare import compare_onnx

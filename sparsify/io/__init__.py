@@ -1,4 +1,4 @@
-"""Model sources and crash-safe writing."""
+"""Model sources, strict reading, crash-safe writing, integrity records and signal handling."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import importlib
 from typing import Any
 
 __all__ = ["Source", "load_source", "resolve_source", "is_native", "DEMOS", "build_demo",
-           "atomic_directory", "atomic_file", "check_output"]
+           "atomic_directory", "atomic_file", "check_output", "Interrupted", "handle_signals"]
 
 _WHERE = {
     **dict.fromkeys(["Source", "load_source", "resolve_source", "is_native"], ".sources"),
     **dict.fromkeys(["DEMOS", "build_demo"], ".demo"),
     **dict.fromkeys(["atomic_directory", "atomic_file", "check_output"], ".atomic"),
+    **dict.fromkeys(["Interrupted", "handle_signals"], ".signals"),
 }
 
 

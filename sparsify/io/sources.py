@@ -19,8 +19,9 @@ import torch.nn as nn
 
 from ..errors import SourceError
 from .demo import DEMOS, build_demo
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, weight_files
 from .hub_cache import cached_alias, describe_cache
+from .paths import regular_file
 from .skeleton import build_skeleton, model_class
 
 __all__ = ["Source", "load_source", "resolve_source", "WEIGHT_PATTERNS", "TOKENIZER_FILES", "sha256_files"]
@@ -60,8 +61,11 @@ def sha256_files(files: list[Path]) -> dict[str, str]:
 
 
 def _weight_files(path: Path) -> list[Path]:
-    st = sorted(path.glob("*.safetensors"))
-    return st if st else sorted(path.glob("pytorch_model*.bin"))
+    # Resolving reads no weights; a damaged index is reported when the weights are read.
+    try:
+        return weight_files(path)[0]
+    except SourceError:
+        return []
 
 
 def _resolve_hub(repo_id: str) -> Path:
@@ -102,8 +106,10 @@ def resolve_source(spec: str) -> Source:
     if path.exists():
         if not path.is_dir():
             raise SourceError(f"'{spec}' is a file; pass a model directory in Hugging Face layout (with config.json)")
-        if not (path / "config.json").is_file():
+        config = path / "config.json"
+        if not (config.exists() or config.is_symlink()):
             raise SourceError(f"'{spec}' has no config.json; pass a model directory in Hugging Face layout")
+        regular_file(config, "config file")  # a pipe would block the reader
         return Source(spec, "dir", path, _weight_files(path))
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
     if looks_like_path or not _HUB_ID.match(spec):
@@ -118,12 +124,15 @@ def is_native(path: Path | None) -> bool:
     """True when `path` is a directory in sparsify's native format (see sparsify.formats.native).
     Outputs in Hugging Face formats carry a sparsify.json too, naming their format."""
     manifest = path / "sparsify.json" if path is not None else None
-    if manifest is None or not manifest.is_file():
+    if manifest is None or not (manifest.exists() or manifest.is_symlink()):
         return False
-    try:
-        return json.loads(manifest.read_text()).get("format") == "sparsify-native"
-    except (json.JSONDecodeError, OSError):
+    if not manifest.is_file():
         return True  # damaged: reading it as native reports the damage
+    try:
+        data = json.loads(manifest.read_text())
+    except (ValueError, OSError):
+        return True  # damaged: reading it as native reports the damage
+    return not isinstance(data, dict) or data.get("format") in ("sparsify-native", None)
 
 
 def load_pretrained(path: Path, spec: str) -> nn.Module:

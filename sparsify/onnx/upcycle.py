@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from .. import __version__
 from ..errors import NoFFNFoundError, OptionError, SourceError
-from ..formats.onnx import METADATA_KEY, read_onnx, write_onnx
+from ..formats.onnx import METADATA_KEY, external_files, read_onnx, write_onnx
 from ..io.atomic import check_output
 from ..passes.onnx.find_ffn import FindFFNOnnx
 from ..passes.onnx.fuse_moe_ort import FusionReport
@@ -86,8 +86,9 @@ def upcycle_onnx(
                           "does not say; use topk or switch, or upcycle the checkpoint instead")
     select = SelectLayers(every=every if layers is None else None, layers=layers)
     check_export_options(target, DEFAULT_OPSET, 1, 1)
-    check_output(out, force)
+    check_output(out, force, [source], kind="file")
     model = read_onnx(source)
+    check_output(out, force, [source, *external_files(model)], kind="file")  # its weights may live beside it
     _check_opset(model, str(source))
     dense_params = _count(model)
 
@@ -115,7 +116,7 @@ def upcycle_onnx(
     nbytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     if dry_run:
         return OnnxUpcycleResult(plan, report, Path(out), dense_params, total, nbytes, dry_run=True)
-    (path,) = write_onnx({Path(out): model}, force=force)[:1]
+    (path,) = write_onnx({Path(out): model}, force=force, sources=[source])[:1]
     return OnnxUpcycleResult(plan, report, path, dense_params, total, nbytes)
 
 

@@ -16,17 +16,17 @@ replicated tensors plus one rank's experts.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
-
 from ..errors import SourceError
+from ..formats.base import tokenizer_files
+from ..formats.manifest import plan_of
 from ..formats.native import INDEX, read_manifest
-from ..io.atomic import atomic_directory, check_output
-from ..io.sources import TOKENIZER_FILES
-from ..plan import UpcyclePlan
+from ..io.atomic import atomic_directory, check_output, check_space
+from ..io.checkpoint import read_index
+from ..io.integrity import OutputFiles, check_files, files_of
+from ..io.safetensors_io import DTYPES, OutputTensor, write_file
 from .memory import is_expert_tensor
 from .jsonfile import read_json
 from .placement import ExpertPlacement
@@ -52,59 +52,74 @@ def is_shard_dir(path: str | Path) -> bool:
 def read_shard_manifest(path: str | Path) -> dict[str, Any]:
     """The `shards.json` of a shards directory."""
     path = Path(path)
-    data = read_json(path / SHARDS_MANIFEST, f"'{path}' has no {SHARDS_MANIFEST}; it is not written by sparsify shard",
+    where = path / SHARDS_MANIFEST
+    data = read_json(where, f"'{path}' has no {SHARDS_MANIFEST}; it is not written by sparsify shard",
                      "the output is damaged")
     if not isinstance(data, dict) or data.get("format") != SHARDS_FORMAT:
-        raise SourceError(f"'{path / SHARDS_MANIFEST}' is not a sparsify shards manifest")
+        raise SourceError(f"'{where}' is not a sparsify shards manifest")
+    ranks = data.get("ranks")
+    if not (isinstance(data.get("manifest"), dict) and isinstance(data["manifest"].get("plan"), dict)
+            and isinstance(data.get("replicated"), str) and isinstance(data.get("placement"), dict)
+            and isinstance(ranks, list) and all(isinstance(r, dict) and isinstance(r.get("file"), str) for r in ranks)):
+        raise SourceError(f"'{where}' is damaged (a manifest, plan, placement or rank entry is missing); write the shards again")
+    check_files(path, files_of(data, str(where)), SHARDS_MANIFEST)
     return data
 
 
 def native_weight_map(path: Path) -> dict[str, str]:
     """Tensor name -> safetensors file of a native checkpoint."""
-    try:
-        return json.loads((path / INDEX).read_text())["weight_map"]
-    except FileNotFoundError:
-        raise SourceError(f"'{path}' has no {INDEX}; the output is incomplete") from None
-    except (json.JSONDecodeError, KeyError):
-        raise SourceError(f"'{path / INDEX}' is damaged; write the model again") from None
+    index = path / INDEX
+    if not (index.exists() or index.is_symlink()):
+        raise SourceError(f"'{path}' has no {INDEX}; the output is incomplete")
+    return read_index(index, str(path), fix="write the model again")
 
 
 def write_shards(model_dir: str | Path, placement: ExpertPlacement | str | dict, out: str | Path, force: bool = False) -> Path:
-    """Cut the native checkpoint `model_dir` into per-rank files by `placement` (atomically)."""
+    """Cut the native checkpoint `model_dir` into per-rank files by `placement` (atomically;
+    `shards.json` lists the size and sha256 of every file written)."""
     model_dir = Path(model_dir)
-    manifest = read_manifest(model_dir)
-    plan = UpcyclePlan.from_dict(manifest["plan"])
+    manifest = read_manifest(model_dir)  # also checks the sizes of its files
+    plan = plan_of(manifest, model_dir / "sparsify.json")
+    sources = [model_dir, placement if isinstance(placement, (str, Path)) else None]
     placement = ExpertPlacement.load(placement)
     placement.check_matches(plan)
-    check_output(out, force)
+    check_output(out, force, sources, kind="dir")
     weight_map = native_weight_map(model_dir)
     layers = list(placement.layers)
     n = placement.world_size
+    tokenizer = tokenizer_files(model_dir)
+    weights = sum((model_dir / f).stat().st_size for f in set(weight_map.values()))
+    check_space(out, weights + sum(f.stat().st_size for f in tokenizer) + (1 << 20))
     ranks_info = []
-    with atomic_directory(out, force=force) as tmp, CheckpointReader(model_dir) as reader:
-        shutil.copy2(model_dir / "config.json", tmp / "config.json")
-        for name in TOKENIZER_FILES:
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, tmp / name)
-        replicated = {k: reader.tensor(f, k) for k, f in weight_map.items() if is_expert_tensor(k, layers) is None}
-        save_file(replicated, tmp / REPLICATED, metadata={"format": "pt"})
-        del replicated
+    with atomic_directory(out, force=force, sources=sources) as tmp, CheckpointReader(model_dir) as reader:
+        files = OutputFiles(tmp)
+        files.copy(model_dir / "config.json", "config.json")
+        for f in tokenizer:
+            files.copy(f, f.name)
+
+        def planned(name: str, file: str, ids: list[int] | None = None) -> OutputTensor:
+            dtype, shape = reader.info(file, name)
+            if ids is None:
+                return OutputTensor(name, DTYPES[dtype], shape, lambda: [reader.tensor(file, name)])
+            return OutputTensor(name, DTYPES[dtype], (len(ids), *shape[1:]), lambda: [reader.experts(file, name, ids)])
+
+        replicated = [planned(k, f) for k, f in weight_map.items() if is_expert_tensor(k, layers) is None]
+        write_file(files, REPLICATED, replicated)
         for rank in range(n):
             owned = {p: placement.local_experts(p, rank) for p in layers}
-            tensors = {k: reader.experts(f, k, owned[layer]) for k, f in weight_map.items()
-                       if (layer := is_expert_tensor(k, layers)) is not None}
-            meta = {"format": "pt", "rank": str(rank), "world_size": str(n), "experts": json.dumps(owned)}
-            save_file(tensors, tmp / rank_file(rank, n), metadata=meta)
-            size = sum(t.numel() * t.element_size() for t in tensors.values())
-            ranks_info.append({"file": rank_file(rank, n), "experts": owned, "bytes": size})
-            del tensors
+            tensors = [planned(k, f, owned[layer]) for k, f in weight_map.items()
+                       if (layer := is_expert_tensor(k, layers)) is not None]
+            meta = {"rank": str(rank), "world_size": str(n), "experts": json.dumps(owned)}
+            write_file(files, rank_file(rank, n), tensors, metadata=meta)
+            ranks_info.append({"file": rank_file(rank, n), "experts": owned, "bytes": sum(t.nbytes for t in tensors)})
         data = {
             "format": SHARDS_FORMAT,
             "version": 1,
             "replicated": REPLICATED,
             "ranks": ranks_info,
             "placement": placement.to_dict(),
-            "manifest": manifest,
+            "manifest": {k: v for k, v in manifest.items() if k != "files"},  # those files are not here
+            "files": files.to_dict(),
         }
         (tmp / SHARDS_MANIFEST).write_text(json.dumps(data, indent=2))
     return Path(out)
