@@ -36,7 +36,7 @@ def partition(
     stats: Optional[Path] = typer.Option(None, "--stats", help="Routing statistics from sparsify profile [default: uniform load]."),
     memory_per_rank: Optional[str] = typer.Option(None, "--memory-per-rank", help="Memory of one rank for weights, e.g. 80GB."),
     uneven: bool = typer.Option(False, "--uneven", help="Let ranks hold different numbers of experts."),
-    tolerance: float = typer.Option(0.0, "--tolerance", help="Load above the balanced maximum allowed to keep co-chosen experts together (0.05 = 5%)."),
+    tolerance: float = typer.Option(0.01, "--tolerance", help="Load above the best balanced maximum allowed to keep co-chosen experts together (0.05 = 5%) [default: 0.01]."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
     """Place each MoE layer's experts on N ranks: balance load, fit memory, keep co-chosen experts together."""
