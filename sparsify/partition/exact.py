@@ -54,24 +54,24 @@ def min_max_load(load: np.ndarray, n: int, lo: int, hi: int, known: float, budge
     rest = np.concatenate([np.cumsum(values[::-1])[::-1], [0.0]]).tolist()  # load of order[k:]
     tol = 1e-9 * max(1.0, float(load.sum()))
     ranks, rl, counts = [-1] * e, [0.0] * n, [0] * n
-    best: dict = {"ranks": None, "value": known}
-    visited = 0
+    best_ranks, best_value, visited = None, known, 0
 
     def dfs(k: int) -> None:
-        nonlocal visited
+        nonlocal best_ranks, best_value, visited
         visited += 1
         if visited > budget:
             raise _OutOfBudget
         if k == e:
-            best["ranks"], best["value"] = list(ranks), max(rl)
+            if max(rl) < best_value - tol:
+                best_ranks, best_value = list(ranks), max(rl)
             return
-        if max(max(rl), (sum(rl) + rest[k]) / n) >= best["value"] - tol:
+        if max(max(rl), (sum(rl) + rest[k]) / n) >= best_value - tol:
             return
         x, v = order[k], values[k]
         tried = set()
         for r in sorted(range(n), key=lambda r: (rl[r], r)):
             state = (rl[r], counts[r])
-            if counts[r] >= hi or state in tried or rl[r] + v >= best["value"] - tol:
+            if counts[r] >= hi or state in tried or rl[r] + v >= best_value - tol:
                 continue
             tried.add(state)  # ranks with equal load and count lead to the same placements
             counts[r] += 1
@@ -88,8 +88,7 @@ def min_max_load(load: np.ndarray, n: int, lo: int, hi: int, known: float, budge
         dfs(0)
     except _OutOfBudget:
         complete = False
-    found = None if best["ranks"] is None else np.array(best["ranks"])
-    return SearchResult(found, float(best["value"]), complete)
+    return SearchResult(None if best_ranks is None else np.array(best_ranks), float(best_value), complete)
 
 
 def max_kept(load: np.ndarray, w: np.ndarray, n: int, lo: int, hi: int, bound: float, known: float,
@@ -107,20 +106,19 @@ def max_kept(load: np.ndarray, w: np.ndarray, n: int, lo: int, hi: int, bound: f
     limit = bound + 1e-9 * max(1.0, bound)
     ranks, rl, counts = [-1] * e, [0.0] * n, [0] * n
     aff = [[0.0] * n for _ in range(e)]  # aff[u][r]: co-activation of u with rank r's placed experts
-    best: dict = {"ranks": None, "value": known}
-    visited = 0
+    best_ranks, best_value, visited = None, known, 0
 
     def dfs(k: int, kept: float) -> None:
-        nonlocal visited
+        nonlocal best_ranks, best_value, visited
         visited += 1
         if visited > budget:
             raise _OutOfBudget
         if k == e:
-            if kept > best["value"] + tol:
-                best["ranks"], best["value"] = list(ranks), kept
+            if kept > best_value + tol:
+                best_ranks, best_value = list(ranks), kept
             return
         optimistic = kept + among[k] + sum(max(aff[u]) for u in order[k:])
-        if optimistic <= best["value"] + tol:
+        if optimistic <= best_value + tol:
             return
         x = order[k]
         v = float(load[x])
@@ -151,5 +149,4 @@ def max_kept(load: np.ndarray, w: np.ndarray, n: int, lo: int, hi: int, bound: f
         dfs(0, 0.0)
     except _OutOfBudget:
         complete = False
-    found = None if best["ranks"] is None else np.array(best["ranks"])
-    return SearchResult(found, float(best["value"]), complete)
+    return SearchResult(None if best_ranks is None else np.array(best_ranks), float(best_value), complete)

@@ -125,6 +125,23 @@ def test_traffic_is_at_most_contiguous_whenever_contiguous_balances_within_the_t
 
 @FUZZ
 @given(data=st.data())
+def test_branch_and_bound_alone_finds_the_optimum(data):
+    """Started from nothing better than a trivial bound, so the local search cannot hide a miss."""
+    demand = data.draw(routing([4, 6, 8]))
+    e = len(demand.load)
+    n, lo, hi = layout(data.draw, e)
+    loads, kept = exhaustive(demand, n, lo, hi)
+    balance = min_max_load(demand.load, n, lo, hi, float(demand.load.sum()) + 1)
+    assert balance.complete and balance.value == pytest.approx(loads.min())
+    assert _max_load(balance.ranks, demand, n) == pytest.approx(balance.value)
+    bound = data.draw(st.floats(float(loads.min()), float(demand.load.sum())))
+    traffic = max_kept(demand.load, demand.coactivation, n, lo, hi, bound, -1.0)
+    assert traffic.complete and traffic.value == pytest.approx(kept[loads <= bound * (1 + 1e-9)].max(), abs=1e-9)
+    assert _max_load(traffic.ranks, demand, n) <= bound * (1 + 1e-9)
+
+
+@FUZZ
+@given(data=st.data())
 def test_out_of_budget_search_never_returns_worse(data):
     """A branch and bound cut short returns nothing, or a valid placement better than the known."""
     demand = data.draw(routing([8]))
