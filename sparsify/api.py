@@ -12,49 +12,43 @@ from .formats.native import NativeFormat, load_native
 from .formats.registry import load_hf_output, output_format
 from .formats.tensors import ModelTensors
 from .io.sources import Source, load_source
+from .model_recipe import Recipe
 from .passes import FindFFN, FuseDispatchCombine, PassManager, SelectLayers, UpcycleFFN
 from .plan import UpcyclePlan
 
 __all__ = ["upcycle", "upcycle_with_plan", "upcycle_passes", "save", "load"]
 
 
-def upcycle_passes(every: int | None, layers: Sequence[int] | None, **upcycle_options: Any) -> list:
-    """The find-ffn / select-layers / upcycle-ffn pipeline for these options (validated now)."""
-    return [FindFFN(), SelectLayers(every=every if layers is None else None, layers=layers),
-            UpcycleFFN(**upcycle_options)]
+def upcycle_passes(recipe: Recipe) -> list:
+    """The find-ffn / select-layers / upcycle-ffn pipeline of `recipe`."""
+    return [FindFFN(), SelectLayers(recipe=recipe), UpcycleFFN(recipe=recipe)]
 
 
 def upcycle_with_plan(
     model: nn.Module | str,
-    experts: int = 8,
-    top_k: int | None = 2,
-    every: int | None = 2,
+    experts: int | None = None,
+    top_k: int | None = None,
+    every: int | None = None,
     layers: Sequence[int] | None = None,
-    router: str = "topk",
-    normalize: bool = True,
-    capacity_factor: float | None = None,
-    noise: float = 0.0,
-    router_init_std: float = 0.02,
-    seed: int = 0,
+    recipe: Any = None,
     example_inputs: tuple | None = None,
     example_kwargs: dict[str, Any] | None = None,
     source: Source | None = None,
     backend: str = "auto",
-    **moe_options: Any,
+    **options: Any,
 ) -> tuple[nn.Module, UpcyclePlan, Source]:
     """`upcycle`, also returning the plan and the resolved source."""
-    if every is not None and layers is not None and every != 2:
-        raise OptionError("give either --every or --layers, not both")
+    if every is not None and layers is not None:
+        raise OptionError("give either every or layers, not both")
     # Validate every option before the (possibly slow) load.
-    pipeline = upcycle_passes(every, layers, experts=experts, top_k=top_k, router=router, normalize=normalize,
-                              noise=noise, router_init_std=router_init_std, seed=seed,
-                              capacity_factor=capacity_factor, **moe_options)
+    recipe = Recipe.build(recipe, experts=experts, top_k=top_k, every=every,
+                          layers=list(layers) if layers is not None else None, **options)
     fuse = FuseDispatchCombine(backend)
     if isinstance(model, (str, Path)):
         model, source = load_source(str(model))
     elif source is None:
         source = Source(type(model).__name__, "module")
-    result = PassManager([*pipeline, fuse]).run(
+    result = PassManager([*upcycle_passes(recipe), fuse]).run(
         model, example_inputs=example_inputs, example_kwargs=example_kwargs
     )
     result.plan.source = source.describe()
@@ -63,20 +57,24 @@ def upcycle_with_plan(
     return result.model, result.plan, source
 
 
-def upcycle(model: nn.Module | str, experts: int = 8, top_k: int | None = 2, every: int | None = 2, **options: Any) -> nn.Module:
+def upcycle(model: nn.Module | str, experts: int | None = None, top_k: int | None = None, every: int | None = None,
+            recipe: Any = None, **options: Any) -> nn.Module:
     """Turn a dense model into an MoE model whose experts start as copies of its FFNs.
 
     `model` is an `nn.Module` or a source string (a local directory, a hub id, `demo:NAME`).
-    Within each stack, FFN number j becomes MoE when `j % every == every - 1`, or when j is in
+    `experts` (default 8) per MoE layer, `top_k` (default 2; 1 for switch). Within each stack,
+    FFN number j becomes MoE when `j % every == every - 1` (default every=2), or when j is in
     `layers=[...]`. Routing: `router` (topk | switch | expert-choice), `normalize`,
     `capacity_factor`. Initialisation (see `sparsify.recipe`): `noise`, `drop_ratio`
     (Drop-Upcycling), `granularity` (granular upcycling), `shared_fraction` (a shared expert),
-    `split` (parameter-neutral), `router_init_std`, `seed`. `backend` picks the MoE kernels
-    (auto | reference | cpu | triton); `example_inputs=(x,)` serves a module whose inputs cannot
-    be made from a Hugging Face config. Returns the rewritten module (its plan is
-    `module.sparsify_plan`).
+    `split` (parameter-neutral), `router_init_std`, `seed`. `recipe` (a `sparsify.Recipe`, its
+    mapping or a YAML recipe file) sets all of these per stack and per layer; keywords given
+    beside it replace its top-level keys, and a keyword holding a mapping is a stack or module
+    section (`decoder={"top_k": 2}`). `backend` picks the MoE kernels (auto | reference | cpu |
+    triton); `example_inputs=(x,)` serves a module whose inputs cannot be made from a Hugging
+    Face config. Returns the rewritten module (its plan is `module.sparsify_plan`).
     """
-    return upcycle_with_plan(model, experts=experts, top_k=top_k, every=every, **options)[0]
+    return upcycle_with_plan(model, experts=experts, top_k=top_k, every=every, recipe=recipe, **options)[0]
 
 
 def save(model: nn.Module, out: str | Path, force: bool = False, shard_size: int | str = "5GB") -> Path:

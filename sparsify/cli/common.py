@@ -49,10 +49,13 @@ def parse_layers(text: str | None) -> list[int] | None:
 
 
 def layer_summary(plan: UpcyclePlan, site) -> str:
-    """One MoE layer's settings in a few words: '8 experts, topk k=2' (+ the scheme when not plain copies)."""
+    """One MoE layer's settings in a few words: '8 experts, topk k=2' (+ the capacity factor, the
+    shared expert and the scheme when not plain copies)."""
     layer = plan.layer(site)
     moe = layer.moe
     text = f"{moe.num_experts} experts, {moe.router} k={moe.top_k}"
+    if moe.capacity_factor is not None:
+        text += f" cf={moe.capacity_factor:g}"
     if layer.shared is not None:
         text += " + shared"
     return text if layer.scheme == "copy" else f"{text} ({layer.scheme})"

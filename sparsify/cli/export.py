@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import typer
 
 from ..errors import OptionError
-from .common import human, load_any, parse_layers, routing_summary
+from .common import human, load_any, routing_summary
 from .main import app, console, err_console
 
 __all__ = ["export", "upcycle_onnx_command"]
@@ -46,36 +46,11 @@ def export(
             console.print(f"    {line}", highlight=False)
 
 
-def upcycle_onnx_command(
-    source: str,
-    out: Path,
-    experts: int,
-    top_k: Optional[int],
-    router: Optional[str],
-    normalize: bool,
-    every: Optional[int],
-    layers: Optional[str],
-    capacity_factor: Optional[float],
-    noise: float,
-    seed: int,
-    force: bool,
-    target: str = "ort",
-    **scheme: Any,
-) -> None:
-    """`sparsify upcycle model.onnx ...`: upcycle the ONNX graph and print a summary."""
+def upcycle_onnx_command(source: str, out: Path, recipe: Any, force: bool, target: str = "ort") -> None:
+    """`sparsify upcycle model.onnx ...`: upcycle the ONNX graph as `recipe` says and print a summary."""
     from ..onnx.upcycle import upcycle_onnx
 
-    if every is not None and layers is not None:
-        raise OptionError("give either --every or --layers, not both")
-    layer_list: Sequence[int] | None = parse_layers(layers)
-    router = router or "topk"
-    if top_k is None:
-        top_k = 1 if router == "switch" else 2
-    result = upcycle_onnx(
-        source, out, experts=experts, top_k=top_k, every=every if every is not None else (None if layer_list else 2),
-        layers=layer_list, router=router, normalize=normalize, capacity_factor=capacity_factor, noise=noise,
-        seed=seed, target=target, force=force, **scheme,
-    )
+    result = upcycle_onnx(source, out, recipe=recipe, target=target, force=force)
     plan = result.plan
     console.print(f"[bold green]upcycled[/] {source} -> {result.path}")
     console.print(f"  FFN sites found: {len(plan.sites)} ({len(plan.rejected)} candidates rejected)")

@@ -9,16 +9,30 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from ..convert import convert
+from ..errors import OptionError
+from ..model_recipe import Recipe
 from .common import human, parse_layers, routing_summary
 from .main import app, console, err_console
+
+# The flags that are recipe keys (the parameter name is the key).
+_RECIPE_FLAGS = ("experts", "top_k", "router", "normalize", "every", "layers", "capacity_factor", "noise", "seed",
+                 "drop_ratio", "granularity", "shared_fraction", "split")
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """True when the flag `name` was given (on the command line or by its environment variable)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
 
 _STAGES = {"load": "loading source", "plan": "capturing graph, finding FFNs, planning", "write": "writing"}
 
 
 @app.command()
 def upcycle(
+    ctx: typer.Context,
     source: str = typer.Argument(..., help="Dense model: a local HF directory, a hub id, or demo:t5|t5-gated|bert|gpt2|llama."),
-    experts: int = typer.Option(..., "--experts", "-e", help="Experts per MoE layer (2 or more)."),
+    experts: Optional[int] = typer.Option(None, "--experts", "-e", help="Experts per MoE layer (2 or more); required unless --recipe gives it."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", "-k", help="Experts per token [default: 2; 1 for switch]."),
     router: Optional[str] = typer.Option(None, help="Router: topk | switch | expert-choice (encoder layers only) [default: topk]."),
@@ -37,16 +51,23 @@ def upcycle(
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard, e.g. 5GB or 500MiB."),
     target: str = typer.Option("ort", "--target", help="ONNX sources only: ort (fuse into com.microsoft.MoE) | standard."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (only once the new one is complete)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="A recipe file (YAML): MoE options per stack and per layer; the option flags given beside it replace its top-level keys."),
 ) -> None:
     """Convert a dense model into an MoE model whose experts start as copies of its FFNs.
 
     Checkpoints are converted by streaming, one tensor at a time, in bounded memory."""
+    # Every path goes through one recipe: the file's, with the flags given on the command line
+    # (not their defaults) replacing its top-level keys.
+    given = {name: ctx.params[name] for name in _RECIPE_FLAGS if _given(ctx, name)}
+    if "layers" in given:
+        given["layers"] = parse_layers(given["layers"])
+    if recipe is None and experts is None:
+        raise OptionError("give the expert count (--experts N) or a recipe (--recipe FILE)")
+    moe_recipe = Recipe.build(Recipe.load(recipe) if recipe is not None else None, flags=True, **given)
     if source.endswith(".onnx"):  # ONNX-native upcycling: ONNX in, ONNX out (sparsify.onnx)
         from .export import upcycle_onnx_command
 
-        return upcycle_onnx_command(source, out, experts, top_k, router, normalize, every, layers,
-                                    capacity_factor, noise, seed, force, target=target, drop_ratio=drop_ratio,
-                                    granularity=granularity, shared_fraction=shared_fraction, split=split)
+        return upcycle_onnx_command(source, out, moe_recipe, force, target=target)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task(f"loading {source}", total=None)
@@ -54,12 +75,8 @@ def upcycle(
         def progress(stage: str, done: int, total: int) -> None:
             bar.update(task, description=_STAGES.get(stage, stage), completed=done, total=total if stage == "write" else None)
 
-        r = convert(
-            source, out, experts=experts, top_k=top_k, router=router, normalize=normalize, every=every,
-            layers=parse_layers(layers), capacity_factor=capacity_factor, noise=noise, seed=seed,
-            format=format, dtype=dtype, shard_size=shard_size, force=force, progress=progress,
-            drop_ratio=drop_ratio, granularity=granularity, shared_fraction=shared_fraction, split=split,
-        )
+        r = convert(source, out, recipe=moe_recipe, format=format, dtype=dtype, shard_size=shard_size, force=force,
+                    progress=progress)
     plan = r.plan
     total, active = r.params
     console.print(f"[bold green]upcycled[/] {source} -> {r.out}")
