@@ -323,6 +323,21 @@ class Recipe:
         return any(k in self._data for k in SELECTION_KEYS) or any(
             k in section for section in self.sections.values() for k in SELECTION_KEYS)
 
+    def given(self, key: str) -> list[Any]:
+        """Every value `key` is given anywhere in the recipe (top level and sections), for checks
+        an executor can make before it reads the model (ONNX graphs have no shared experts)."""
+        out = []
+
+        def walk(node: Mapping[Any, Any]) -> None:
+            if key in node:
+                out.append(node[key])
+            for value in node.values():
+                if isinstance(value, Mapping):
+                    walk(value)
+
+        walk(self._data)
+        return out
+
     def to_dict(self, for_json: bool = False) -> dict[Any, Any]:
         """The recipe as a mapping, the form of its file. Layer indices are integer keys, or
         with `for_json` strings (as JSON holds them, in `plan.recipe`); `from_dict` reads both."""

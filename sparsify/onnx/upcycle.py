@@ -79,6 +79,11 @@ def upcycle_onnx(
         raise OptionError("give either --every or --layers, not both")
     recipe = Recipe.build(recipe, experts=experts, every=every, layers=list(layers) if layers is not None else None,
                           **options)  # validates the MoE options
+    if any(f > 0 for f in recipe.given("shared_fraction")):
+        raise OptionError("ONNX-native upcycling has no shared experts (--shared-fraction); upcycle the checkpoint instead")
+    if "expert-choice" in recipe.given("router"):
+        raise OptionError("--router expert-choice needs to know which layers are causal, which an ONNX graph "
+                          "does not say; use topk or switch, or upcycle the checkpoint instead")
     check_export_options(target, DEFAULT_OPSET, 1, 1)
     check_output(out, force)
     model = read_onnx(source)
@@ -94,13 +99,6 @@ def upcycle_onnx(
     if not plan.selected:
         raise OptionError(f"no FFN layer was selected among the graph's {len(plan.sites)} FFNs; "
                           "lower --every or pass --layers")
-    for path, layer in recipe.layer_recipes(plan.sites, plan.selected).items():
-        if layer.shared_fraction > 0:
-            raise OptionError("ONNX-native upcycling has no shared experts (--shared-fraction); upcycle the checkpoint "
-                              "instead")
-        if layer.config.router == "expert-choice":
-            raise OptionError("--router expert-choice needs to know which layers are causal, which an ONNX graph "
-                              "does not say; use topk or switch, or upcycle the checkpoint instead")
     plan.layers = recipe.layer_plans(plan.sites, plan.selected)
     plan.recipe = recipe.to_dict(for_json=True)
     plan.source = {"spec": str(source), "kind": "onnx"}
