@@ -118,61 +118,63 @@ def test_pass_manager_flow_with_a_recipe(demo):
 
 # --- recipe files ---------------------------------------------------------------------------
 
-# name -> (file text, line, key, what the message says, whether the error needs the model's sites)
-FILE_ERRORS = {
-    "unknown key": ("experts: 32\nexpert: 4\n", 2, "expert", "unknown key (did you mean 'experts'?)", False),
+# name -> (file text, line, key, what the message says): refused on loading, before any model
+LOAD_ERRORS = {
+    "unknown key": ("experts: 32\nexpert: 4\n", 2, "expert", "unknown key (did you mean 'experts'?)"),
     "unknown key in a stack": ("experts: 8\ndecoder:\n  top_k: 2\n  rooter: topk\n", 4, "decoder.rooter",
-                               "unknown key (did you mean 'router'?)", False),
+                               "unknown key (did you mean 'router'?)"),
     "bad value": ("experts: 8\nencoder:\n  capacity_factor: 2\ndecoder:\n  router: foo\n", 5, "decoder.router",
-                  "must be one of topk, switch, expert-choice, got 'foo'", False),
-    "bad type": ("experts: eight\n", 1, "experts", "must be an integer of at least 2, got 'eight'", False),
-    "bool for an integer": ("granularity: true\n", 1, "granularity", "must be an integer of at least 1, got true", False),
-    "number for a bool": ("encoder:\n  normalize: 1\n", 2, "encoder.normalize", "must be true or false, got 1", False),
-    "scalar for a list": ("layers: 3\n", 1, "layers", "must be a list of FFN indices", False),
-    "out of range number": ("drop_ratio: 1.5\n", 1, "drop_ratio", "must be a finite number in [0, 1], got 1.5", False),
-    "given twice": ("experts: 4\nexperts: 8\n", 2, "experts", "given twice", False),
-    "every and layers": ("every: 2\nlayers: [1]\n", 2, "layers", "give either every or layers, not both", False),
+                  "must be one of topk, switch, expert-choice, got 'foo'"),
+    "bad type": ("experts: eight\n", 1, "experts", "must be an integer of at least 2, got 'eight'"),
+    "bool for an integer": ("granularity: true\n", 1, "granularity", "must be an integer of at least 1, got true"),
+    "number for a bool": ("encoder:\n  normalize: 1\n", 2, "encoder.normalize", "must be true or false, got 1"),
+    "scalar for a list": ("layers: 3\n", 1, "layers", "must be a list of FFN indices"),
+    "out of range number": ("drop_ratio: 1.5\n", 1, "drop_ratio", "must be a finite number in [0, 1], got 1.5"),
+    "given twice": ("experts: 4\nexperts: 8\n", 2, "experts", "given twice"),
+    "every and layers": ("every: 2\nlayers: [1]\n", 2, "layers", "give either every or layers, not both"),
     "selection per layer": ("decoder:\n  1:\n    every: 2\n", 3, "decoder.1.every",
-                            "selection (every, layers) is set per stack", False),
-    "model key in a stack": ("decoder:\n  seed: 1\n", 2, "decoder.seed", "set it at the top level", False),
-    "layer index at the top": ("3:\n  top_k: 1\n", 1, "3", "a layer index belongs in a stack section", False),
+                            "selection (every, layers) is set per stack"),
+    "model key in a stack": ("decoder:\n  seed: 1\n", 2, "decoder.seed", "set it at the top level"),
+    "layer index at the top": ("3:\n  top_k: 1\n", 1, "3", "a layer index belongs in a stack section"),
     "sections contradict": ("experts: 4\ndecoder:\n  top_k: 8\n", 2, "decoder",
-                            "top_k must be between 1 and the expert count (4), got 8", False),
-    "merge_base type": ("merge_base: 3\n", 1, "merge_base", "must be a non-empty string", False),
-    "experts_from type": ("experts_from: [a, 2]\n", 1, "experts_from", "must be a non-empty list of checkpoint", False),
-    "prompts type": ("prompts: 5\n", 1, "prompts", "must be a prompts file path", False),
-    "calibration type": ("calibration: [a]\n", 1, "calibration", "must be a non-empty string", False),
-    "router_init value": ("router_init: hidden\n", 1, "router_init", "must be one of random, prompts, embeddings, kmeans",
-                          False),
+                            "top_k must be between 1 and the expert count (4), got 8"),
+    "merge_base type": ("merge_base: 3\n", 1, "merge_base", "must be a non-empty string"),
+    "experts_from type": ("experts_from: [a, 2]\n", 1, "experts_from", "must be a non-empty list of checkpoint"),
+    "prompts type": ("prompts: 5\n", 1, "prompts", "must be a prompts file path"),
+    "calibration type": ("calibration: [a]\n", 1, "calibration", "must be a non-empty string"),
+    "router_init value": ("router_init: hidden\n", 1, "router_init", "must be one of random, prompts, embeddings, kmeans"),
+}
+# the same, refused when the recipe meets the model's FFN sites (demo:t5)
+SITE_ERRORS = {
     "unknown stack": ("experts: 4\nencodr:\n  top_k: 1\n", 2, "encodr",
                       "no FFN stack or module of this name in the model; its FFN stacks are encoder.block (encoder, "
-                      "4 FFNs), decoder.block (decoder, 4 FFNs)", True),
-    "ambiguous stack": ("block:\n  top_k: 1\n", 1, "block", "names 2 FFN stacks", True),
+                      "4 FFNs), decoder.block (decoder, 4 FFNs)"),
+    "ambiguous stack": ("block:\n  top_k: 1\n", 1, "block", "names 2 FFN stacks"),
     "one stack twice": ("encoder:\n  top_k: 1\nencoder.block:\n  top_k: 2\n", 3, "encoder.block",
-                        "as 'encoder' does", True),
+                        "as 'encoder' does"),
     "layer index out of range": ("decoder:\n  7:\n    top_k: 1\n", 2, "decoder.7",
-                                 "out of range: decoder.block has 4 FFNs (numbered from 0)", True),
+                                 "out of range: decoder.block has 4 FFNs (numbered from 0)"),
     "stack layers out of range": ("decoder:\n  layers: [1, 9]\n", 2, "decoder.layers",
-                                  "9 out of range: decoder.block has 4 FFNs", True),
-    "top layers out of range": ("layers: [1, 9]\n", 1, "layers", "9 out of range", True),
-    "layer not selected": ("decoder:\n  2:\n    top_k: 1\n", 2, "decoder.2", "is not selected (it selects 1, 3)", True),
+                                  "9 out of range: decoder.block has 4 FFNs"),
+    "top layers out of range": ("layers: [1, 9]\n", 1, "layers", "9 out of range"),
+    "layer not selected": ("decoder:\n  2:\n    top_k: 1\n", 2, "decoder.2", "is not selected (it selects 1, 3)"),
     "module not selected": ("encoder.block.0.layer.1.DenseReluDense:\n  top_k: 1\n", 1,
-                            "encoder.block.0.layer.1.DenseReluDense", "is not selected", True),
+                            "encoder.block.0.layer.1.DenseReluDense", "is not selected"),
     "expert choice on the decoder": ("experts: 4\nrouter: expert-choice\n", 2, "router",
-                                     "expert-choice cannot be used on the causal (decoder) layer", True),
+                                     "expert-choice cannot be used on the causal (decoder) layer"),
     "does not fit the FFN": ("decoder:\n  split: true\n  experts: 6\n  top_k: 1\n", 1, "decoder",
-                             "do not split into 6 equal experts", True),
+                             "do not split into 6 equal experts"),
 }
 
 
-@pytest.mark.parametrize("case", list(FILE_ERRORS))
+@pytest.mark.parametrize("case", [*LOAD_ERRORS, *SITE_ERRORS])
 def test_file_errors_name_the_file_line_and_key(tmp_path, t5_sites, case):
-    text, line, key, says, needs_sites = FILE_ERRORS[case]
+    text, line, key, says = LOAD_ERRORS.get(case) or SITE_ERRORS[case]
     path = tmp_path / "moe.yaml"
     path.write_text(text)
     with pytest.raises(RecipeError) as caught:
         recipe = Recipe.load(path)
-        assert needs_sites, "the recipe should have been refused on loading, before any model"
+        assert case in SITE_ERRORS, "the recipe should have been refused on loading, before any model"
         recipe.layer_plans(t5_sites)
     message = str(caught.value)
     assert "\n" not in message
