@@ -260,6 +260,7 @@ class Recipe:
                 self.layer_recipe([(), (key,), (key, index)])
 
     def options_at(self, path: KeyPath) -> dict[str, Any]:
+        """The layer options written in the section at `path` (() for the top level)."""
         node: Any = self._data
         for key in path:
             node = node[key]
@@ -278,12 +279,16 @@ class Recipe:
     def section_error(self, path: KeyPath, message: str) -> RecipeError:
         """A `LayerRecipe` / `MoEConfig` error about the section at `path` (its options and what
         they inherit). Their messages name CLI flags; those stay where the options are flags."""
-        if not path:
-            flags = any(w.startswith("--") for p, w in self._where.items() if len(p) == 1)
-            if flags:
-                return RecipeError(message)
-            return RecipeError(f"{self.file}: {_keys_not_flags(message)}" if self.file else _keys_not_flags(message))
-        return self.error(path, _keys_not_flags(message))
+        if path:
+            return self.error(path, _keys_not_flags(message))
+        if any(w.startswith("--") for p, w in self._where.items() if len(p) == 1):
+            return RecipeError(message)
+        message = _keys_not_flags(message)
+        if self.file is None:
+            return RecipeError(message)
+        # the top level has no line of its own: point at the first of its keys the message names
+        named = [k for k in re.findall(r"[a-z_]+", message) if (k,) in self._where and k in LAYER_KEYS]
+        return RecipeError(f"{self._where[(named[0],)] if named else self.file}: {message}")
 
     # the recipe's parts ----------------------------------------------------------------------
 

@@ -182,6 +182,13 @@ def test_file_errors_name_the_file_line_and_key(tmp_path, t5_sites, case):
     assert says in message, message
 
 
+def test_a_top_level_contradiction_points_at_the_key_it_names(tmp_path):
+    path = tmp_path / "moe.yaml"
+    path.write_text("experts: 4\nnoise: 0.0\ntop_k: 8\n")
+    with pytest.raises(RecipeError, match=re.escape(f"{path}:3: top_k must be between 1 and the expert count (4), got 8")):
+        Recipe.load(path)
+
+
 @pytest.mark.parametrize("name,text,says", [
     ("moe.yaml", "experts: 4\n  top_k: 2\n", ":2: not valid YAML"),
     ("moe.yaml", "- 1\n- 2\n", ":1: a recipe is a mapping of keys to values, got a list"),

@@ -32,7 +32,7 @@ _STAGES = {"load": "loading source", "plan": "capturing graph, finding FFNs, pla
 def upcycle(
     ctx: typer.Context,
     source: str = typer.Argument(..., help="Dense model: a local HF directory, a hub id, or demo:t5|t5-gated|bert|gpt2|llama."),
-    experts: Optional[int] = typer.Option(None, "--experts", "-e", help="Experts per MoE layer (2 or more); required unless --recipe gives it."),
+    experts: Optional[int] = typer.Option(None, "--experts", "-e", help="Experts per MoE layer (2 or more); required without --recipe."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", "-k", help="Experts per token [default: 2; 1 for switch]."),
     router: Optional[str] = typer.Option(None, help="Router: topk | switch | expert-choice (encoder layers only) [default: topk]."),
