@@ -7,16 +7,16 @@ every MoE layer a `StreamedMoE`: memory for the dense parts and one layer's expe
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
 
-from ..errors import SourceError
+from ..errors import PlanError, SourceError
 from ..formats.base import MANIFEST, OutputFormat
-from ..formats.native import FORMAT_NAME, assign_tensors
+from ..formats.manifest import plan_of, read_output_manifest
+from ..formats.native import FORMAT_NAME, assign_tensors, read_config
 from ..formats.registry import FORMATS
 from ..io.checkpoint import Checkpoint
 from ..io.skeleton import build_skeleton, model_class
@@ -50,21 +50,27 @@ class UpcycledOutput:
     def open(cls, path: str | Path) -> "UpcycledOutput":
         """Read the manifest, the plan and the tensor headers of `path`."""
         path = Path(path)
-        try:
-            manifest = json.loads((path / MANIFEST).read_text())
-        except FileNotFoundError:
-            raise SourceError(f"'{path}' has no {MANIFEST}; it is not a model written by sparsify") from None
-        except json.JSONDecodeError as err:
-            raise SourceError(f"'{path / MANIFEST}' is not valid JSON ({err.msg}); the output is damaged") from None
+        manifest = read_output_manifest(path)  # validated, and every file's size checked
         fmt = next((f for f in FORMATS.values() if f.name == manifest.get("format")), None)
         if fmt is None:
             raise SourceError(f"'{path}' is in the {manifest.get('format')!r} format, which this sparsify does not know")
-        return cls(path, manifest, UpcyclePlan.from_dict(manifest["plan"]), fmt, Checkpoint(path, str(path)))
+        return cls(path, manifest, plan_of(manifest, path / MANIFEST), fmt, Checkpoint(path, str(path)))
 
     @property
     def native(self) -> bool:
         """True for sparsify's native format (the source architecture's config and names)."""
         return self.format.name == FORMAT_NAME
+
+    def check_fits(self) -> None:
+        """For a native output: refuse one whose tensor names and shapes (headers only) are not
+        those the plan's model has, as `sparsify.load` would, without reading a weight."""
+        if not self.native:
+            return
+        try:
+            self.layout(converted_skeleton(read_config(self.path), self.plan))
+        except (SourceError, PlanError) as err:
+            raise PlanError(f"the weights of '{self.path}' do not fit its plan ({str(err)[:200]}); "
+                            "sparsify.json or the weights were changed, write the output again") from None
 
     def layout(self, model: nn.Module) -> OutputLayout:
         """The layout of this output for `model` (the converted model), checked against the headers."""

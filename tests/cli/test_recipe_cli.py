@@ -40,8 +40,11 @@ def test_the_papers_t5_recipe_upcycles_a_checkpoint_loads_and_trains(tmp_path, d
         assert moe["num_experts"] == 32 and len(layer["experts"]) == 32
         want = ("expert-choice", 2.0, 1) if path.startswith("encoder") else ("topk", None, 2)
         assert (moe["router"], moe["capacity_factor"], moe["top_k"]) == want
-    code, stdout, _ = sparsify_cli("inspect", tmp_path / "moe")
-    assert code == 0 and "32 experts, expert-choice k=1 cf=2" in stdout and "32 experts, topk k=2" in stdout
+    code, stdout, _ = sparsify_cli("inspect", tmp_path / "moe", "--json")
+    assert code == 0
+    shown = {(r["moe"]["num_experts"], r["moe"]["router"], r["moe"]["top_k"], r["moe"]["capacity_factor"])
+             for r in json.loads(stdout)["sites"] if r["moe"] is not None}
+    assert shown == {(32, "expert-choice", 1, 2.0), (32, "topk", 2, None)}
 
     model = sparsify.load(tmp_path / "moe").train()
     moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
