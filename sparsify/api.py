@@ -26,7 +26,7 @@ def upcycle_passes(every: int | None, layers: Sequence[int] | None, **upcycle_op
 
 def upcycle_with_plan(
     model: nn.Module | str,
-    experts: int = 8,
+    experts: int | None = None,
     top_k: int | None = 2,
     every: int | None = 2,
     layers: Sequence[int] | None = None,
@@ -63,7 +63,8 @@ def upcycle_with_plan(
     return result.model, result.plan, source
 
 
-def upcycle(model: nn.Module | str, experts: int = 8, top_k: int | None = 2, every: int | None = 2, **options: Any) -> nn.Module:
+def upcycle(model: nn.Module | str, experts: int | None = None, top_k: int | None = 2, every: int | None = 2,
+            **options: Any) -> nn.Module:
     """Turn a dense model into an MoE model whose experts start as copies of its FFNs.
 
     `model` is an `nn.Module` or a source string (a local directory, a hub id, `demo:NAME`).
@@ -71,7 +72,12 @@ def upcycle(model: nn.Module | str, experts: int = 8, top_k: int | None = 2, eve
     `layers=[...]`. Routing: `router` (topk | switch | expert-choice), `normalize`,
     `capacity_factor`. Initialisation (see `sparsify.recipe`): `noise`, `drop_ratio`
     (Drop-Upcycling), `granularity` (granular upcycling), `shared_fraction` (a shared expert),
-    `split` (parameter-neutral), `router_init_std`, `seed`. `backend` picks the MoE kernels
+    `split` (parameter-neutral), `router_init_std`, `seed`. Experts from several checkpoints
+    (see `sparsify.merge`): `experts_from=[...]` (paths, hub ids, demo names or models, one per
+    expert; `experts` then defaults to their count, else to 8), `merge_base` ("base" or
+    "average"). Routers from data (see `passes.InitRouter`): `router_init` (random | prompts |
+    embeddings | kmeans), `prompts` (a YAML or JSON file), `calibration` (a text file),
+    `tokenizer` (default: the model checkpoint's). `backend` picks the MoE kernels
     (auto | reference | cpu | triton); `example_inputs=(x,)` serves a module whose inputs cannot
     be made from a Hugging Face config. Returns the rewritten module (its plan is
     `module.sparsify_plan`).

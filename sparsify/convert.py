@@ -26,6 +26,9 @@ from .io.atomic import check_output, check_space
 from .io.checkpoint import Checkpoint
 from .io.skeleton import build_skeleton, model_class
 from .io.sources import Source, load_source, resolve_source, sha256_files
+from .merge import ModuleWeights, check_apart, check_compatible, open_sources
+from .passes.init_router import check_router_data
+from .prompts import prompt_set
 from .recipe import LayerRecipe
 from .api import upcycle_passes
 from .passes import PassManager
@@ -61,15 +64,17 @@ def _dense_param_count(model: nn.Module) -> int:
 
 
 class _Hasher(threading.Thread):
-    """sha256 of the source files, computed beside the conversion (hashlib releases the GIL)."""
+    """sha256 of the source files, computed beside the conversion (hashlib releases the GIL);
+    `more` holds the files of the expert sources by name, hashed after the base's, one at a time."""
 
-    def __init__(self, files: list[Path]):
+    def __init__(self, files: list[Path], more: dict[str, list[Path]] | None = None):
         super().__init__(daemon=True)
-        self.files, self.result, self.error = files, {}, None
+        self.files, self.more, self.result, self.results, self.error = files, more or {}, {}, {}, None
 
     def run(self) -> None:
         try:
             self.result = sha256_files(self.files)
+            self.results = {name: sha256_files(files) for name, files in self.more.items()}
         except OSError as err:
             self.error = err
 
@@ -77,7 +82,7 @@ class _Hasher(threading.Thread):
 def convert(
     source: str | nn.Module,
     out: str | Path,
-    experts: int,
+    experts: int | None = None,
     top_k: int | None = None,
     router: str | None = None,
     normalize: bool = True,
@@ -93,13 +98,19 @@ def convert(
     force: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
     example_inputs: tuple | None = None,
+    merge_base: str = "base",
+    prompts: Any = None,
+    calibration: str | Path | None = None,
     **scheme: Any,
 ) -> ConversionReport:
     """Upcycle `source` and write it to `out` in `format`; returns what was done.
 
     `scheme` holds the initialisation options of `sparsify.recipe.LayerRecipe` (drop_ratio,
-    granularity, shared_fraction, split, router_init). `progress(stage, done, total)` is called
-    as work advances (stage "write": bytes)."""
+    granularity, shared_fraction, split, router_init, experts_from). Experts from other
+    checkpoints (`experts_from`, `merge_base`) are opened and checked against the source before
+    anything is written, and streamed like it (`sparsify.merge`); `prompts` and `calibration`
+    feed data-derived routers (`passes.InitRouter`). `progress(stage, done, total)` is called as
+    work advances (stage "write": bytes)."""
     if every is not None and layers is not None:
         raise OptionError("give either --every or --layers, not both")
     if dtype is not None and dtype not in DTYPE_NAMES:
@@ -113,15 +124,21 @@ def convert(
     from .io.safetensors_io import parse_size
 
     parse_size(shard_size)
+    check_router_data({scheme.get("router_init", "random")}, prompts, calibration)
+    prompts = prompt_set(prompts) if prompts is not None else None
+    experts_from = scheme.get("experts_from")
+    opened = open_sources(experts_from) if experts_from is not None else {}
+    resolved = resolve_source(source) if not isinstance(source, nn.Module) else None
+    check_apart(out, [resolved.path if resolved else None, *(s.path for s in opened.values())])
     out = check_output(out, force)
     report = progress or (lambda *a: None)
 
     report("load", 0, 1)
     ckpt: Checkpoint | None = None
-    if isinstance(source, nn.Module):
+    if resolved is None:
         model, src = source, Source(type(source).__name__, "module")
     else:
-        src = resolve_source(source)
+        src = resolved
         if src.kind == "demo":
             model, src = load_source(src)
         else:
@@ -134,7 +151,9 @@ def convert(
             ckpt = Checkpoint(src.path, src.spec)
             model = build_skeleton(config, model_class(config))
             ckpt.check_shapes(model, src.spec)
-    hasher = _Hasher(src.files)
+    if opened:
+        check_compatible(model, ckpt if ckpt is not None else ModuleWeights(model), src.path, opened)
+    hasher = _Hasher(src.files, {name: s.files for name, s in opened.items()})
     hasher.start()
     dense_params = _dense_param_count(model)
 
@@ -150,14 +169,15 @@ def convert(
     report("plan", 0, 1)
     passes = upcycle_passes(every, layers, experts=experts, top_k=top_k, router=router, normalize=normalize,
                             noise=noise, router_init_std=router_init_std, seed=seed, capacity_factor=capacity_factor,
-                            **scheme)
-    result = PassManager(passes).run(model, example_inputs=example_inputs)
+                            merge_base=merge_base, prompts=prompts, calibration=calibration, sources=opened, **scheme)
+    result = PassManager(passes).run(model, example_inputs=example_inputs, weights=ckpt)
     plan, model = result.plan, result.model
     fmt, reason = choose_format(format, plan, config)
 
     out_dtype = DTYPE_NAMES[dtype] if dtype else None
     tensors_from: TensorSource = (
-        SourceTensors(ckpt, plan, model, out_dtype) if ckpt is not None else ModelTensors(model, out_dtype)
+        SourceTensors(ckpt, plan, model, out_dtype, {n: s.weights for n, s in opened.items()}) if ckpt is not None
+        else ModelTensors(model, out_dtype)
     )
     tensors = fmt.tensors(model, plan, tensors_from)
     total = sum(t.nbytes for t in tensors)
@@ -166,6 +186,8 @@ def convert(
     hasher.join()
     provenance = {"spec": src.spec, "kind": src.kind, "sha256": hasher.result}
     plan.source = provenance
+    for name, s in opened.items():
+        plan.sources[name] = s.provenance(hasher.results.get(name) if s.files else None)
     manifest = NativeFormat.manifest(model, plan, provenance)
     done = [0]
 

@@ -155,13 +155,18 @@ class LayerRecipe:
         return out
 
     @classmethod
-    def from_options(cls, experts: int = 8, top_k: int | None = 2, router: str = "topk", normalize: bool = True,
+    def from_options(cls, experts: int | None = None, top_k: int | None = 2, router: str = "topk", normalize: bool = True,
                      capacity_factor: float | None = None, noise: float = 0.0, router_init_std: float = 0.02,
                      drop_ratio: float = 0.0, granularity: int = 1, shared_fraction: float = 0.0, split: bool = False,
                      router_init: str = "random", experts_from: Sequence[str] | None = None,
                      **moe_options: Any) -> "LayerRecipe":
         """A recipe from keyword options (those of `sparsify.upcycle` and `passes.UpcycleFFN`);
-        an unknown keyword is refused by name."""
+        an unknown keyword is refused by name. `experts` defaults to one per `experts_from`
+        source (times the granularity), else 8."""
+        if isinstance(experts_from, (str, bytes)):
+            raise OptionError(f"experts_from must be a list of checkpoints, one per expert, got the string {experts_from!r}")
+        if experts is None:
+            experts = len(experts_from) * granularity if experts_from is not None else 8
         known = {f.name for f in fields(MoEConfig)} - {"num_experts", "top_k", "router", "normalize", "capacity_factor"}
         unknown = sorted(set(moe_options) - known)
         if unknown:

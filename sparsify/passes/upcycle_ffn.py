@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from ..errors import OptionError
+from ..merge import MERGE_BASES, ExpertSource, average_into, check_compatible, open_sources, source_names
 from ..recipe import LayerRecipe
 from ..rewrite import apply_plan
 from .infra import Pass, PassContext, PostconditionError, PreconditionError
+from .init_router import InitRouter, check_router_data
 
 __all__ = ["UpcycleFFN"]
 
@@ -21,19 +25,48 @@ class UpcycleFFN(Pass):
     what the dense model returned. The other schemes (`drop_ratio`, `granularity`,
     `shared_fraction`, `split`) are described in `sparsify.recipe`; `recipe=` takes a ready
     `LayerRecipe` instead of the keyword options.
-    """
+
+    Experts from several checkpoints (`sparsify.merge`): `experts_from=[...]`, one source per
+    expert (per router group), each a path, hub id, demo name or model; the other weights from
+    the model (`merge_base="base"`) or averaged over it and the sources (`"average"`).
+    Routers from data (`passes.InitRouter`, run here before the rewrite): `router_init=
+    "prompts" | "embeddings"` with `prompts=`, `"kmeans"` with `calibration=`; `tokenizer=`
+    where the model's checkpoint has none. `sources` takes sources already opened and checked
+    (the streaming executor's)."""
 
     name = "upcycle-ffn"
 
-    def __init__(self, experts: int = 8, top_k: int | None = 2, router: str = "topk", normalize: bool = True,
+    def __init__(self, experts: int | None = None, top_k: int | None = 2, router: str = "topk", normalize: bool = True,
                  noise: float = 0.0, router_init_std: float = 0.02, seed: int = 0,
-                 capacity_factor: float | None = None, recipe: LayerRecipe | None = None, **options: Any):
+                 capacity_factor: float | None = None, recipe: LayerRecipe | None = None, merge_base: str = "base",
+                 prompts: Any = None, calibration: str | os.PathLike | None = None, tokenizer: Any = None,
+                 sources: dict[str, ExpertSource] | None = None, **options: Any):
+        self.given: dict[str, Any] = {}
+        if options.get("experts_from") is not None:
+            entries = list(options["experts_from"]) if not isinstance(options["experts_from"], (str, bytes)) \
+                else options["experts_from"]
+            names = source_names(entries)
+            self.given = dict(zip(names, entries))
+            options["experts_from"] = names
         self.recipe = recipe or LayerRecipe.from_options(
             experts=experts, top_k=top_k, router=router, normalize=normalize, capacity_factor=capacity_factor,
             noise=noise, router_init_std=router_init_std, **options)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise OptionError(f"seed must be an integer, got {seed!r}")
-        self.seed = seed
+        if merge_base not in MERGE_BASES:
+            raise OptionError(f"merge_base must be one of {', '.join(MERGE_BASES)}, got {merge_base!r}")
+        if merge_base == "average" and not self.recipe.experts_from:
+            raise OptionError("merge_base 'average' averages the base with the expert sources; give experts_from")
+        self.seed, self.merge_base, self.sources = seed, merge_base, sources
+        kind = self.recipe.router_init
+        check_router_data({kind}, prompts, calibration)
+        self.init_router = InitRouter(None, prompts, calibration, tokenizer) if kind != "random" else None
+        if self.init_router is not None and self.init_router.prompts is not None:
+            rows = self.recipe.config.num_experts // self.recipe.granularity
+            if len(self.init_router.prompts.experts) != rows:
+                raise OptionError(f"the prompts list {len(self.init_router.prompts.experts)} experts and the MoE layers "
+                                  f"route to {rows}; give one entry of prompts per expert"
+                                  + (" (per router group)" if self.recipe.granularity > 1 else ""))
 
     @property
     def config(self):
@@ -55,13 +88,43 @@ class UpcycleFFN(Pass):
 
     def plan(self, ctx: PassContext) -> None:
         """Write the layer plans of the selected sites into `ctx.plan` (no rewrite)."""
-        ctx.plan.seed = self.seed
-        ctx.plan.layers = {s.path: self.recipe.build(s) for s in ctx.plan.selected_sites}
-        ctx.plan.recipe = self.recipe.to_dict()
+        plan = ctx.plan
+        plan.seed = self.seed
+        plan.layers = {s.path: self.recipe.build(s) for s in plan.selected_sites}
+        plan.recipe = self.recipe.to_dict()
+        plan.merge_base = self.merge_base
+        names = [n for layer in plan.layers.values() for x in layer.experts for n in [x.source] if n != "base"]
+        plan.sources = {n: plan.sources.get(n, {"spec": n}) for n in dict.fromkeys(names)}
+
+    def _open(self, ctx: PassContext) -> dict[str, ExpertSource]:
+        """The plan's expert sources: those given opened, else opened now and checked against the model."""
+        from ..io.sources import sha256_files
+        from ..merge import ModuleWeights
+
+        names = list(ctx.plan.sources)
+        if self.sources is not None:
+            missing = [n for n in names if n not in self.sources]
+            if missing:
+                raise OptionError(f"the plan reads experts from '{missing[0]}', which was not opened")
+            return {n: self.sources[n] for n in names}
+        opened = open_sources([self.given.get(n, n) for n in names], names)
+        loaded_from = Path(getattr(getattr(ctx.model, "config", None), "name_or_path", "") or "")
+        check_compatible(ctx.model, ModuleWeights(ctx.model), loaded_from if str(loaded_from) and loaded_from.is_dir() else None,
+                         opened)
+        for n, s in opened.items():
+            ctx.plan.sources[n] = s.provenance(sha256_files(s.files) if s.files else None)
+        return opened
 
     def call(self, ctx: PassContext) -> bool:
         self.plan(ctx)
-        apply_plan(ctx.model, ctx.plan)
+        if self.init_router is not None:
+            self.init_router(ctx)  # from the dense base, before anything is rewritten or averaged
+        copying = not any(p.device.type == "meta" for p in ctx.model.parameters())
+        sources = self._open(ctx) if ctx.plan.sources and copying else {}
+        if sources and self.merge_base == "average":
+            skip = {name for s in ctx.plan.selected_sites for name in s.weights.values()}
+            average_into(ctx.model, skip, [s.weights for s in sources.values()])
+        apply_plan(ctx.model, ctx.plan, sources={n: s.weights for n, s in sources.items()})
         return True
 
     def ensures(self, ctx: PassContext) -> None:
