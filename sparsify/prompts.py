@@ -132,7 +132,10 @@ def prompt_set(prompts: str | os.PathLike | PromptSet | Sequence[Any]) -> Prompt
     if not isinstance(prompts, Sequence) or not prompts:
         raise OptionError(f"prompts must be a file path or a list of each expert's prompts, got {prompts!r}")
     plain = [{"positive": p.positive, "negative": p.negative} if isinstance(p, ExpertPrompts) else p for p in prompts]
-    text = json.dumps(plain, sort_keys=True)
+    try:
+        text = json.dumps(plain, sort_keys=True)
+    except TypeError as err:
+        raise OptionError(f"prompts must hold each expert's prompts as lists of strings ({err})") from None
     try:
         experts = _entries(yaml.compose(text, Loader=yaml.SafeLoader))
     except _Bad as bad:

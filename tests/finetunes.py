@@ -21,14 +21,16 @@ from sparsify.io.demo import build_demo
 __all__ = ["word_tokenizer", "save_checkpoint", "perturbed", "task_tokens", "task_text", "trained_finetunes"]
 
 TASKS = 4
-RANGE = 24  # tokens per task: task i uses t{16 + RANGE*i} .. t{16 + RANGE*(i+1) - 1}
+RANGE = 12  # tokens per task: task i uses t{16 + RANGE*i} .. t{16 + RANGE*(i+1) - 1}
+STEPS = (1, 5, 7, 11)  # task i counts by STEPS[i] modulo RANGE (coprime: every token of the range occurs)
 
 
 def word_tokenizer(vocab_size: int = 512) -> transformers.PreTrainedTokenizerFast:
-    """Token i is the word `t{i}`; words are split on whitespace."""
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t3"))
+    """Token i >= 3 is the word `t{i}` (0, 1, 2 are <s>, </s>, <unk>); words are split on whitespace."""
+    special = {"<s>": 0, "</s>": 1, "<unk>": 2}
+    tok = Tokenizer(models.WordLevel({**special, **{f"t{i}": i for i in range(3, vocab_size)}}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t3", bos_token="t0", eos_token="t1")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 def save_checkpoint(model: torch.nn.Module, path: Path, tokenizer=None) -> Path:
@@ -49,9 +51,9 @@ def perturbed(name: str, seed: int, scale: float = 0.02) -> torch.nn.Module:
 
 
 def task_tokens(task: int, length: int, start: int) -> list[int]:
-    """A sequence of task `task`: counting by task + 1 within the task's token range."""
+    """A sequence of task `task`: counting by STEPS[task] within the task's token range."""
     low = 16 + RANGE * task
-    return [low + (start + k * (task + 1)) % RANGE for k in range(length)]
+    return [low + (start + k * STEPS[task]) % RANGE for k in range(length)]
 
 
 def task_text(task: int, length: int, start: int) -> str:
