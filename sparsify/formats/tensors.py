@@ -121,6 +121,7 @@ class SourceTensors(TensorSource):
         return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
 
     def plain(self, name: str) -> torch.Tensor:
+        self._cached = None  # the experts of the last site are written; release their buffers
         if len(self.merged) > 1 and self.ckpt.dtype(self._source_name(name)).is_floating_point:
             return self._cast(average([lambda w=w: w.read(self._source_name(name, w)) for w in self.merged]))
         return self._cast(self.ckpt.read(self._source_name(name)))
