@@ -13,6 +13,7 @@ from .formats.native import NativeFormat, load_native
 from .formats.registry import FORMAT_NAMES, choose_format, load_hf_output, output_format
 from .formats.tensors import ModelTensors
 from .io.sources import Source, load_source
+from .merge import source_names
 from .keywords import check_keywords, keyword_names, refuse_unknown_keywords
 from .model_recipe import Recipe
 from .passes import FindFFN, FuseDispatchCombine, PassManager, SelectLayers, UpcycleFFN
@@ -23,9 +24,10 @@ from .training import include_aux_losses, prepare_for_training
 __all__ = ["upcycle", "upcycle_with_plan", "upcycle_passes", "save", "load"]
 
 
-def upcycle_passes(recipe: Recipe) -> list:
-    """The find-ffn / select-layers / upcycle-ffn pipeline of `recipe`."""
-    return [FindFFN(), SelectLayers(recipe=recipe), UpcycleFFN(recipe=recipe)]
+def upcycle_passes(recipe: Recipe, **upcycle_options: Any) -> list:
+    """The find-ffn / select-layers / upcycle-ffn pipeline of `recipe` (`upcycle_options`: the
+    upcycle-ffn pass's arguments that are not recipe keys: sources, tokenizer)."""
+    return [FindFFN(), SelectLayers(recipe=recipe), UpcycleFFN(recipe=recipe, **upcycle_options)]
 
 
 def upcycle_with_plan(
@@ -40,6 +42,7 @@ def upcycle_with_plan(
     source: Source | None = None,
     backend: str = "auto",
     copy: bool = True,
+    tokenizer: Any = None,
     **options: Any,
 ) -> tuple[nn.Module, UpcyclePlan, Source]:
     """`upcycle`, also returning the plan and the resolved source."""
@@ -47,6 +50,12 @@ def upcycle_with_plan(
                    _upcycle_keywords())
     if every is not None and layers is not None:
         raise OptionError("give either every or layers, not both")
+    # In-memory models among experts_from get names (module0, ...) in the recipe and the plan.
+    models: dict[str, Any] = {}
+    if options.get("experts_from") is not None and not isinstance(options["experts_from"], str):
+        names = source_names(options["experts_from"])
+        models = {n: m for n, m in zip(names, options["experts_from"]) if isinstance(m, nn.Module)}
+        options["experts_from"] = names
     # Validate every option before the (possibly slow) load.
     recipe = Recipe.build(recipe, experts=experts, top_k=top_k, every=every,
                           layers=list(layers) if layers is not None else None, **options)
@@ -58,7 +67,7 @@ def upcycle_with_plan(
             model = _copy_module(model)
         if source is None:
             source = Source(type(model).__name__, "module")
-    result = PassManager([*upcycle_passes(recipe), fuse]).run(
+    result = PassManager([*upcycle_passes(recipe, tokenizer=tokenizer, models=models), fuse]).run(
         model, example_inputs=example_inputs, example_kwargs=example_kwargs
     )
     result.plan.source = source.describe()
@@ -77,10 +86,15 @@ def upcycle(model: nn.Module | str, experts: int | None = None, top_k: int | Non
     `layers=[...]`. Routing: `router` (topk | switch | expert-choice), `normalize`,
     `capacity_factor`. Initialisation (see `sparsify.recipe`): `noise`, `drop_ratio`
     (Drop-Upcycling), `granularity` (granular upcycling), `shared_fraction` (a shared expert),
-    `split` (parameter-neutral), `router_init_std`, `seed`. `recipe` (a `sparsify.Recipe`, its
-    mapping or a YAML recipe file) sets all of these per stack and per layer; keywords given
-    beside it replace its top-level keys, and a keyword holding a mapping is a stack or module
-    section (`decoder={"top_k": 2}`). `backend` picks the MoE kernels (auto | reference | cpu |
+    `split` (parameter-neutral), `router_init_std`, `seed`. Experts from several checkpoints
+    (see `sparsify.merge`): `experts_from=[...]` (paths, hub ids, demo names or models, one per
+    expert; `experts` then defaults to their count, else to 8), `merge_base` ("base" or
+    "average"). Routers from data (see `passes.InitRouter`): `router_init` (random | prompts |
+    embeddings | kmeans), `prompts` (a YAML or JSON file), `calibration` (a text file),
+    `tokenizer` (default: the model checkpoint's). `recipe` (a `sparsify.Recipe`, its mapping
+    or a YAML recipe file) sets all of these per stack and per layer; keywords given beside it
+    replace its top-level keys, and a keyword holding a mapping is a stack or module section
+    (`decoder={"top_k": 2}`). `backend` picks the MoE kernels (auto | reference | cpu |
     triton); `example_inputs=(x,)` serves a module whose inputs cannot be made from a Hugging
     Face config; the MoE layer's training settings are `jitter`, `aux_loss_coef`, `z_loss_coef`,
     `router_dtype`. In training mode the loss the model returns includes the routers' weighted

@@ -25,7 +25,10 @@ from .formats.tensors import ModelTensors, SourceTensors, TensorSource
 from .io.atomic import check_output
 from .io.checkpoint import Checkpoint
 from .io.sources import Source, load_source, resolve_source, sha256_files, skeleton_of
+from .merge import ModuleWeights, check_compatible, open_sources
 from .model_recipe import Recipe
+from .passes.init_router import check_router_data
+from .prompts import prompt_set
 from .api import upcycle_passes
 from .passes import PassManager
 from .plan import UpcyclePlan
@@ -61,15 +64,17 @@ def _dense_param_count(model: nn.Module) -> int:
 
 
 class _Hasher(threading.Thread):
-    """sha256 of the source files, computed beside the conversion (hashlib releases the GIL)."""
+    """sha256 of the source files, computed beside the conversion (hashlib releases the GIL);
+    `more` holds the files of the expert sources by name, hashed after the base's, one at a time."""
 
-    def __init__(self, files: list[Path]):
+    def __init__(self, files: list[Path], more: dict[str, list[Path]] | None = None):
         super().__init__(daemon=True)
-        self.files, self.result, self.error = files, {}, None
+        self.files, self.more, self.result, self.results, self.error = files, more or {}, {}, {}, None
 
     def run(self) -> None:
         try:
             self.result = sha256_files(self.files)
+            self.results = {name: sha256_files(files) for name, files in self.more.items()}
         except OSError as err:
             self.error = err
 
@@ -95,13 +100,18 @@ def convert(
     example_inputs: tuple | None = None,
     dry_run: bool = False,
     recipe: Any = None,
+    tokenizer: Any = None,
     **scheme: Any,
 ) -> ConversionReport:
     """Upcycle `source` and write it to `out` in `format`; returns what was done.
 
     The MoE options (experts ... router_init_std, and in `scheme` the other keys of a recipe:
-    drop_ratio, granularity, shared_fraction, split, router_init, ...) replace the top-level
-    keys of `recipe` (a `sparsify.Recipe`, its mapping or a recipe file); None means not given.
+    drop_ratio, granularity, shared_fraction, split, router_init, experts_from, merge_base,
+    prompts, calibration, ...) replace the top-level keys of `recipe` (a `sparsify.Recipe`, its
+    mapping or a recipe file); None means not given. Experts from other checkpoints
+    (`experts_from`, `merge_base`) are opened and checked against the source before anything is
+    written, and streamed like it (`sparsify.merge`); `prompts` and `calibration` feed
+    data-derived routers (`passes.InitRouter`; `tokenizer` where the source has none).
     `progress(stage, done, total)` is called as work advances (stage "write": bytes). `dry_run`
     plans, chooses the format and sizes the output, and writes nothing."""
     if every is not None and layers is not None:
@@ -115,21 +125,29 @@ def convert(
     from .io.safetensors_io import parse_size
 
     parse_size(shard_size)
-    out = check_output(out, force, kind="dir")
+    check_router_data(set(recipe.given("router_init")), recipe.prompts, recipe.calibration)
+    if recipe.prompts is not None:
+        prompt_set(recipe.prompts)  # a damaged prompts file is refused before anything is loaded
+    experts_from = [n for names in recipe.given("experts_from") for n in names]
+    opened = open_sources(list(dict.fromkeys(experts_from))) if experts_from else {}
+    resolved = resolve_source(source) if not isinstance(source, nn.Module) else None
+    sources = [resolved.path if resolved else None, *(s.path for s in opened.values())]
+    out = check_output(out, force, sources, kind="dir")  # never onto, around or into a source
     report = progress or (lambda *a: None)
 
     report("load", 0, 1)
     ckpt: Checkpoint | None = None
-    if isinstance(source, nn.Module):
+    if resolved is None:
         model, src = source, Source(type(source).__name__, "module")
     else:
-        src = resolve_source(source)
-        check_output(out, force, [src.path], kind="dir")  # never onto, around or into the source
+        src = resolved
         if src.kind == "demo":
             model, src = load_source(src)
         else:
             model, ckpt = skeleton_of(src)
-    hasher = _Hasher([] if dry_run else src.files)
+    if opened:
+        check_compatible(model, ckpt if ckpt is not None else ModuleWeights(model), src.path, opened)
+    hasher = _Hasher([] if dry_run else src.files, {} if dry_run else {name: s.files for name, s in opened.items()})
     hasher.start()
     dense_params = _dense_param_count(model)
 
@@ -137,14 +155,15 @@ def convert(
     recipe = recipe.with_defaults(format_defaults(format, config))
 
     report("plan", 0, 1)
-    passes = upcycle_passes(recipe)
-    result = PassManager(passes).run(model, example_inputs=example_inputs)
+    passes = upcycle_passes(recipe, sources=opened, tokenizer=tokenizer)
+    result = PassManager(passes).run(model, example_inputs=example_inputs, weights=ckpt)
     plan, model = result.plan, result.model
     fmt, reason = choose_format(format, plan, config)
 
     out_dtype = DTYPE_NAMES[dtype] if dtype else None
     tensors_from: TensorSource = (
-        SourceTensors(ckpt, plan, model, out_dtype) if ckpt is not None else ModelTensors(model, out_dtype)
+        SourceTensors(ckpt, plan, model, out_dtype, {n: s.weights for n, s in opened.items()}) if ckpt is not None
+        else ModelTensors(model, out_dtype)
     )
     tensors = fmt.tensors(model, plan, tensors_from)
     total = sum(t.nbytes for t in tensors)
@@ -155,6 +174,8 @@ def convert(
     hasher.join()
     provenance = {"spec": src.spec, "kind": src.kind, "sha256": hasher.result}
     plan.source = provenance
+    for name, s in opened.items():
+        plan.sources[name] = s.provenance(hasher.results.get(name) if s.files else None)
     manifest = NativeFormat.manifest(model, plan, provenance)
     done = [0]
 

@@ -155,18 +155,23 @@ class LayerRecipe:
         return out
 
     @classmethod
-    def from_options(cls, experts: int = 8, top_k: int | None = 2, router: str = "topk", normalize: bool = True,
+    def from_options(cls, experts: int | None = None, top_k: int | None = 2, router: str = "topk", normalize: bool = True,
                      capacity_factor: float | None = None, noise: float = 0.0, router_init_std: float = 0.02,
                      drop_ratio: float = 0.0, granularity: int = 1, shared_fraction: float = 0.0, split: bool = False,
                      router_init: str = "random", experts_from: Sequence[str] | None = None,
                      **moe_options: Any) -> "LayerRecipe":
         """A recipe from keyword options (those of `sparsify.upcycle` and `passes.UpcycleFFN`);
-        an unknown keyword is refused by name."""
+        an unknown keyword is refused by name. `experts` defaults to one per `experts_from`
+        source (times the granularity), else 8."""
         from .keywords import check_keywords, keyword_names
 
         covered = {"num_experts", "top_k", "router", "normalize", "capacity_factor"}
         accepted = keyword_names(cls.from_options) + [f.name for f in fields(MoEConfig) if f.name not in covered]
         check_keywords("passes.UpcycleFFN", moe_options, accepted)
+        if isinstance(experts_from, (str, bytes)):
+            raise OptionError(f"experts_from must be a list of checkpoints, one per expert, got the string {experts_from!r}")
+        if experts is None:
+            experts = len(experts_from) * granularity if experts_from is not None else 8
         return cls(experts=experts, top_k=top_k, router=router, normalize=normalize, capacity_factor=capacity_factor,
                    noise=noise, router_init=router_init, router_init_std=router_init_std, drop_ratio=drop_ratio,
                    granularity=granularity, shared_fraction=shared_fraction, split=split,

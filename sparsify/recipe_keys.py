@@ -20,6 +20,7 @@ do not; cross-key rules (top_k <= experts, granularity divides both) stay in tho
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable
 
 from .layer_plan import ROUTER_INITS
@@ -106,10 +107,26 @@ def _indices(value: Any) -> list[int]:
     return sorted(set(value))
 
 
+def _file(value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a file path, got {_shown(value)}")
+    return value
+
+
 def _prompts(value: Any) -> Any:
     # A prompts file, or the prompts inline; their structure is checked by the router-init pass.
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
     if isinstance(value, str) and value:
         return value
+    # sparsify.prompts objects become the plain form of a prompts file (the recipe is recorded
+    # in sparsify.json, as JSON)
+    value = getattr(value, "experts", value)  # a PromptSet
+    if isinstance(value, (list, tuple)):
+        value = [{"positive": list(p.positive), "negative": list(p.negative)} if hasattr(p, "positive") else p
+                 for p in value]
     if isinstance(value, (list, dict)) and value:
         return value
     raise ValueError(f"must be a prompts file path or a non-empty list of prompts per expert, got {_shown(value)}")
@@ -137,9 +154,9 @@ LAYER_KEYS: dict[str, Check] = {
 SELECTION_KEYS: dict[str, Check] = {"every": _integer(1), "layers": _indices}
 MODEL_KEYS: dict[str, Check] = {
     "seed": _integer(),
-    "merge_base": _text,
+    "merge_base": _choice(("base", "average")),
     "prompts": _prompts,
-    "calibration": _text,
+    "calibration": _file,
 }
 ALL_KEYS: dict[str, Check] = {**LAYER_KEYS, **SELECTION_KEYS, **MODEL_KEYS}
 

@@ -17,6 +17,7 @@ import torch.nn as nn
 from .errors import PlanError
 from .init import canonical_shape, expert_weight, router_init_weight
 from .layer_plan import LayerPlan
+from .merge import Weights, stored_name
 from .moe import Experts, Router, SharedExpert, SparseMoE
 from .plan import FFNSite, UpcyclePlan
 
@@ -48,18 +49,37 @@ def _get(model: nn.Module, path: str) -> nn.Module:
                         "was the plan made for another architecture?") from None
 
 
-def dense_reader(models: dict[str, nn.Module]) -> Callable[[str, FFNSite, str], torch.Tensor]:
+def dense_reader(models: dict[str, nn.Module | Weights]) -> Callable[[str, FFNSite, str], torch.Tensor]:
     """`read(source, site, role)`: the dense FFN weight `role` of `site` in canonical layout,
-    from the in-memory model named `source` ("base" or an expert source), shape-checked."""
+    from the model or checkpoint named `source` ("base" or an expert source), shape-checked.
+    A checkpoint (`sparsify.merge.Weights`) is read by the base model's tensor names; the last
+    tensor read is kept, since the experts of one role read it in turn."""
+    names: dict = {}  # the base's tied names and prefix, found on the first checkpoint read
+    last: list = [None, None]
+
+    def tensor_of(source: str, name: str) -> torch.Tensor:
+        held = models[source]
+        if isinstance(held, nn.Module):
+            try:
+                return held.get_parameter(name).detach()
+            except AttributeError:
+                raise PlanError(f"'{source}' has no parameter '{name}' that the plan reads") from None
+        if last[0] != (source, name):
+            if not names:
+                from .formats.tensors import alias_groups  # formats import this module
+
+                names.update(aliases=alias_groups(models["base"]), prefix=getattr(models["base"], "base_model_prefix", "") or "")
+            stored = stored_name(held, name, names["aliases"], names["prefix"])
+            if stored is None:
+                raise PlanError(f"'{source}' has no tensor '{name}' that the plan reads")
+            last[:] = [None, None]
+            last[:] = [(source, name), held.read(stored)]
+        return last[1]
 
     def read(source: str, site: FFNSite, role: str) -> torch.Tensor:
         if source not in models:
             raise PlanError(f"the plan reads experts of {site.path} from '{source}', which was not given")
-        try:
-            tensor = models[source].get_parameter(site.weights[role])
-        except AttributeError:
-            raise PlanError(f"'{source}' has no parameter '{site.weights[role]}' that the plan reads") from None
-        value = canonical_weight(site, role, tensor.detach())
+        value = canonical_weight(site, role, tensor_of(source, site.weights[role]))
         expected = canonical_shape(site, role)
         if tuple(value.shape) != expected:
             raise PlanError(f"tensor '{site.weights[role]}' of '{source}' has shape {tuple(value.shape)}, the plan "
@@ -71,11 +91,11 @@ def dense_reader(models: dict[str, nn.Module]) -> Callable[[str, FFNSite, str], 
 
 @torch.no_grad()
 def apply_plan(model: nn.Module, plan: UpcyclePlan, copy_weights: bool = True,
-               sources: dict[str, nn.Module] | None = None) -> nn.Module:
+               sources: dict[str, nn.Module | Weights] | None = None) -> nn.Module:
     """Replace every selected site of `model` by an MoE, in place; returns `model`.
 
     With `copy_weights`, experts are made from the dense FFNs (of `model`, the "base", or of the
-    models in `sources` that the plan names) and routers start as the plan says; otherwise the
+    models or checkpoints in `sources` that the plan names) and routers start as the plan says; otherwise the
     new tensors are left uninitialised for the caller to load.
     """
     if plan.selected and not plan.layers:

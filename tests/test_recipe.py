@@ -138,10 +138,10 @@ LOAD_ERRORS = {
     "layer index at the top": ("3:\n  top_k: 1\n", 1, "3", "a layer index belongs in a stack section"),
     "sections contradict": ("experts: 4\ndecoder:\n  top_k: 8\n", 2, "decoder",
                             "top_k must be between 1 and the expert count (4), got 8"),
-    "merge_base type": ("merge_base: 3\n", 1, "merge_base", "must be a non-empty string"),
+    "merge_base type": ("merge_base: 3\n", 1, "merge_base", "must be one of base, average, got 3"),
     "experts_from type": ("experts_from: [a, 2]\n", 1, "experts_from", "must be a non-empty list of checkpoint"),
     "prompts type": ("prompts: 5\n", 1, "prompts", "must be a prompts file path"),
-    "calibration type": ("calibration: [a]\n", 1, "calibration", "must be a non-empty string"),
+    "calibration type": ("calibration: [a]\n", 1, "calibration", "must be a file path"),
     "router_init value": ("router_init: hidden\n", 1, "router_init", "must be one of random, prompts, embeddings, kmeans"),
 }
 # the same, refused when the recipe meets the model's FFN sites (demo:t5)

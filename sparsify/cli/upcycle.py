@@ -19,7 +19,8 @@ _STAGES = {"load": "loading {source}", "plan": "capturing the graph, finding FFN
 
 # The flags that are recipe keys (the parameter name is the key).
 _RECIPE_FLAGS = ("experts", "top_k", "router", "normalize", "every", "layers", "capacity_factor", "noise", "seed",
-                 "drop_ratio", "granularity", "shared_fraction", "split")
+                 "drop_ratio", "granularity", "shared_fraction", "split", "experts_from", "merge_base", "router_init",
+                 "prompts", "calibration")
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -68,6 +69,24 @@ def upcycle(
     split: Annotated[bool, typer.Option(
         "--split", help="Parameter-neutral: each expert holds 1/E of the FFN's neurons (fewer active parameters; "
                         "not function-preserving).")] = False,
+    experts_from: Annotated[Optional[str], typer.Option(
+        "--experts-from", metavar="A,B,...", show_default="none: every expert a copy of SOURCE's FFN",
+        help="Comma-separated checkpoints (fine-tunes of SOURCE), one per expert in this order: each expert's FFNs "
+             "are read from its own; --experts then defaults to their count.")] = None,
+    merge_base: Annotated[str, typer.Option(
+        "--merge-base", metavar="base|average",
+        help="With --experts-from, where the other weights come from: base (SOURCE) or average (over SOURCE and the "
+             "sources, as Branch-Train-MiX does).")] = "base",
+    router_init: Annotated[str, typer.Option(
+        "--router-init", metavar="random|prompts|embeddings|kmeans",
+        help="Router rows: random, from the hidden states of --prompts, from the token embeddings of --prompts, "
+             "or k-means centroids of the hidden states of --calibration text.")] = "random",
+    prompts: Annotated[Optional[Path], typer.Option(
+        "--prompts", metavar="FILE", show_default="none",
+        help="YAML or JSON: for each expert a list of positive prompts and optionally negative ones.")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(
+        "--calibration", metavar="FILE", show_default="none",
+        help="Text file whose hidden states --router-init kmeans clusters.")] = None,
     format: Annotated[str, typer.Option("--format", "-f", metavar=choices(FORMAT_CHOICES),
                                         help="Output format; auto writes a Hugging Face format where one fits.")] = "auto",
     dtype: Annotated[Optional[str], typer.Option("--dtype", metavar=choices(DTYPE_CHOICES), show_default="the source's",
@@ -98,10 +117,15 @@ def upcycle(
     given = {name: ctx.params[name] for name in _RECIPE_FLAGS if _given(ctx, name)}
     if "layers" in given:
         given["layers"] = parse_layers(given["layers"])
-    if recipe is None and experts is None:
-        raise OptionError("give the expert count (--experts N) or a recipe (--recipe FILE)")
+    given.update({k: str(given[k]) for k in ("prompts", "calibration") if k in given})
+    if recipe is None and experts is None and experts_from is None:
+        raise OptionError("give the expert count (--experts N), the experts' checkpoints (--experts-from A,B,...) "
+                          "or a recipe (--recipe FILE)")
     moe_recipe = Recipe.build(Recipe.load(recipe) if recipe is not None else None, flags=True, **given)
     if source.endswith(".onnx"):  # ONNX-native upcycling: ONNX in, ONNX out (sparsify.onnx)
+        if any(k in given for k in ("experts_from", "merge_base", "router_init", "prompts", "calibration")):
+            raise OptionError("--experts-from, --merge-base, --router-init, --prompts and --calibration take Hugging Face "
+                              "checkpoints, not ONNX graphs")
         doc = _upcycle_onnx(o, source, out, moe_recipe, force, target, dry_run)
     else:
         doc = _upcycle_checkpoint(o, source, out, recipe=moe_recipe, format=format, dtype=dtype, shard_size=shard_size,

@@ -20,6 +20,7 @@ import torch.nn as nn
 from ..errors import SourceError
 from ..init import expert_weight, router_init_weight
 from ..io.checkpoint import Checkpoint
+from ..merge import Weights, average, distinct, stored_name
 from ..plan import FFNSite, UpcyclePlan
 from ..rewrite import canonical_weight
 
@@ -92,49 +93,59 @@ class ModelTensors(TensorSource):
 class SourceTensors(TensorSource):
     """Tensors produced from dense checkpoints and the plan, optionally cast to `dtype`.
 
-    `checkpoint` is the base; `sources` maps the plan's other expert sources to theirs. Each
-    expert tensor is made by `sparsify.init.expert_weight` from the one dense buffer last read,
-    so writing all of a role's experts reads the source weight once."""
+    `checkpoint` is the base; `sources` maps the plan's other expert sources to theirs (a
+    `Checkpoint`, or any `sparsify.merge.Weights`). Each expert tensor is made by
+    `sparsify.init.expert_weight` from the dense buffers of the (site, role) being written, kept
+    until the next one, so writing all of a role's experts reads each source's weight once. With
+    `plan.merge_base == "average"` every other floating tensor is the mean over the base and the
+    distinct sources (`sparsify.merge.average`), read one at a time."""
 
     def __init__(self, checkpoint: Checkpoint, plan: UpcyclePlan, model: nn.Module, dtype: torch.dtype | None = None,
-                 sources: dict[str, Checkpoint] | None = None):
+                 sources: dict[str, Weights] | None = None):
         self.ckpt, self.plan, self.dtype = checkpoint, plan, dtype
-        self.checkpoints = {"base": checkpoint, **(sources or {})}
+        self.checkpoints: dict[str, Weights] = {"base": checkpoint, **(sources or {})}
         self.aliases = alias_groups(model)
         self.prefix = getattr(model, "base_model_prefix", "") or ""
-        self._cached: tuple[tuple[str, str], torch.Tensor] | None = None
+        self._cached: tuple[tuple[str, str], dict[str, torch.Tensor]] | None = None
+        merged = [self._checkpoint(n) for n in plan.sources] if plan.merge_base == "average" else []
+        self.merged = distinct([checkpoint, *merged])
 
-    def _source_name(self, name: str, ckpt: Checkpoint | None = None) -> str:
+    def _source_name(self, name: str, ckpt: Weights | None = None) -> str:
         ckpt = ckpt or self.ckpt
-        for candidate in self.aliases.get(name, [name]):
-            for n in (candidate, f"{self.prefix}.{candidate}", candidate.removeprefix(f"{self.prefix}.")):
-                if n in ckpt:
-                    return n
-        raise SourceError(f"checkpoint '{ckpt.path}' lacks tensor '{name}' that the config requires")
+        stored = stored_name(ckpt, name, self.aliases, self.prefix)
+        if stored is None:
+            raise SourceError(f"checkpoint '{ckpt.path}' lacks tensor '{name}' that the config requires")
+        return stored
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
 
     def plain(self, name: str) -> torch.Tensor:
+        self._cached = None  # the experts of the last site are written; release their buffers
+        if len(self.merged) > 1 and self.ckpt.dtype(self._source_name(name)).is_floating_point:
+            return self._cast(average([lambda w=w: w.read(self._source_name(name, w)) for w in self.merged]))
         return self._cast(self.ckpt.read(self._source_name(name)))
 
     def plain_dtype(self, name: str) -> torch.dtype:
         return _cast_dtype(self.ckpt.dtype(self._source_name(name)), self.dtype)
 
-    def _checkpoint(self, source: str) -> Checkpoint:
+    def _checkpoint(self, source: str) -> Weights:
         try:
             return self.checkpoints[source]
         except KeyError:
             raise SourceError(f"the plan reads experts from '{source}', which was not given") from None
 
     def _dense(self, site: FFNSite, role: str, source: str) -> torch.Tensor:
-        # One source buffer serves all E experts: keep the last one read.
-        ckpt = self._checkpoint(source)
-        key = (source, self._source_name(site.weights[role], ckpt))
+        # The buffers of one (site, role) serve all E experts: keep them until the next role.
+        key = (site.path, role)
         if self._cached is None or self._cached[0] != key:
-            self._cached = None  # release the previous buffer before reading the next
-            self._cached = (key, self._cast(canonical_weight(site, role, ckpt.read(key[1])).contiguous()))
-        return self._cached[1]
+            self._cached = None  # release the previous buffers before reading the next
+            self._cached = (key, {})
+        held = self._cached[1]
+        if source not in held:
+            ckpt = self._checkpoint(source)
+            held[source] = self._cast(canonical_weight(site, role, ckpt.read(self._source_name(site.weights[role], ckpt))).contiguous())
+        return held[source]
 
     def expert(self, site: FFNSite, role: str, e: int | str) -> torch.Tensor:
         layer = self.plan.layer(site)

@@ -7,6 +7,7 @@
 
 from .find_ffn import FindFFN
 from .fuse_dispatch_combine import FuseDispatchCombine
+from .init_router import InitRouter
 from .infra import Pass, PassContext, PassManager, PassResult, PostconditionError, PreconditionError
 from .partition_experts import PartitionExperts
 from .select_layers import SelectLayers
@@ -22,6 +23,7 @@ __all__ = [
     "FindFFN",
     "SelectLayers",
     "UpcycleFFN",
+    "InitRouter",
     "FuseDispatchCombine",
     "PartitionExperts",
 ]

@@ -30,13 +30,16 @@ class PostconditionError(PassError):
 
 @dataclass
 class PassContext:
-    """What passes read and write: the model, example inputs, the captured graph, the plan."""
+    """What passes read and write: the model, example inputs, the captured graph, the plan, and
+    `weights`, where the parameters of a model built on the meta device are read (a
+    `Checkpoint`; passes that run the model, like init-router, read them from there)."""
 
     model: nn.Module
     example_inputs: tuple | None = None
     example_kwargs: dict[str, Any] | None = None
     captured: Captured | None = None
     plan: UpcyclePlan = field(default_factory=UpcyclePlan)
+    weights: Any = None
 
 
 @dataclass
@@ -90,10 +93,12 @@ class PassManager:
         example_inputs: tuple | None = None,
         example_kwargs: dict[str, Any] | None = None,
         plan: UpcyclePlan | None = None,
+        weights: Any = None,
     ) -> PassResult:
         """Run every pass on `model`. `example_inputs` are positional inputs for capture, needed
-        for modules whose inputs cannot be made from a Hugging Face config."""
-        ctx = PassContext(model, example_inputs, example_kwargs, plan=plan or UpcyclePlan())
+        for modules whose inputs cannot be made from a Hugging Face config; `weights` is the
+        checkpoint of a model built on the meta device (see `PassContext`)."""
+        ctx = PassContext(model, example_inputs, example_kwargs, plan=plan or UpcyclePlan(), weights=weights)
         modified, ran = False, []
         for p in self.passes:
             try:

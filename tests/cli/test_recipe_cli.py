@@ -138,4 +138,4 @@ def test_bad_recipe_files_fail_with_one_line_and_write_nothing(tmp_path, sparsif
 
 def test_experts_or_a_recipe_is_required(tmp_path, sparsify_cli):
     code, out, err = sparsify_cli("upcycle", "demo:t5", "-o", tmp_path / "out")
-    _assert_clean_failure(code, out, err, tmp_path, "give the expert count (--experts N) or a recipe (--recipe FILE)")
+    _assert_clean_failure(code, out, err, tmp_path, "give the expert count (--experts N), the experts' checkpoints (--experts-from A,B,...) or a recipe (--recipe FILE)")
