@@ -27,7 +27,7 @@ from .io.checkpoint import Checkpoint
 from .io.skeleton import build_skeleton, model_class
 from .io.sources import Source, load_source, resolve_source, sha256_files
 from .recipe import LayerRecipe
-from .api import upcycle_passes
+from .api import record_architecture, upcycle_passes
 from .passes import PassManager
 from .plan import UpcyclePlan
 
@@ -120,6 +120,7 @@ def convert(
     ckpt: Checkpoint | None = None
     if isinstance(source, nn.Module):
         model, src = source, Source(type(source).__name__, "module")
+        record_architecture(model)
     else:
         src = resolve_source(source)
         if src.kind == "demo":

@@ -18,15 +18,27 @@ from .errors import PlanError
 from .init import canonical_shape, expert_weight, router_init_weight
 from .layer_plan import LayerPlan
 from .moe import Experts, Router, SharedExpert, SparseMoE
+from .overrides import override_value
 from .plan import FFNSite, UpcyclePlan
 
 __all__ = ["apply_plan", "canonical_weight", "build_moe", "dense_reader"]
 
 
 def canonical_weight(site: FFNSite, role: str, tensor: torch.Tensor) -> torch.Tensor:
-    """A source tensor in the experts' canonical layout ([out, in] for weights)."""
-    if site.layout == "conv1d" and role.startswith("w"):
-        return tensor.t()
+    """A source tensor in the experts' canonical layout ([out, in] for weights): transposed
+    from GPT-2's [in, out]; a 1x1 convolution's [out, in / groups, 1...] squeezed and, when
+    grouped, expanded to the block-diagonal [out, in] matrix it applies; the role's part of a
+    fused gate/up projection (half, or every second row)."""
+    if role.startswith("w") and site.layout == "conv1d":
+        tensor = tensor.t()
+    elif role.startswith("w") and site.layout == "conv1x1":
+        tensor = tensor.reshape(tensor.shape[0], -1)
+        groups = site.groups.get(role, 1)
+        if groups > 1:
+            tensor = torch.block_diag(*tensor.chunk(groups, dim=0))
+    if role in site.fused:
+        part, parts, kind = site.fused[role]
+        tensor = tensor[part::parts] if kind == "interleaved" else tensor.chunk(parts, dim=0)[part]
     return tensor
 
 
@@ -37,7 +49,7 @@ def build_moe(site: FFNSite, layer: LayerPlan, dtype: torch.dtype, device: torch
     experts = Experts(layer.moe.num_experts, site.hidden_size, layer.expert_size(site), **common)
     shared = SharedExpert(site.hidden_size, layer.shared.size(site), **common) if layer.shared else None
     router = Router(site.hidden_size, layer.moe).to(device)
-    return SparseMoE(router, experts, out_dropout=site.out_dropout, shared=shared)
+    return SparseMoE(router, experts, out_dropout=site.out_dropout, shared=shared, feature_axis=site.feature_axis)
 
 
 def _get(model: nn.Module, path: str) -> nn.Module:
@@ -96,9 +108,21 @@ def apply_plan(model: nn.Module, plan: UpcyclePlan, copy_weights: bool = True,
             moe.router.weight.copy_(router_init_weight(plan, site))
         moe.train(_get(model, site.path).training)  # a replacement keeps the replaced module's mode
         _replace(model, site.path, moe)
-        if site.exit_path:
-            _replace(model, site.exit_path, nn.Identity())
+        for path in [*([site.exit_path] if site.exit_path else []), *site.identities]:
+            _replace(model, path, nn.Identity())
+        for target, value in site.overrides.items():
+            _override(model, target, value)
     return model
+
+
+def _override(model: nn.Module, target: str, value: object) -> None:
+    """Set attribute `target` ("module.path.attribute") as the plan says."""
+    path, _, attr = target.rpartition(".")
+    module = _get(model, path) if path else model
+    if not hasattr(module, attr):
+        raise PlanError(f"the plan sets attribute '{attr}' of '{path or '<root>'}', which this model does not have; "
+                        "was the plan made for another architecture?")
+    setattr(module, attr, override_value(value))
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:

@@ -73,7 +73,8 @@ def sites_table(plan: UpcyclePlan, title: str) -> Table:
         table.add_column(col)
     for s in plan.sites:
         moe = layer_summary(plan, s) if s.path in plan.layers else ""
-        table.add_row(s.stack or "-", str(s.index), s.path + (f" (+ {s.exit_path})" if s.exit_path else ""),
+        index = ",".join(map(str, s.indices)) if s.calls else str(s.index)  # a shared FFN runs at several layers
+        table.add_row(s.stack or "-", index, s.path + (f" (+ {s.exit_path})" if s.exit_path else ""),
                       s.form, s.activation, f"{s.hidden_size} x {s.intermediate_size}", moe)
     return table
 

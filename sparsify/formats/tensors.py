@@ -102,7 +102,7 @@ class SourceTensors(TensorSource):
         self.checkpoints = {"base": checkpoint, **(sources or {})}
         self.aliases = alias_groups(model)
         self.prefix = getattr(model, "base_model_prefix", "") or ""
-        self._cached: tuple[tuple[str, str], torch.Tensor] | None = None
+        self._cached: tuple[tuple[str, str, str], torch.Tensor] | None = None
 
     def _source_name(self, name: str, ckpt: Checkpoint | None = None) -> str:
         ckpt = ckpt or self.ckpt
@@ -128,12 +128,14 @@ class SourceTensors(TensorSource):
             raise SourceError(f"the plan reads experts from '{source}', which was not given") from None
 
     def _dense(self, site: FFNSite, role: str, source: str) -> torch.Tensor:
-        # One source buffer serves all E experts: keep the last one read.
+        # One source buffer serves all E experts: keep the last one read. Roles that are parts of
+        # one fused tensor (gate and up) each have their own canonical buffer, hence the role.
         ckpt = self._checkpoint(source)
-        key = (source, self._source_name(site.weights[role], ckpt))
+        name = self._source_name(site.weights[role], ckpt)
+        key = (source, name, role if role in site.fused else "")
         if self._cached is None or self._cached[0] != key:
             self._cached = None  # release the previous buffer before reading the next
-            self._cached = (key, self._cast(canonical_weight(site, role, ckpt.read(key[1])).contiguous()))
+            self._cached = (key, self._cast(canonical_weight(site, role, ckpt.read(name)).contiguous()))
         return self._cached[1]
 
     def expert(self, site: FFNSite, role: str, e: int | str) -> torch.Tensor:

@@ -91,15 +91,17 @@ class ExportMoE(nn.Module):
     """Stands in for an MoE layer during export: the same parameters under the same names,
     computed by the custom op. Build it with `from_sparse_moe` or `from_mixtral`."""
 
-    def __init__(self, config: MoEConfig, activation: str, tensors) -> None:
+    def __init__(self, config: MoEConfig, activation: str, tensors, feature_axis: int = -1) -> None:
         super().__init__()
         self.config, self.activation, self._tensors = config, activation, tensors
+        self.feature_axis = feature_axis
 
     @classmethod
     def from_sparse_moe(cls, moe: SparseMoE) -> "ExportMoE":
         """The stand-in of a sparsify `SparseMoE`."""
         e = moe.experts
-        self = cls(moe.config, e.activation, lambda: (moe.router.weight, e.w1, e.w2, e.w3, e.b1, e.b2, e.b3))
+        self = cls(moe.config, e.activation, lambda: (moe.router.weight, e.w1, e.w2, e.w3, e.b1, e.b2, e.b3),
+                   moe.feature_axis)
         self.router, self.experts = moe.router, moe.experts  # keep parameter names
         return self
 
@@ -128,8 +130,12 @@ class ExportMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         c = self.config
+        if self.feature_axis != -1:  # channels-first input (a 1x1 convolution FFN's)
+            hidden_states = hidden_states.movedim(self.feature_axis, -1)
         out = moe_ffn_op(hidden_states, *self._tensors(), c.top_k, c.router, c.normalize,
                          c.capacity_factor, self.activation, c.router_dtype)
+        if self.feature_axis != -1:
+            out = out.movedim(-1, self.feature_axis)
         shared = getattr(self, "shared_expert", None)
         if shared is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(hidden_states)) * shared(hidden_states)

@@ -70,8 +70,10 @@ class ExpertParallelMoE(SparseMoE):
         out_dropout: float = 0.0,
         backend: str = "reference",
         shared: nn.Module | None = None,
+        feature_axis: int = -1,
     ):
-        super().__init__(router, experts, out_dropout=out_dropout, backend=backend, shared=shared)
+        super().__init__(router, experts, out_dropout=out_dropout, backend=backend, shared=shared,
+                         feature_axis=feature_axis)
         self.group = group
         self.rank = dist.get_rank(group)
         self.global_ids = list(global_ids)
@@ -86,7 +88,7 @@ class ExpertParallelMoE(SparseMoE):
         # A token can meet at most top_k of a rank's experts (expert choice: all of them).
         self.slots = most if self.config.router == "expert-choice" else min(self.config.top_k, most)
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # SparseMoE.forward moves the feature axis
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         r = self.router(x)
@@ -111,7 +113,8 @@ def expert_parallel_layer(moe: SparseMoE, ranks: Sequence[int], group: dist.Proc
     if copy_weights:
         for name, param in local.named_parameters():
             param.copy_(getattr(moe.experts, name)[ids])
-    ep = ExpertParallelMoE(moe.router, local, ids, ranks, group, moe.out_dropout, moe.backend, shared=moe.shared)
+    ep = ExpertParallelMoE(moe.router, local, ids, ranks, group, moe.out_dropout, moe.backend, shared=moe.shared,
+                           feature_axis=moe.feature_axis)
     return ep.train(moe.training)
 
 

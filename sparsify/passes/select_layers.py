@@ -13,14 +13,15 @@ __all__ = ["SelectLayers", "select_layers"]
 def select_layers(sites, every: int | None = 2, layers: Sequence[int] | None = None) -> list[str]:
     """Paths of the sites to convert. Within each stack, FFN number j (0-based) is chosen when
     `j % every == every - 1` (every=2: 1, 3, 5, ..., as in Switch Transformer), or when j is in
-    `layers`."""
+    `layers`. A shared FFN (one module run at several layers, ALBERT) is one MoE for all of its
+    calls, chosen when any of its layers is."""
     if layers is not None:
         layers = sorted(set(int(j) for j in layers))
         if not layers:
             raise OptionError("--layers is empty; give FFN indices like 1,3,5")
         sizes: dict[str, int] = {}
         for s in sites:
-            sizes[s.stack] = sizes.get(s.stack, 0) + 1
+            sizes[s.stack] = sizes.get(s.stack, 0) + len(s.indices)
         largest = max(sizes.values(), default=0)
         bad = [j for j in layers if j < 0 or j >= largest]
         if bad:
@@ -30,10 +31,10 @@ def select_layers(sites, every: int | None = 2, layers: Sequence[int] | None = N
                 "(numbered from 0)"
             )
         chosen = set(layers)
-        return [s.path for s in sites if s.index in chosen]
+        return [s.path for s in sites if chosen.intersection(s.indices)]
     if every is None or int(every) < 1:
         raise OptionError(f"--every must be 1 or more, got {every}")
-    return [s.path for s in sites if s.index % every == every - 1]
+    return [s.path for s in sites if any(j % every == every - 1 for j in s.indices)]
 
 
 class SelectLayers(Pass):
