@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Node
 
-from .activations import identify_activation
+from .activations import identify_activation, identify_parametrised
 from .capture import Captured
 from .projections import VIEWS, Projection, is_op, part_at, projection_at, through_views_back
 
@@ -48,6 +48,7 @@ class FFNMatch:
     dropout: float = 0.0
     problem: str | None = None  # set when the shape matched but something disqualifies it
     act_nodes: list[Node] = field(default_factory=list)  # the activation subgraph
+    activation_params: dict[str, str] = field(default_factory=dict)  # parameter -> model tensor name
 
     @property
     def nodes(self) -> list[Node]:
@@ -92,14 +93,17 @@ def _producer(captured: Captured, node: Node) -> Projection | None:
     return part_at(whole, node) if whole is not None and whole.part is None else None
 
 
-def _activation_region(start: Node, root: Node) -> list[Node] | None:
-    """Nodes computing `start` from `root` alone (plus constants), in graph order; None if
-    `start` depends on anything else or the region is implausibly large for an activation."""
+def _activation_region(captured: Captured, start: Node, root: Node) -> list[Node] | None:
+    """Nodes computing `start` from `root` alone (plus constants and model tensors: the
+    parameters of a parametrised activation), in graph order; None if `start` depends on
+    anything else or the region is implausibly large for an activation."""
     region: dict[Node, None] = {}
     todo = [start]
     while todo:
         n = todo.pop()
         if n is root or n in region:
+            continue
+        if n.op == "placeholder" and captured.param_name(n) is not None:
             continue
         if n.op != "call_function" or len(region) >= _MAX_ACTIVATION_NODES:
             return None
@@ -109,11 +113,17 @@ def _activation_region(start: Node, root: Node) -> list[Node] | None:
     return sorted(region, key=order.__getitem__)
 
 
-def _region_fn(region: list[Node], root: Node):
-    """A callable evaluating the region with `root` bound to its argument."""
+def _region_params(region: list[Node]) -> list[Node]:
+    """The model tensors (placeholders) the region reads, in a stable order."""
+    return list(dict.fromkeys(a for n in region for a in n.all_input_nodes if a.op == "placeholder"))
 
-    def fn(value: torch.Tensor) -> torch.Tensor:
-        env: dict[Node, object] = {root: value}
+
+def _region_fn(region: list[Node], root: Node, params: list[Node] = ()):
+    """A callable `fn(x, tensors)` evaluating the region with `root` bound to `x` and the
+    region's model tensors to `tensors`."""
+
+    def fn(value: torch.Tensor, tensors=()) -> torch.Tensor:
+        env: dict[Node, object] = {root: value, **dict(zip(params, tensors))}
         load = lambda a: env[a] if isinstance(a, Node) else a  # noqa: E731
         for n in region:
             args = torch.fx.node.map_aggregate(n.args, load)
@@ -125,6 +135,21 @@ def _region_fn(region: list[Node], root: Node):
         return env[region[-1]] if region else value
 
     return fn
+
+
+def _name_activation(captured: Captured, region: list[Node], root: Node) -> tuple[str | None, dict[str, str]]:
+    """The activation's name and, for a parametrised one, its parameters' model tensor names."""
+    params = _region_params(region)
+    fn = _region_fn(region, root, params)
+    if not params:
+        return identify_activation(fn), {}
+    shapes = [tuple(int(d) for d in p.meta["val"].shape) if isinstance(p.meta.get("val"), torch.Tensor) else ()
+              for p in params]
+    found = identify_parametrised(fn, shapes)
+    if found is None:
+        return None, {}
+    name, roles = found
+    return name, {role: captured.param_name(p) for role, p in zip(roles, params)}
 
 
 def _same_input(a: Node, b: Node) -> bool:
@@ -178,10 +203,10 @@ def _match_at(captured: Captured, w2: Projection) -> FFNMatch | None:
             g_proj, region = gate
             if not _pair(g_proj, up):
                 continue
-            act = identify_activation(_region_fn(region, g_proj.output))
+            act, act_params = _name_activation(captured, region, g_proj.output)
             front = [*g_proj.nodes, *region, *up.nodes, *up_extra, z]
             m = FFNMatch("gated", _through_views_back(g_proj.input, []), w2.output, g_proj, w2, up, act,
-                         _ordered(front), between, dropout, act_nodes=region)
+                         _ordered(front), between, dropout, act_nodes=region, activation_params=act_params)
             return _check(m)
     # dense: z = act(W1 x)
     g = _find_gate(captured, z)
@@ -190,9 +215,9 @@ def _match_at(captured: Captured, w2: Projection) -> FFNMatch | None:
     w1, region = g
     if not region:
         return None  # two projections in a row: no nonlinearity, not an FFN
-    act = identify_activation(_region_fn(region, w1.output))
+    act, act_params = _name_activation(captured, region, w1.output)
     m = FFNMatch("dense", _through_views_back(w1.input, []), w2.output, w1, w2, None, act,
-                 _ordered([*w1.nodes, *region]), between, dropout, act_nodes=region)
+                 _ordered([*w1.nodes, *region]), between, dropout, act_nodes=region, activation_params=act_params)
     return _check(m)
 
 
@@ -208,7 +233,7 @@ def _find_gate(captured: Captured, node: Node) -> tuple[Projection, list[Node]] 
         seen.add(n)
         proj = _producer(captured, n)
         if proj is not None:
-            region = _activation_region(node, n)
+            region = _activation_region(captured, node, n)
             if region is not None:
                 return proj, region
         todo.extend(n.all_input_nodes)

@@ -25,7 +25,7 @@ from torch.fx import Node
 
 from .capture import Captured
 
-__all__ = ["Projection", "projection_at", "part_at", "VIEWS", "through_views_back", "is_op"]
+__all__ = ["Projection", "projection_at", "part_at", "VIEWS", "TRANSPOSES", "through_views_back", "is_op"]
 
 aten = torch.ops.aten
 
@@ -38,7 +38,7 @@ VIEWS = {
     aten.alias.default,
     aten.detach.default,
 }
-_TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.permute.default, aten.transpose.int}
+TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.mT.default, aten.permute.default, aten.transpose.int}
 _CONVS = {aten.conv1d.default: 1, aten.conv2d.default: 2}
 
 
@@ -87,7 +87,7 @@ def through_views_back(node: Node, out: list[Node]) -> Node:
 
 def _is_transpose_2d(node: Node) -> bool:
     """A transpose of a 2-D tensor (every spelling torch.export writes for `W.T`, `W.t()`, `W.mT`)."""
-    if not is_op(node, *_TRANSPOSES):
+    if not is_op(node, *TRANSPOSES):
         return False
     if node.target is aten.permute.default:
         return list(node.args[1]) == [1, 0]

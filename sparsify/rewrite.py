@@ -42,10 +42,13 @@ def canonical_weight(site: FFNSite, role: str, tensor: torch.Tensor) -> torch.Te
     return tensor
 
 
-def build_moe(site: FFNSite, layer: LayerPlan, dtype: torch.dtype, device: torch.device) -> SparseMoE:
-    """An empty `SparseMoE` for `site` as `layer` plans it (weights uninitialised)."""
+def build_moe(site: FFNSite, layer: LayerPlan, dtype: torch.dtype, device: torch.device,
+              act_params: dict[str, tuple[tuple[int, ...], torch.dtype, bool]] | None = None) -> SparseMoE:
+    """An empty `SparseMoE` for `site` as `layer` plans it (weights uninitialised); a
+    parametrised activation's parameters are `act_params`: name -> (shape, dtype, trainable)."""
     bias = tuple(f"b{i}" in site.weights for i in (1, 2, 3))
-    common = dict(form=site.form, activation=site.activation, bias=bias, dropout=site.dropout, dtype=dtype, device=device)
+    common = dict(form=site.form, activation=site.activation, bias=bias, dropout=site.dropout, dtype=dtype, device=device,
+                  act_params=act_params)
     experts = Experts(layer.moe.num_experts, site.hidden_size, layer.expert_size(site), **common)
     shared = SharedExpert(site.hidden_size, layer.shared.size(site), **common) if layer.shared else None
     router = Router(site.hidden_size, layer.moe).to(device)
@@ -96,7 +99,13 @@ def apply_plan(model: nn.Module, plan: UpcyclePlan, copy_weights: bool = True,
     for site in plan.selected_sites:
         layer = plan.layer(site)
         ref = model.get_parameter(site.weights["w1"])
-        moe = build_moe(site, layer, ref.dtype, ref.device)
+        act = {name: _model_tensor(model, source) for name, source in site.activation_params.items()}
+        specs = {name: (tuple(t.shape), t.dtype, isinstance(t, nn.Parameter)) for name, t in act.items()}
+        moe = build_moe(site, layer, ref.dtype, ref.device, specs)
+        for module in (moe.experts, moe.shared):
+            if module is not None and module.act_params is not None and copy_weights and ref.device.type != "meta":
+                for name, t in act.items():
+                    module.act_params[name].copy_(t.detach())
         if copy_weights and ref.device.type != "meta":
             for role in site.weights:
                 targets = [(e, getattr(moe.experts, role)[e]) for e in range(layer.moe.num_experts)]
@@ -113,6 +122,17 @@ def apply_plan(model: nn.Module, plan: UpcyclePlan, copy_weights: bool = True,
         for target, value in site.overrides.items():
             _override(model, target, value)
     return model
+
+
+def _model_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """Parameter or buffer `name` of `model`."""
+    path, _, attr = name.rpartition(".")
+    module = _get(model, path) if path else model
+    tensor = getattr(module, attr, None)
+    if not isinstance(tensor, torch.Tensor):
+        raise PlanError(f"the plan reads the activation parameter '{name}', which this model does not have; "
+                        "was the plan made for another architecture?")
+    return tensor
 
 
 def _override(model: nn.Module, target: str, value: object) -> None:

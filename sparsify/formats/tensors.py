@@ -102,10 +102,14 @@ class SourceTensors(TensorSource):
         self.checkpoints = {"base": checkpoint, **(sources or {})}
         self.aliases = alias_groups(model)
         self.prefix = getattr(model, "base_model_prefix", "") or ""
+        # a parametrised activation's parameters move into the MoE; they are read where the source has them
+        self.moved = {f"{site.path}.{part}.act_params.{name}": source for site in plan.selected_sites
+                      for name, source in site.activation_params.items() for part in ("experts", "shared")}
         self._cached: tuple[tuple[str, str, str], torch.Tensor] | None = None
 
     def _source_name(self, name: str, ckpt: Checkpoint | None = None) -> str:
         ckpt = ckpt or self.ckpt
+        name = self.moved.get(name, name)
         for candidate in self.aliases.get(name, [name]):
             for n in (candidate, f"{self.prefix}.{candidate}", candidate.removeprefix(f"{self.prefix}.")):
                 if n in ckpt:

@@ -51,9 +51,11 @@ def resolve_group(group: Any = None) -> dist.ProcessGroup:
 def local_experts_like(experts: Experts, count: int, device: torch.device | str | None = None) -> Experts:
     """An empty `Experts` with `experts`' shapes and options but `count` experts."""
     bias = tuple(getattr(experts, f"b{i}") is not None for i in (1, 2, 3))
-    return Experts(count, experts.hidden_size, experts.intermediate_size, form=experts.form,
-                   activation=experts.activation, bias=bias, dropout=experts.dropout,
-                   dtype=experts.w1.dtype, device=device if device is not None else experts.w1.device)
+    local = Experts(count, experts.hidden_size, experts.intermediate_size, form=experts.form,
+                    activation=experts.activation, bias=bias, dropout=experts.dropout,
+                    dtype=experts.w1.dtype, device=device if device is not None else experts.w1.device)
+    local.act_params = experts.act_params  # a parametrised activation's parameters: one set per layer
+    return local
 
 
 class ExpertParallelMoE(SparseMoE):
@@ -112,7 +114,8 @@ def expert_parallel_layer(moe: SparseMoE, ranks: Sequence[int], group: dist.Proc
     local = local_experts_like(moe.experts, len(ids))
     if copy_weights:
         for name, param in local.named_parameters():
-            param.copy_(getattr(moe.experts, name)[ids])
+            if not name.startswith("act_params."):
+                param.copy_(getattr(moe.experts, name)[ids])
     ep = ExpertParallelMoE(moe.router, local, ids, ranks, group, moe.out_dropout, moe.backend, shared=moe.shared,
                            feature_axis=moe.feature_axis)
     return ep.train(moe.training)

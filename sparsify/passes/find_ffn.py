@@ -108,6 +108,7 @@ def _site(m: FFNMatch, owner: Owner, causal: list[str]) -> FFNSite:
         fused=fused,
         groups={r: p.groups for r, p in roles.items() if p.groups != 1},
         feature_axis=m.w1.feature_axis,
+        activation_params=dict(m.activation_params),
     )
 
 
@@ -122,15 +123,16 @@ def _layer_call(node: Node, layer_path: str) -> str:
 
 def _number(sites: list[tuple[FFNSite, list[FFNMatch]]], order: dict[Node, int]) -> None:
     """Each site's index within its stack, in layer order (graph order breaks ties). A shared
-    FFN has one index per call of its layer (ALBERT runs one layer module at every depth);
-    calls within one call of the layer (Pegasus-X's local and global tokens) share an index."""
+    FFN has one index per call of its layer (ALBERT runs one layer module at every depth; a
+    module without a layer number, per call of itself); calls within one call of the layer
+    (Pegasus-X's local and global tokens) share an index."""
     by_stack: dict[str, list[tuple[int, int, FFNSite]]] = {}
     for site, calls in sites:
         layer = _stack_and_layer(site.path)[1]
-        layer_path = f"{site.stack}.{layer}" if site.stack else ""
+        layer_path = ".".join(filter(None, [site.stack, str(layer)])) if layer is not None else site.path
         first: dict[str, int] = {}
         for call in calls:
-            key = _layer_call(call.nodes[0], layer_path) if layer is not None else ""
+            key = _layer_call(call.nodes[0], layer_path)
             first[key] = min(first.get(key, len(order)), order[call.nodes[0]])
         for position in first.values():
             by_stack.setdefault(site.stack, []).append((layer or 0, position, site))

@@ -26,13 +26,13 @@ from torch.fx import Node
 from ..activations import identify_activation
 from ..capture import Captured, capture
 from ..overrides import IDENTITY
+from ..projections import TRANSPOSES
 from .ffn_owner import PlainPiece
 
 __all__ = ["Need", "resolve_overrides"]
 
 aten = torch.ops.aten
 
-_TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.permute.default, aten.transpose.int}
 _REACH = 24  # graph steps searched between the projections
 
 
@@ -73,7 +73,7 @@ def _uses(graph: torch.fx.Graph, captured: Captured, weight: str) -> set[Node]:
         if n.op == "placeholder" and captured.param_name(n) == weight:
             for u in n.users:
                 out.add(u)
-                if u.op == "call_function" and u.target in _TRANSPOSES:
+                if u.op == "call_function" and u.target in TRANSPOSES:
                     out.update(u.users)
     return out
 
