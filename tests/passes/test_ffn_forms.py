@@ -337,3 +337,47 @@ def test_albert_like_sharing_counts_one_layer_per_call_and_every_2_converts_the_
     assert site.path == "groups.0.ffn" and site.indices == [0, 1, 2, 3]
     moe = assert_preserved(net, x, ROUTINGS["top2 every2"])
     assert moe.sparsify_plan.selected == ["groups.0.ffn"]
+
+
+class XIELU(nn.Module):
+    """An FFN whose activation has learned parameters: transformers' own xIELU module (Apertus),
+    or a near miss of it that must not be taken for it."""
+
+    def __init__(self, activation: str, dtype: torch.dtype):
+        super().__init__()
+        from transformers.activations import XIELUActivation
+
+        self.up, self.down = nn.Linear(D, I), nn.Linear(I, D)
+        self.act = XIELUActivation(dtype=dtype)
+        self.near_miss = activation == "near miss"
+
+    def forward(self, x):
+        h = self.up(x)
+        if self.near_miss:  # xIELU's negative branch with 2x where it has x
+            a = self.act
+            h = torch.where(h > 0, F.softplus(a.alpha_p) * h * h + a.beta * h,
+                            (torch.expm1(torch.min(h, a.eps)) - 2 * h) * (a.beta + F.softplus(a.alpha_n)) + a.beta * h)
+        else:
+            h = self.act(h)
+        return self.down(h)
+
+
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32 parameters", "bfloat16 parameters"])
+def test_parametrised_activation_keeps_each_layers_parameters(dtype, routing):
+    net, x = stack(lambda: XIELU("xielu", dtype)), torch.randn(2, 5, D)
+    for i, block in enumerate(net):  # each layer learned its own values
+        block.ffn.act.beta.fill_(0.5 + 0.1 * i)
+        block.ffn.act.eps.fill_(-1e-6 * (i + 1))
+    site = sites_of(net, x).sites[0]
+    assert site.activation == "xielu" and site.path == "0.ffn"
+    assert site.activation_params == {n: f"0.ffn.act.{n}" for n in ("alpha_p", "alpha_n", "beta", "eps")}
+    moe = assert_preserved(net, x, ROUTINGS[routing])
+    params = moe[1].ffn.experts.act_params
+    assert params["beta"].dtype == dtype and float(params["beta"]) == float(net[1].ffn.act.beta)
+    assert not params["beta"].requires_grad and params["alpha_p"].requires_grad  # a buffer stays fixed
+
+
+def test_a_near_miss_of_a_parametrised_activation_is_not_taken_for_it():
+    with pytest.raises(NoFFNFoundError, match="not a known activation"):
+        sites_of(stack(lambda: XIELU("near miss", torch.float32)), torch.randn(2, 5, D))
