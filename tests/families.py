@@ -14,8 +14,8 @@ __all__ = ["tiny_config", "family_class", "build_family"]
 
 SMALL = dict(
     vocab_size=256, hidden_size=32, d_model=32, n_embd=32, embed_dim=32, dim=32, n_positions=64,
-    max_position_embeddings=64, intermediate_size=64, ffn_dim=64, encoder_ffn_dim=64, decoder_ffn_dim=64,
-    d_ff=64, n_inner=64, hidden_dim=64, num_hidden_layers=2, num_layers=2, n_layer=2, encoder_layers=2,
+    max_position_embeddings=64, max_seq_len=64, intermediate_size=64, ffn_dim=64, encoder_ffn_dim=64, decoder_ffn_dim=64,
+    d_ff=64, n_inner=64, hidden_dim=64, num_hidden_layers=2, num_layers=2, n_layer=2, n_layers=2, encoder_layers=2,
     decoder_layers=2, num_decoder_layers=2, num_attention_heads=4, n_head=4, encoder_attention_heads=4,
     decoder_attention_heads=4, num_heads=4, n_heads=4, num_key_value_heads=2, head_dim=8, d_kv=8,
     embedding_size=32, max_target_positions=64, max_source_positions=64, intermediate_groups=4, output_groups=4,
