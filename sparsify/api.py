@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy as _copy
+import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -9,11 +11,15 @@ import torch.nn as nn
 
 from .errors import OptionError, PlanError
 from .formats.native import NativeFormat, load_native
-from .formats.registry import load_hf_output, output_format
+from .formats.registry import FORMAT_NAMES, choose_format, load_hf_output, output_format
 from .formats.tensors import ModelTensors
 from .io.sources import Source, load_source
+from .keywords import check_keywords, keyword_names, refuse_unknown_keywords
+from .moe import MoEConfig
 from .passes import FindFFN, FuseDispatchCombine, PassManager, SelectLayers, UpcycleFFN
 from .plan import UpcyclePlan
+from .recipe import LayerRecipe
+from .training import include_aux_losses, prepare_for_training
 
 __all__ = ["upcycle", "upcycle_with_plan", "upcycle_passes", "save", "load", "record_architecture"]
 
@@ -49,9 +55,11 @@ def upcycle_with_plan(
     example_kwargs: dict[str, Any] | None = None,
     source: Source | None = None,
     backend: str = "auto",
+    copy: bool = True,
     **moe_options: Any,
 ) -> tuple[nn.Module, UpcyclePlan, Source]:
     """`upcycle`, also returning the plan and the resolved source."""
+    check_keywords("sparsify.upcycle_with_plan", moe_options, _upcycle_keywords())
     if every is not None and layers is not None and every != 2:
         raise OptionError("give either --every or --layers, not both")
     # Validate every option before the (possibly slow) load.
@@ -61,15 +69,18 @@ def upcycle_with_plan(
     fuse = FuseDispatchCombine(backend)
     if isinstance(model, (str, Path)):
         model, source = load_source(str(model))
-    elif source is None:
-        source = Source(type(model).__name__, "module")
+    else:
+        if copy:
+            model = _copy_module(model)
+        if source is None:
+            source = Source(type(model).__name__, "module")
     result = PassManager([*pipeline, fuse]).run(
         model, example_inputs=example_inputs, example_kwargs=example_kwargs
     )
     result.plan.source = source.describe()
     result.model.sparsify_plan = result.plan
     result.model.sparsify_source = source
-    return result.model, result.plan, source
+    return prepare_for_training(result.model), result.plan, source
 
 
 def upcycle(model: nn.Module | str, experts: int = 8, top_k: int | None = 2, every: int | None = 2, **options: Any) -> nn.Module:
@@ -82,14 +93,37 @@ def upcycle(model: nn.Module | str, experts: int = 8, top_k: int | None = 2, eve
     (Drop-Upcycling), `granularity` (granular upcycling), `shared_fraction` (a shared expert),
     `split` (parameter-neutral), `router_init_std`, `seed`. `backend` picks the MoE kernels
     (auto | reference | cpu | triton); `example_inputs=(x,)` serves a module whose inputs cannot
-    be made from a Hugging Face config. Returns the rewritten module (its plan is
-    `module.sparsify_plan`).
+    be made from a Hugging Face config; the MoE layer's training settings are `jitter`,
+    `aux_loss_coef`, `z_loss_coef`, `router_dtype`. In training mode the loss the model returns
+    includes the routers' weighted balancing and z losses, and its `save_pretrained` writes the
+    native format (see `sparsify.training`).
+
+    An `nn.Module` is left as it was: the MoE model is a copy (`copy=False` rewrites the module
+    in place instead and returns it, which saves holding its non-FFN weights twice). Returns
+    the MoE model; its plan is `model.sparsify_plan`. Unknown keywords are refused by name.
     """
+    check_keywords("sparsify.upcycle", options, _upcycle_keywords())
     return upcycle_with_plan(model, experts=experts, top_k=top_k, every=every, **options)[0]
 
 
-def save(model: nn.Module, out: str | Path, force: bool = False, shard_size: int | str = "5GB") -> Path:
-    """Write an upcycled model to directory `out` in the native format (atomically)."""
+def _copy_module(model: nn.Module) -> nn.Module:
+    try:
+        return _copy.deepcopy(model)
+    except Exception as err:  # modules holding unpicklable state (locks, handles) cannot be copied
+        raise OptionError(f"cannot copy {type(model).__name__} ({type(err).__name__}: {err}); pass copy=False to "
+                          "upcycle it in place") from None
+
+
+@refuse_unknown_keywords
+def save(model: nn.Module, out: str | Path, format: str = "native", force: bool = False,
+         shard_size: int | str = "5GB") -> Path:
+    """Write an upcycled model to directory `out` (atomically), in the format the CLI's
+    `--format` names: native (the default; any plan, `sparsify.load` reads it), mixtral,
+    qwen2-moe, switch (Hugging Face formats, where the plan fits them), or auto (a Hugging Face
+    format where one fits and keeps the model's meaning, else native).
+    A format that cannot express the model is refused with the reason."""
+    if format not in FORMAT_NAMES:
+        raise OptionError(f"format must be one of {', '.join(FORMAT_NAMES)}, got {format!r}")
     plan = getattr(model, "sparsify_plan", None)
     if not isinstance(plan, UpcyclePlan):
         raise PlanError("this model was not made by sparsify.upcycle or sparsify.load; nothing says how it was converted")
@@ -99,11 +133,17 @@ def save(model: nn.Module, out: str | Path, force: bool = False, shard_size: int
     source = getattr(model, "sparsify_source", None)
     provenance = plan.source or (source.describe() if isinstance(source, Source) else dict(source or {}))
     source_dir = source.path if isinstance(source, Source) else None
-    fmt = NativeFormat()
-    return fmt.write(out, model, plan, ModelTensors(model), fmt.manifest(model, plan, provenance),
-                     source_dir=source_dir, shard_size=shard_size, force=force)
+    try:
+        fmt, _ = choose_format(format, plan, model.config)
+    except OptionError as err:  # the registry speaks of the CLI's --format
+        raise OptionError(str(err).replace(f"--format {format}", f"format={format!r}", 1)) from None
+    return fmt.write(out, model, plan, ModelTensors(model), NativeFormat.manifest(model, plan, provenance),
+                     source_dir=source_dir, shard_size=shard_size, force=force,
+                     # neither the dense source nor the output the model was loaded from may be written over
+                     sources=[getattr(model, "sparsify_loaded_from", None)])
 
 
+@refuse_unknown_keywords
 def load(path: str | Path, placement: Any = None, group: Any = None, backend: str = "auto") -> nn.Module:
     """Load a model written by `sparsify.save` / `sparsify upcycle` (no tracing is needed).
 
@@ -114,6 +154,8 @@ def load(path: str | Path, placement: Any = None, group: Any = None, backend: st
     `group` (a process group or 1-D DeviceMesh; default the world), or for a directory written
     by `sparsify shard`, each rank loads only its experts and gets the whole model back with
     expert-parallel MoE layers. `backend` picks the MoE kernels (see `FuseDispatchCombine`).
+    In training mode the loss the model returns includes its router losses, and `save_pretrained`
+    writes a checkpoint this function reads again (see `sparsify.training`).
     """
     from .partition.shards import is_shard_dir
 
@@ -121,8 +163,18 @@ def load(path: str | Path, placement: Any = None, group: Any = None, backend: st
     if placement is not None or group is not None or is_shard_dir(path):
         from .partition.loader import load_expert_parallel
 
-        return fuse.run(load_expert_parallel(path, placement, group)).model
+        return include_aux_losses(fuse.run(load_expert_parallel(path, placement, group)).model)
     fmt = output_format(path)
     if fmt is not None and fmt != NativeFormat.name:
-        return load_hf_output(path)
-    return fuse.run(load_native(path)).model
+        return prepare_for_training(load_hf_output(path), fmt)
+    return prepare_for_training(fuse.run(load_native(path)).model)
+
+
+def _upcycle_keywords() -> list[str]:
+    """Every keyword `upcycle` takes: its own and `upcycle_with_plan`'s, those it passes on to
+    the upcycle-ffn pass, and the MoE layer's settings that have no argument of their own."""
+    names = [n for n in keyword_names(upcycle_with_plan) if n != "model"]
+    names += [n for n in keyword_names(UpcycleFFN.__init__) if n != "self" and n not in names]
+    names += [n for n in keyword_names(LayerRecipe.from_options) if n not in names]
+    covered = {"num_experts", "top_k", "router", "normalize", "capacity_factor"}
+    return names + [f.name for f in dataclasses.fields(MoEConfig) if f.name not in covered and f.name not in names]

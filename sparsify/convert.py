@@ -18,14 +18,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import OptionError, SourceError
+from .errors import OptionError
 from .formats.native import NativeFormat
 from .formats.registry import choose_format, format_defaults
 from .formats.tensors import ModelTensors, SourceTensors, TensorSource
-from .io.atomic import check_output, check_space
+from .io.atomic import check_output
 from .io.checkpoint import Checkpoint
-from .io.skeleton import build_skeleton, model_class
-from .io.sources import Source, load_source, resolve_source, sha256_files
+from .io.sources import Source, load_source, resolve_source, sha256_files, skeleton_of
 from .recipe import LayerRecipe
 from .api import record_architecture, upcycle_passes
 from .passes import PassManager
@@ -49,6 +48,7 @@ class ConversionReport:
     bytes_written: int
     why_not_preserving: str | None = None
     notes: list[str] = field(default_factory=list)
+    dry_run: bool = False  # nothing was written; bytes_written is what would be
 
     @property
     def params(self) -> tuple[int, int]:
@@ -93,13 +93,15 @@ def convert(
     force: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
     example_inputs: tuple | None = None,
+    dry_run: bool = False,
     **scheme: Any,
 ) -> ConversionReport:
     """Upcycle `source` and write it to `out` in `format`; returns what was done.
 
     `scheme` holds the initialisation options of `sparsify.recipe.LayerRecipe` (drop_ratio,
     granularity, shared_fraction, split, router_init). `progress(stage, done, total)` is called
-    as work advances (stage "write": bytes)."""
+    as work advances (stage "write": bytes). `dry_run` plans, chooses the format and sizes the
+    output, and writes nothing."""
     if every is not None and layers is not None:
         raise OptionError("give either --every or --layers, not both")
     if dtype is not None and dtype not in DTYPE_NAMES:
@@ -113,7 +115,7 @@ def convert(
     from .io.safetensors_io import parse_size
 
     parse_size(shard_size)
-    out = check_output(out, force)
+    out = check_output(out, force, kind="dir")
     report = progress or (lambda *a: None)
 
     report("load", 0, 1)
@@ -123,19 +125,12 @@ def convert(
         record_architecture(model)
     else:
         src = resolve_source(source)
+        check_output(out, force, [src.path], kind="dir")  # never onto, around or into the source
         if src.kind == "demo":
             model, src = load_source(src)
         else:
-            import transformers
-
-            try:
-                config = transformers.AutoConfig.from_pretrained(src.path, trust_remote_code=False, local_files_only=True)
-            except Exception as err:
-                raise SourceError(f"cannot read the config of '{src.spec}': {str(err).splitlines()[0][:200]}") from None
-            ckpt = Checkpoint(src.path, src.spec)
-            model = build_skeleton(config, model_class(config))
-            ckpt.check_shapes(model, src.spec)
-    hasher = _Hasher(src.files)
+            model, ckpt = skeleton_of(src)
+    hasher = _Hasher([] if dry_run else src.files)
     hasher.start()
     dense_params = _dense_param_count(model)
 
@@ -162,7 +157,9 @@ def convert(
     )
     tensors = fmt.tensors(model, plan, tensors_from)
     total = sum(t.nbytes for t in tensors)
-    check_space(out, total)
+    why = plan.why_not_preserving()
+    if dry_run:
+        return ConversionReport(out, plan, fmt.name, reason, ckpt is not None, dense_params, total, why, dry_run=True)
 
     hasher.join()
     provenance = {"spec": src.spec, "kind": src.kind, "sha256": hasher.result}
@@ -176,7 +173,6 @@ def convert(
 
     fmt.write(out, model, plan, tensors_from, manifest, source_dir=src.path, shard_size=shard_size,
               force=force, progress=on_bytes, tensors=tensors)
-    why = plan.why_not_preserving()
     return ConversionReport(out, plan, fmt.name, reason, ckpt is not None, dense_params, total, why)
 
 

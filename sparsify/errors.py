@@ -14,6 +14,7 @@ __all__ = [
     "OutputError",
     "PlanError",
     "PassError",
+    "ArgumentError",
 ]
 
 
@@ -49,3 +50,7 @@ class PlanError(SparsifyError):
 
 class PassError(SparsifyError):
     """A pass failed on an unexpected error; names the pass and those that ran before it."""
+
+
+class ArgumentError(OptionError, TypeError):
+    """A Python API function was called with a keyword it does not take (a TypeError, as Python's own)."""

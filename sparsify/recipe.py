@@ -162,12 +162,11 @@ class LayerRecipe:
                      **moe_options: Any) -> "LayerRecipe":
         """A recipe from keyword options (those of `sparsify.upcycle` and `passes.UpcycleFFN`);
         an unknown keyword is refused by name."""
-        known = {f.name for f in fields(MoEConfig)} - {"num_experts", "top_k", "router", "normalize", "capacity_factor"}
-        unknown = sorted(set(moe_options) - known)
-        if unknown:
-            raise OptionError(f"unknown option '{unknown[0]}'; MoE options are experts, top_k, router, normalize, "
-                              "capacity_factor, noise, router_init, router_init_std, drop_ratio, granularity, "
-                              f"shared_fraction, split, experts_from, {', '.join(sorted(known))}")
+        from .keywords import check_keywords, keyword_names
+
+        covered = {"num_experts", "top_k", "router", "normalize", "capacity_factor"}
+        accepted = keyword_names(cls.from_options) + [f.name for f in fields(MoEConfig) if f.name not in covered]
+        check_keywords("passes.UpcycleFFN", moe_options, accepted)
         return cls(experts=experts, top_k=top_k, router=router, normalize=normalize, capacity_factor=capacity_factor,
                    noise=noise, router_init=router_init, router_init_std=router_init_std, drop_ratio=drop_ratio,
                    granularity=granularity, shared_fraction=shared_fraction, split=split,

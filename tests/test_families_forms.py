@@ -16,7 +16,6 @@ first family of each form; `pytest tests/test_families_forms.py --slow` runs the
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -25,6 +24,7 @@ from sparsify.capture import example_inputs_for
 from sparsify.moe import SparseMoE
 from sparsify.verify import main_output
 from tests.families import build_family
+from tests.onnx.helpers import rel, session
 
 ROUTINGS = {"top2 every2": ["--experts", "4"], "top1 every1": ["--experts", "4", "--top-k", "1", "--every", "1"]}
 
@@ -57,16 +57,8 @@ def _cases():
             yield pytest.param(form, family, id=f"{form}-{family}", marks=marks)
 
 
-def _rel(got, ref) -> float:
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    assert got.shape == ref.shape
-    return float(np.abs(got - ref).max() / np.abs(ref).max())
-
-
 def _onnx(path, feeds: dict) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    s = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    s = session(path)
     return s.run(None, {i.name: feeds[i.name].numpy() for i in s.get_inputs()})[0]
 
 
@@ -82,13 +74,13 @@ def _check_onnx(model, out) -> None:
         states = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, **extra).logits
         encoded = _onnx(out.with_name("m-encoder.onnx"), dict(input_ids=ids, attention_mask=mask))
-        assert _rel(encoded, states) <= 1e-5
+        assert rel(encoded, states) <= 1e-5
         decoded = _onnx(out.with_name("m-decoder.onnx"), dict(decoder_input_ids=dec, encoder_attention_mask=mask,
                                                                encoder_hidden_states=torch.from_numpy(encoded)))
-        assert _rel(decoded, logits) <= 1e-5
+        assert rel(decoded, logits) <= 1e-5
     else:
         ref = main_output(model(input_ids=ids, attention_mask=mask, **extra))
-        assert _rel(_onnx(out, dict(input_ids=ids, attention_mask=mask)), ref) <= 1e-5
+        assert rel(_onnx(out, dict(input_ids=ids, attention_mask=mask)), ref) <= 1e-5
 
 
 @pytest.mark.parametrize(("form", "family"), list(_cases()))
@@ -108,7 +100,7 @@ def test_family_upcycles_through_the_cli_loads_and_exports(form, family, tmp_pat
         assert sum(isinstance(m, SparseMoE) for m in loaded.modules()) == len(plan.selected)
         with torch.no_grad():
             got = main_output(loaded(**inputs))
-        assert _rel(got, ref) <= 1e-5, name
+        assert rel(got, ref) <= 1e-5, name
     if family in EXPORT_OPTIONS:  # a dynamic export is refused in one line that says what to do
         code, _, err = sparsify_cli("export", out, "--onnx", "-o", tmp_path / "m.onnx")
         assert code != 0 and "export a static graph (--static" in err and len(err.strip().splitlines()) == 1, err

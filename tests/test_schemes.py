@@ -118,7 +118,7 @@ def test_split_is_parameter_neutral_and_says_it_is_not_preserving(demo):
     (dict(experts=4, drop_ratio=float("nan")), "drop_ratio"),
     (dict(experts=4, split=True, granularity=2), "exclude each other"),
     (dict(experts=5, split=True, top_k=1), "do not split into 5 equal experts"),
-    (dict(experts=4, bogus=1), "unknown option 'bogus'"),
+    (dict(experts=4, bogus=1), "unexpected keyword argument 'bogus'"),
 ])
 def test_bad_scheme_options_are_refused_by_name(options, match):
     with pytest.raises(OptionError, match=match):

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from .. import __version__
 from ..errors import NoFFNFoundError, OptionError, SourceError
-from ..formats.onnx import METADATA_KEY, read_onnx, write_onnx
+from ..formats.onnx import METADATA_KEY, external_files, read_onnx, write_onnx
 from ..io.atomic import check_output
 from ..passes.onnx.find_ffn import FindFFNOnnx
 from ..passes.onnx.fuse_moe_ort import FusionReport
@@ -42,6 +42,8 @@ class OnnxUpcycleResult:
     path: Path
     dense_params: int
     total_params: int
+    weight_bytes: int = 0  # of the upcycled graph's initializers
+    dry_run: bool = False  # nothing was written
 
 
 def _count(model: ir.Model) -> int:
@@ -66,6 +68,7 @@ def upcycle_onnx(
     layers: Sequence[int] | None = None,
     target: str = "ort",
     force: bool = False,
+    dry_run: bool = False,
     **options: Any,
 ) -> OnnxUpcycleResult:
     """Upcycle the FFNs of the ONNX model at `source` and write the result to `out`.
@@ -73,7 +76,7 @@ def upcycle_onnx(
     `experts`, `every`, `layers` and `options` (top_k, router, normalize, capacity_factor,
     noise, router_init_std, seed) mean what they mean for `sparsify.upcycle`. `target` "ort"
     then fuses each MoE layer ONNX Runtime supports into `com.microsoft.MoE`; "standard"
-    keeps standard ops.
+    keeps standard ops. `dry_run` does all of it in memory and writes nothing.
     """
     convert = UpcycleFFN(experts=experts, **options)  # validates the MoE options
     if convert.recipe.shared_fraction > 0:
@@ -83,8 +86,9 @@ def upcycle_onnx(
                           "does not say; use topk or switch, or upcycle the checkpoint instead")
     select = SelectLayers(every=every if layers is None else None, layers=layers)
     check_export_options(target, DEFAULT_OPSET, 1, 1)
-    check_output(out, force)
+    check_output(out, force, [source], kind="file")
     model = read_onnx(source)
+    check_output(out, force, [source, *external_files(model)], kind="file")  # its weights may live beside it
     _check_opset(model, str(source))
     dense_params = _count(model)
 
@@ -109,8 +113,11 @@ def upcycle_onnx(
          "plan": plan.to_dict(), "fusion": report.to_dict()}
     )
     total = _count(model)
-    (path,) = write_onnx({Path(out): model}, force=force)[:1]
-    return OnnxUpcycleResult(plan, report, path, dense_params, total)
+    nbytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if dry_run:
+        return OnnxUpcycleResult(plan, report, Path(out), dense_params, total, nbytes, dry_run=True)
+    (path,) = write_onnx({Path(out): model}, force=force, sources=[source])[:1]
+    return OnnxUpcycleResult(plan, report, path, dense_params, total, nbytes)
 
 
 def _no_ffn_message(source: str, rejected) -> str:

@@ -146,8 +146,8 @@ class ExpertPlacement:
         data = read_json(source, f"no such placement file: '{source}'", "pass a plan.json written by sparsify partition")
         return cls.from_dict(data, where=f"'{source}'")
 
-    def save(self, path: str | Path, force: bool = False) -> Path:
-        """Write plan.json atomically."""
-        with atomic_file(path, force=force) as tmp:
+    def save(self, path: str | Path, force: bool = False, sources: Sequence = ()) -> Path:
+        """Write plan.json atomically (never over one of `sources`, the paths it was made from)."""
+        with atomic_file(path, force=force, sources=sources) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=2))
         return Path(path)

@@ -15,7 +15,7 @@ def test_upcycle_then_verify(tmp_path, sparsify_cli, name, extra):
     out = tmp_path / "moe"
     code, stdout, _ = sparsify_cli("upcycle", f"demo:{name}", "--experts", "8", "-o", out, *extra)
     assert code == 0
-    assert "MoE layers:" in stdout and "active per token" in stdout and str(out) in stdout
+    assert "converted" in stdout and "FFNs into MoE layers" in stdout and "active per token" in stdout and str(out) in stdout
     code, stdout, _ = sparsify_cli("verify", f"demo:{name}", out)
     assert code == 0, stdout
     assert "max abs diff" in stdout and "match" in stdout
