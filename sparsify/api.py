@@ -21,7 +21,16 @@ from .plan import UpcyclePlan
 from .recipe_keys import ALL_KEYS
 from .training import include_aux_losses, prepare_for_training
 
-__all__ = ["upcycle", "upcycle_with_plan", "upcycle_passes", "save", "load"]
+__all__ = ["upcycle", "upcycle_with_plan", "upcycle_passes", "save", "load", "record_architecture"]
+
+
+def record_architecture(model: nn.Module) -> None:
+    """Name `model`'s class in its config's `architectures` when nothing does (a model built
+    directly from a config), as transformers' `save_pretrained` does, so that loading the
+    written config builds the same class."""
+    config = getattr(model, "config", None)
+    if config is not None and not getattr(config, "architectures", None):
+        config.architectures = [type(model).__name__]
 
 
 def upcycle_passes(recipe: Recipe, **upcycle_options: Any) -> list:
@@ -133,6 +142,7 @@ def save(model: nn.Module, out: str | Path, format: str = "native", force: bool 
         raise PlanError("this model was not made by sparsify.upcycle or sparsify.load; nothing says how it was converted")
     if getattr(model, "config", None) is None:
         raise PlanError(f"{type(model).__name__} has no Hugging Face config; the native format needs one to rebuild the model")
+    record_architecture(model)
     source = getattr(model, "sparsify_source", None)
     provenance = plan.source or (source.describe() if isinstance(source, Source) else dict(source or {}))
     source_dir = source.path if isinstance(source, Source) else None

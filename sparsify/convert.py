@@ -29,7 +29,7 @@ from .merge import ModuleWeights, check_compatible, open_sources
 from .model_recipe import Recipe
 from .passes.init_router import check_router_data
 from .prompts import prompt_set
-from .api import upcycle_passes
+from .api import record_architecture, upcycle_passes
 from .passes import PassManager
 from .plan import UpcyclePlan
 
@@ -139,6 +139,7 @@ def convert(
     ckpt: Checkpoint | None = None
     if resolved is None:
         model, src = source, Source(type(source).__name__, "module")
+        record_architecture(model)
     else:
         src = resolved
         if src.kind == "demo":

@@ -1,56 +1,35 @@
-"""Match the two canonical FFN forms in an ATen graph.
+"""Match the canonical FFN forms in an ATen graph.
 
     dense:  y = act(x @ W1.T + b1) @ W2.T + b2
     gated:  y = (act(x @ Wg.T) * (x @ Wu.T)) @ Wd.T
 
-A projection is any of `aten.linear`, `aten.addmm` between views (GPT-2's Conv1D, weight
-[in, out]) or `aten.matmul` with a parameter. The activation is whatever elementwise subgraph
-leads from the first projection to the second; it is named by evaluating it (see
+The projections are those of `sparsify.projections` (linear, GPT-2's Conv1D, matmul by a
+parameter or its transpose, 1x1 convolutions); in the gated form gate and up may be the two
+parts of one fused projection (halves or interleaved). The activation is whatever elementwise
+subgraph leads from the first projection to the second; it is named by evaluating it (see
 `sparsify.activations`). Views, clones and dropout between the pieces are looked through.
 Matching knows nothing of module names; `sparsify.passes.find_ffn` maps matches to modules.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
 from torch.fx import Node
 
-from .activations import identify_activation
+from .activations import identify_activation, identify_parametrised
 from .capture import Captured
+from .projections import VIEWS, Projection, is_op, part_at, projection_at, through_views_back
 
 __all__ = ["Projection", "FFNMatch", "match_ffns", "TRANSPARENT"]
 
 aten = torch.ops.aten
 
 # Ops that do not change values (at inference): looked through between pattern pieces.
-TRANSPARENT = {
-    aten.dropout.default,
-    aten.view.default,
-    aten.reshape.default,
-    aten._unsafe_view.default,
-    aten.clone.default,
-    aten.contiguous.default,
-    aten.alias.default,
-    aten.detach.default,
-}
-_VIEWS = TRANSPARENT - {aten.dropout.default}
+TRANSPARENT = VIEWS | {aten.dropout.default}
 _MAX_ACTIVATION_NODES = 24
-
-
-@dataclass
-class Projection:
-    """A linear map by a model parameter: input node, weight/bias names, layout, its nodes."""
-
-    input: Node
-    output: Node
-    weight: str
-    bias: str | None
-    layout: str  # "linear" ([out, in]) or "conv1d" ([in, out])
-    in_features: int
-    out_features: int
-    nodes: list[Node] = field(default_factory=list)
 
 
 @dataclass
@@ -68,85 +47,63 @@ class FFNMatch:
     between: list[Node]  # transparent nodes between the activation and the output projection
     dropout: float = 0.0
     problem: str | None = None  # set when the shape matched but something disqualifies it
+    act_nodes: list[Node] = field(default_factory=list)  # the activation subgraph
+    activation_params: dict[str, str] = field(default_factory=dict)  # parameter -> model tensor name
 
     @property
     def nodes(self) -> list[Node]:
         """Every node of the match, front to output projection."""
         return [*self.front, *self.between, *self.w2.nodes]
 
+    @property
+    def projections(self) -> dict[str, Projection]:
+        """w1, w2 and (gated) w3 by role."""
+        return {"w1": self.w1, "w2": self.w2, **({"w3": self.w3} if self.w3 is not None else {})}
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        """The weights it reads: equal keys are one FFN called more than once (shared weights)."""
+        return tuple(p.weight for p in self.projections.values())
+
 
 def _is(node: Node, *targets) -> bool:
-    return node.op == "call_function" and node.target in targets
-
-
-def _param(captured: Captured, node: Node) -> str | None:
-    return captured.param_name(node) if isinstance(node, Node) and node.op == "placeholder" else None
-
-
-def _shape(node: Node) -> tuple[int, ...] | None:
-    val = node.meta.get("val")
-    return tuple(int(d) for d in val.shape) if isinstance(val, torch.Tensor) else None
+    return is_op(node, *targets)
 
 
 def _through_views_back(node: Node, out: list[Node]) -> Node:
-    while _is(node, *_VIEWS) and isinstance(node.args[0], Node):
-        out.append(node)
-        node = node.args[0]
-    return node
+    return through_views_back(node, out)
 
 
-def projection_at(captured: Captured, node: Node) -> Projection | None:
-    """The projection whose main op is `node`, or None."""
-    if _is(node, aten.linear.default):
-        w = _param(captured, node.args[1])
-        b = _param(captured, node.args[2]) if len(node.args) > 2 and node.args[2] is not None else None
-        shape = _shape(node.args[1])
-        if w is None or shape is None or len(shape) != 2:
+def _producer(captured: Captured, node: Node) -> Projection | None:
+    """The projection, or part of a fused projection, whose output is exactly `node`."""
+    for cand in (node, *node.all_input_nodes[:1]):
+        proj = projection_at(captured, cand)
+        if proj is not None and proj.output is node:
+            return proj
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], Node):
+        return None
+    src = node.args[0]
+    if node.target is operator.getitem:  # getitem(chunk(out)) / getitem(split(out))
+        if src.op != "call_function" or not src.args or not isinstance(src.args[0], Node):
             return None
-        return Projection(node.args[0], node, w, b, "linear", shape[1], shape[0], [node])
-    if _is(node, aten.addmm.default):
-        b, x2d, wnode = node.args[:3]
-        w, shape = _param(captured, wnode), _shape(wnode)
-        if w is None or shape is None or len(shape) != 2 or _param(captured, b) is None:
-            return None
-        pre: list[Node] = []
-        x = _through_views_back(x2d, pre)
-        nodes = [*reversed(pre), node]
-        out = node
-        users = list(node.users)
-        if len(users) == 1 and _is(users[0], *_VIEWS):
-            out = users[0]
-            nodes.append(out)
-        return Projection(x, out, w, _param(captured, b), "conv1d", shape[0], shape[1], nodes)
-    if _is(node, aten.matmul.default, aten.mm.default):
-        x, wnode = node.args[:2]
-        nodes, layout = [node], "conv1d"
-        if _is(wnode, aten.t.default, aten.permute.default, aten.transpose.int):
-            nodes.insert(0, wnode)
-            wnode, layout = wnode.args[0], "linear"
-        w, shape = _param(captured, wnode), _shape(wnode)
-        if w is None or shape is None or len(shape) != 2:
-            return None
-        fin, fout = (shape[1], shape[0]) if layout == "linear" else shape
-        out, bias = node, None
-        users = list(node.users)
-        if len(users) == 1 and _is(users[0], aten.add.Tensor):
-            other = [a for a in users[0].args if a is not node]
-            if other and _param(captured, other[0]) is not None:
-                out, bias = users[0], _param(captured, other[0])
-                nodes.append(out)
-        return Projection(x, out, w, bias, layout, fin, fout, nodes)
-    return None
+        src = src.args[0]
+    elif node.target is not aten.slice.Tensor:
+        return None
+    whole = _producer(captured, src)
+    return part_at(whole, node) if whole is not None and whole.part is None else None
 
 
-def _activation_region(start: Node, root: Node) -> list[Node] | None:
-    """Nodes computing `start` from `root` alone (plus constants), in graph order; None if
-    `start` depends on anything else or the region is implausibly large for an activation."""
+def _activation_region(captured: Captured, start: Node, root: Node) -> list[Node] | None:
+    """Nodes computing `start` from `root` alone (plus constants and model tensors: the
+    parameters of a parametrised activation), in graph order; None if `start` depends on
+    anything else or the region is implausibly large for an activation."""
     region: dict[Node, None] = {}
     todo = [start]
     while todo:
         n = todo.pop()
         if n is root or n in region:
+            continue
+        if n.op == "placeholder" and captured.param_name(n) is not None:
             continue
         if n.op != "call_function" or len(region) >= _MAX_ACTIVATION_NODES:
             return None
@@ -156,11 +113,17 @@ def _activation_region(start: Node, root: Node) -> list[Node] | None:
     return sorted(region, key=order.__getitem__)
 
 
-def _region_fn(region: list[Node], root: Node):
-    """A callable evaluating the region with `root` bound to its argument."""
+def _region_params(region: list[Node]) -> list[Node]:
+    """The model tensors (placeholders) the region reads, in a stable order."""
+    return list(dict.fromkeys(a for n in region for a in n.all_input_nodes if a.op == "placeholder"))
 
-    def fn(value: torch.Tensor) -> torch.Tensor:
-        env: dict[Node, object] = {root: value}
+
+def _region_fn(region: list[Node], root: Node, params: list[Node] = ()):
+    """A callable `fn(x, tensors)` evaluating the region with `root` bound to `x` and the
+    region's model tensors to `tensors`."""
+
+    def fn(value: torch.Tensor, tensors=()) -> torch.Tensor:
+        env: dict[Node, object] = {root: value, **dict(zip(params, tensors))}
         load = lambda a: env[a] if isinstance(a, Node) else a  # noqa: E731
         for n in region:
             args = torch.fx.node.map_aggregate(n.args, load)
@@ -174,23 +137,47 @@ def _region_fn(region: list[Node], root: Node):
     return fn
 
 
+def _name_activation(captured: Captured, region: list[Node], root: Node) -> tuple[str | None, dict[str, str]]:
+    """The activation's name and, for a parametrised one, its parameters' model tensor names."""
+    params = _region_params(region)
+    fn = _region_fn(region, root, params)
+    if not params:
+        return identify_activation(fn), {}
+    shapes = [tuple(int(d) for d in p.meta["val"].shape) if isinstance(p.meta.get("val"), torch.Tensor) else ()
+              for p in params]
+    found = identify_parametrised(fn, shapes)
+    if found is None:
+        return None, {}
+    name, roles = found
+    return name, {role: captured.param_name(p) for role, p in zip(roles, params)}
+
+
 def _same_input(a: Node, b: Node) -> bool:
     return _through_views_back(a, []) is _through_views_back(b, [])
 
 
 def _find_projection_ending_at(captured: Captured, node: Node, skipped: list[Node]) -> Projection | None:
-    """A projection whose output is `node` (looking through trailing views)."""
+    """A projection (or part of one) whose output is `node`, looking through trailing views."""
     probe = node
     while True:
-        for cand in (probe, *probe.all_input_nodes[:1]):
-            proj = projection_at(captured, cand)
-            if proj is not None and proj.output is probe:
-                return proj
-        if _is(probe, *_VIEWS):
+        proj = _producer(captured, probe)
+        if proj is not None:
+            return proj
+        if _is(probe, *VIEWS):
             skipped.append(probe)
             probe = probe.args[0]
             continue
         return None
+
+
+def _pair(gate: Projection, up: Projection) -> bool:
+    """Gate and up read the same input: two projections of it, or two parts of one."""
+    if (gate.part is None) != (up.part is None):
+        return False
+    if gate.part is None:
+        return _same_input(gate.input, up.input)
+    return (gate.weight == up.weight and gate.nodes[0] is up.nodes[0] and gate.part[0] != up.part[0]
+            and gate.part[1:] == up.part[1:])
 
 
 def _match_at(captured: Captured, w2: Projection) -> FFNMatch | None:
@@ -214,12 +201,12 @@ def _match_at(captured: Captured, w2: Projection) -> FFNMatch | None:
             if gate is None:
                 continue
             g_proj, region = gate
-            if not _same_input(g_proj.input, up.input):
+            if not _pair(g_proj, up):
                 continue
-            act = identify_activation(_region_fn(region, g_proj.output))
+            act, act_params = _name_activation(captured, region, g_proj.output)
             front = [*g_proj.nodes, *region, *up.nodes, *up_extra, z]
             m = FFNMatch("gated", _through_views_back(g_proj.input, []), w2.output, g_proj, w2, up, act,
-                         _ordered(front), between, dropout)
+                         _ordered(front), between, dropout, act_nodes=region, activation_params=act_params)
             return _check(m)
     # dense: z = act(W1 x)
     g = _find_gate(captured, z)
@@ -228,14 +215,15 @@ def _match_at(captured: Captured, w2: Projection) -> FFNMatch | None:
     w1, region = g
     if not region:
         return None  # two projections in a row: no nonlinearity, not an FFN
-    act = identify_activation(_region_fn(region, w1.output))
+    act, act_params = _name_activation(captured, region, w1.output)
     m = FFNMatch("dense", _through_views_back(w1.input, []), w2.output, w1, w2, None, act,
-                 _ordered([*w1.nodes, *region]), between, dropout)
+                 _ordered([*w1.nodes, *region]), between, dropout, act_nodes=region, activation_params=act_params)
     return _check(m)
 
 
 def _find_gate(captured: Captured, node: Node) -> tuple[Projection, list[Node]] | None:
-    """Find a projection P such that `node` is an elementwise function of P's output alone."""
+    """Find a projection P (or part of one) such that `node` is an elementwise function of
+    P's output alone."""
     seen: set[Node] = set()
     todo = [node]
     while todo and len(seen) < _MAX_ACTIVATION_NODES:
@@ -243,13 +231,9 @@ def _find_gate(captured: Captured, node: Node) -> tuple[Projection, list[Node]] 
         if n in seen or n.op != "call_function":
             continue
         seen.add(n)
-        proj = projection_at(captured, n)
-        if proj is None and n.all_input_nodes:
-            proj = projection_at(captured, n.all_input_nodes[0])
-            if proj is not None and proj.output is not n:
-                proj = None
-        if proj is not None and proj.output is n:
-            region = _activation_region(node, n)
+        proj = _producer(captured, n)
+        if proj is not None:
+            region = _activation_region(captured, node, n)
             if region is not None:
                 return proj, region
         todo.extend(n.all_input_nodes)
@@ -265,7 +249,10 @@ def _ordered(nodes: list[Node]) -> list[Node]:
 
 def _check(m: FFNMatch) -> FFNMatch:
     h = m.w1.in_features
-    if m.activation is None:
+    kinds = {(p.layout, p.feature_axis) for p in m.projections.values()}
+    if len(kinds) > 1:
+        m.problem = "the projections are of different kinds (" + ", ".join(sorted(k for k, _ in kinds)) + ")"
+    elif m.activation is None:
         m.problem = "the function between the projections is not a known activation"
     elif m.w2.out_features != h:
         m.problem = f"output projection maps to {m.w2.out_features} features, not back to the input's {h}"

@@ -17,19 +17,30 @@ from .moe.config import MoEConfig
 
 __all__ = ["FFNSite", "Rejected", "ExpertInit", "RouterInit", "LayerPlan", "UpcyclePlan", "PLAN_VERSION"]
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 
 
 @dataclass
 class FFNSite:
     """One feed-forward block found in the graph, and how to read its weights.
 
-    `path` is the module the MoE replaces. For an FFN whose two projections live in two sibling
-    modules (BERT's `intermediate` and `output.dense`), `path` is the module that computes the
-    first half and `exit_path` the output projection, which becomes an identity.
-    `weights` maps a role to a parameter name of the source model: w1 (first projection; the gate
-    in the gated form), w3 (up projection, gated only), w2 (output projection), and b1/b3/b2 for
-    biases. `layout` is "linear" ([out, in], nn.Linear) or "conv1d" ([in, out], GPT-2's Conv1D).
+    `path` is the module the MoE replaces. For an FFN whose pieces are several modules called
+    by one layer (BERT's `intermediate` and `output.dense`; BART's `fc1`, `activation_fn`,
+    `fc2`), `path` is the module that reads the FFN's input, `exit_path` the output projection
+    and `identities` the modules between them (activation, dropout): all become identities.
+    `overrides` are attributes of the model ("module.path.attribute" -> value) that the
+    rewrite sets: a dropout rate or an activation function that the layer's own forward applies
+    between the projections (the MoE applies them instead), or a fast path that would read the
+    replaced weights. `weights` maps a role to a parameter name of the source model: w1 (first
+    projection; the gate in the gated form), w3 (up projection, gated only), w2 (output
+    projection), and b1/b3/b2 for biases. `fused` says, for roles that share one parameter (a
+    fused gate/up projection), which part of it they are: role -> [part, parts, "halves" |
+    "interleaved"]. `layout` is "linear" ([out, in], nn.Linear), "conv1d" ([in, out], GPT-2's
+    Conv1D) or "conv1x1" ([out, in / groups, 1], a 1x1 nn.Conv1d; `groups` per role).
+    `feature_axis` is the input's hidden-size axis (1 for channels-first convolutions).
+    `calls` lists the further layer indices at which a shared FFN (ALBERT) runs again: one
+    module, one MoE, every call. `activation_params` maps a parametrised activation's
+    parameters to source parameter names.
     """
 
     path: str
@@ -45,6 +56,13 @@ class FFNSite:
     dropout: float = 0.0  # between activation and output projection
     out_dropout: float = 0.0  # after the output projection, inside the replaced module
     causal: bool = False  # in a causal (decoder) stack
+    identities: list[str] = field(default_factory=list)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    fused: dict[str, list] = field(default_factory=dict)
+    groups: dict[str, int] = field(default_factory=dict)
+    feature_axis: int = -1
+    calls: list[int] = field(default_factory=list)
+    activation_params: dict[str, str] = field(default_factory=dict)
 
     @property
     def has_bias(self) -> bool:
@@ -58,9 +76,21 @@ class FFNSite:
         n += sum(i if r in ("b1", "b3") else h for r in self.weights if r.startswith("b"))
         return n
 
+    def dense_param_count(self) -> int:
+        """Parameters of the dense FFN as the source holds them (a grouped convolution holds
+        1/groups of the full matrix; an expert holds the full one)."""
+        h, i = self.hidden_size, self.intermediate_size
+        n = sum(h * i // self.groups.get(r, 1) for r in ("w1", "w2", "w3") if r in self.weights)
+        return n + self.expert_param_count() - (3 if self.form == "gated" else 2) * h * i
+
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
         return asdict(self)
+
+    @property
+    def indices(self) -> list[int]:
+        """Every layer index within its stack at which this FFN runs (more than one when shared)."""
+        return [self.index, *self.calls]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FFNSite":
@@ -186,7 +216,7 @@ class UpcyclePlan:
         for s in self.selected_sites:
             if s.path not in self.layers:
                 continue
-            dense = s.expert_param_count()
+            dense = s.dense_param_count()
             t, a = self.layer(s).param_counts(s)
             total += t - dense
             active += a - dense
@@ -210,7 +240,8 @@ class UpcyclePlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "UpcyclePlan":
-        """Inverse of `to_dict`; also reads version 1 plans (one MoE setting for every layer)."""
+        """Inverse of `to_dict`; also reads version 1 plans (one MoE setting for every layer) and
+        version 2 plans (sites without the inline, fused and shared forms)."""
         if not isinstance(data, dict):
             raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
         try:

@@ -112,27 +112,29 @@ class BoundRecipe:
     def select(self) -> tuple[list[str], dict[str, Any]]:
         """(paths of the sites to convert, in site order; the selection as `plan.selection`
         records it). Within a stack, FFN j is chosen when `j % every == every - 1`, or when j is
-        in `layers`; top-level `layers` may name indices that only the longer stacks have."""
+        in `layers`; top-level `layers` may name indices that only the longer stacks have. A
+        shared FFN (one module run at several layers, ALBERT) is one MoE for all of its calls,
+        chosen when any of its layers is."""
         selection = self._selection()
         on_top = [name for name, (path, _) in selection.items() if path[:1] == ("layers",)]
         if on_top:
-            largest = max(len(self.stacks[n]) for n in on_top)
+            largest = max(_depth(self.stacks[n]) for n in on_top)
             bad = [j for j in selection[on_top[0]][1]["layers"] if j >= largest]
             if bad:
-                counts = ", ".join(f"{len(self.stacks[n])} in {n or 'the model'}" for n in on_top)
+                counts = ", ".join(f"{_depth(self.stacks[n])} in {n or 'the model'}" for n in on_top)
                 raise self.recipe.error(("layers",), f"{','.join(map(str, bad))} out of range: the FFN stacks have "
                                                      f"{counts} (numbered from 0)")
         chosen: set[str] = set()
         for name, (path, sel) in selection.items():
             group = self.stacks[name]
             if "layers" in sel:
-                bad = [j for j in sel["layers"] if j >= len(group)]
+                bad = [j for j in sel["layers"] if j >= _depth(group)]
                 if bad and len(path) > 1:
-                    raise self.recipe.error(path, f"{','.join(map(str, bad))} out of range: {name} has {len(group)} "
+                    raise self.recipe.error(path, f"{','.join(map(str, bad))} out of range: {name} has {_depth(group)} "
                                                   "FFNs (numbered from 0)")
-                chosen |= {s.path for s in group if s.index in set(sel["layers"])}
+                chosen |= {s.path for s in group if set(s.indices) & set(sel["layers"])}
             else:
-                chosen |= {s.path for s in group if s.index % sel["every"] == sel["every"] - 1}
+                chosen |= {s.path for s in group if any(j % sel["every"] == sel["every"] - 1 for j in s.indices)}
         kinds = [sel for _, sel in selection.values()]
         if all(k == kinds[0] for k in kinds):
             record = {"every": None, "layers": None, **(kinds[0] if kinds else {})}
@@ -215,3 +217,8 @@ class BoundRecipe:
             except OptionError as err:
                 raise self.recipe.section_error(chains[path][-1], str(err)) from None
         return out
+
+
+def _depth(group: Sequence[FFNSite]) -> int:
+    """The FFN layers of a stack: its sites, a shared FFN counted once per layer it runs at."""
+    return sum(len(s.indices) for s in group)

@@ -19,26 +19,41 @@ from .init import canonical_shape, expert_weight, router_init_weight
 from .layer_plan import LayerPlan
 from .merge import Weights, stored_name
 from .moe import Experts, Router, SharedExpert, SparseMoE
+from .overrides import override_value
 from .plan import FFNSite, UpcyclePlan
 
 __all__ = ["apply_plan", "canonical_weight", "build_moe", "dense_reader"]
 
 
 def canonical_weight(site: FFNSite, role: str, tensor: torch.Tensor) -> torch.Tensor:
-    """A source tensor in the experts' canonical layout ([out, in] for weights)."""
-    if site.layout == "conv1d" and role.startswith("w"):
-        return tensor.t()
+    """A source tensor in the experts' canonical layout ([out, in] for weights): transposed
+    from GPT-2's [in, out]; a 1x1 convolution's [out, in / groups, 1...] squeezed and, when
+    grouped, expanded to the block-diagonal [out, in] matrix it applies; the role's part of a
+    fused gate/up projection (half, or every second row)."""
+    if role.startswith("w") and site.layout == "conv1d":
+        tensor = tensor.t()
+    elif role.startswith("w") and site.layout == "conv1x1":
+        tensor = tensor.reshape(tensor.shape[0], -1)
+        groups = site.groups.get(role, 1)
+        if groups > 1:
+            tensor = torch.block_diag(*tensor.chunk(groups, dim=0))
+    if role in site.fused:
+        part, parts, kind = site.fused[role]
+        tensor = tensor[part::parts] if kind == "interleaved" else tensor.chunk(parts, dim=0)[part]
     return tensor
 
 
-def build_moe(site: FFNSite, layer: LayerPlan, dtype: torch.dtype, device: torch.device) -> SparseMoE:
-    """An empty `SparseMoE` for `site` as `layer` plans it (weights uninitialised)."""
+def build_moe(site: FFNSite, layer: LayerPlan, dtype: torch.dtype, device: torch.device,
+              act_params: dict[str, tuple[tuple[int, ...], torch.dtype, bool]] | None = None) -> SparseMoE:
+    """An empty `SparseMoE` for `site` as `layer` plans it (weights uninitialised); a
+    parametrised activation's parameters are `act_params`: name -> (shape, dtype, trainable)."""
     bias = tuple(f"b{i}" in site.weights for i in (1, 2, 3))
-    common = dict(form=site.form, activation=site.activation, bias=bias, dropout=site.dropout, dtype=dtype, device=device)
+    common = dict(form=site.form, activation=site.activation, bias=bias, dropout=site.dropout, dtype=dtype, device=device,
+                  act_params=act_params)
     experts = Experts(layer.moe.num_experts, site.hidden_size, layer.expert_size(site), **common)
     shared = SharedExpert(site.hidden_size, layer.shared.size(site), **common) if layer.shared else None
     router = Router(site.hidden_size, layer.moe).to(device)
-    return SparseMoE(router, experts, out_dropout=site.out_dropout, shared=shared)
+    return SparseMoE(router, experts, out_dropout=site.out_dropout, shared=shared, feature_axis=site.feature_axis)
 
 
 def _get(model: nn.Module, path: str) -> nn.Module:
@@ -104,7 +119,13 @@ def apply_plan(model: nn.Module, plan: UpcyclePlan, copy_weights: bool = True,
     for site in plan.selected_sites:
         layer = plan.layer(site)
         ref = model.get_parameter(site.weights["w1"])
-        moe = build_moe(site, layer, ref.dtype, ref.device)
+        act = {name: _model_tensor(model, source) for name, source in site.activation_params.items()}
+        specs = {name: (tuple(t.shape), t.dtype, isinstance(t, nn.Parameter)) for name, t in act.items()}
+        moe = build_moe(site, layer, ref.dtype, ref.device, specs)
+        for module in (moe.experts, moe.shared):
+            if module is not None and module.act_params is not None and copy_weights and ref.device.type != "meta":
+                for name, t in act.items():
+                    module.act_params[name].copy_(t.detach())
         if copy_weights and ref.device.type != "meta":
             for role in site.weights:
                 targets = [(e, getattr(moe.experts, role)[e]) for e in range(layer.moe.num_experts)]
@@ -116,9 +137,32 @@ def apply_plan(model: nn.Module, plan: UpcyclePlan, copy_weights: bool = True,
             moe.router.weight.copy_(router_init_weight(plan, site))
         moe.train(_get(model, site.path).training)  # a replacement keeps the replaced module's mode
         _replace(model, site.path, moe)
-        if site.exit_path:
-            _replace(model, site.exit_path, nn.Identity())
+        for path in [*([site.exit_path] if site.exit_path else []), *site.identities]:
+            _replace(model, path, nn.Identity())
+        for target, value in site.overrides.items():
+            _override(model, target, value)
     return model
+
+
+def _model_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """Parameter or buffer `name` of `model`."""
+    path, _, attr = name.rpartition(".")
+    module = _get(model, path) if path else model
+    tensor = getattr(module, attr, None)
+    if not isinstance(tensor, torch.Tensor):
+        raise PlanError(f"the plan reads the activation parameter '{name}', which this model does not have; "
+                        "was the plan made for another architecture?")
+    return tensor
+
+
+def _override(model: nn.Module, target: str, value: object) -> None:
+    """Set attribute `target` ("module.path.attribute") as the plan says."""
+    path, _, attr = target.rpartition(".")
+    module = _get(model, path) if path else model
+    if not hasattr(module, attr):
+        raise PlanError(f"the plan sets attribute '{attr}' of '{path or '<root>'}', which this model does not have; "
+                        "was the plan made for another architecture?")
+    setattr(module, attr, override_value(value))
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:

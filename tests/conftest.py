@@ -21,6 +21,19 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 DEMO_NAMES = ["t5", "t5-gated", "bert", "gpt2", "llama"]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (whole family sweeps)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def demo():
     """`demo(name)` -> a fresh seeded demo model (the same weights every call)."""

@@ -108,7 +108,7 @@ def site_rows(plan: UpcyclePlan) -> list[dict[str, Any]]:
     for s in plan.sites:
         cfg = site_moe(plan, s)
         rows.append({
-            "stack": s.stack, "index": s.index, "module": s.path, "exit_module": s.exit_path,
+            "stack": s.stack, "index": s.index, "calls": s.calls, "module": s.path, "exit_module": s.exit_path,
             "layer": "MoE" if cfg is not None else "FFN", "ffn_form": s.form, "activation": s.activation,
             "hidden_size": s.hidden_size, "intermediate_size": s.intermediate_size,
             "moe": moe_dict(cfg) if cfg is not None else None,
@@ -138,7 +138,8 @@ def sites_table(rows: list[dict[str, Any]], title: str) -> Table:
         table.add_column(col)
     for r in rows:
         routing = moe_text(r["moe"]) if r["moe"] is not None else ""
-        table.add_row(r["stack"] or "-", str(r["index"]), r["module"] + (f" (+ {r['exit_module']})" if r["exit_module"] else ""),
+        index = ",".join(map(str, [r["index"], *r["calls"]]))  # a shared FFN (ALBERT) runs at several layers
+        table.add_row(r["stack"] or "-", index, r["module"] + (f" (+ {r['exit_module']})" if r["exit_module"] else ""),
                       _layer_text(r), r["activation"], f"{r['hidden_size']} x {r['intermediate_size']}", routing)
     return table
 

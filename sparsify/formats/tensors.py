@@ -106,12 +106,16 @@ class SourceTensors(TensorSource):
         self.checkpoints: dict[str, Weights] = {"base": checkpoint, **(sources or {})}
         self.aliases = alias_groups(model)
         self.prefix = getattr(model, "base_model_prefix", "") or ""
+        # a parametrised activation's parameters move into the MoE; they are read where the source has them
+        self.moved = {f"{site.path}.{part}.act_params.{name}": source for site in plan.selected_sites
+                      for name, source in site.activation_params.items() for part in ("experts", "shared")}
         self._cached: tuple[tuple[str, str], dict[str, torch.Tensor]] | None = None
         merged = [self._checkpoint(n) for n in plan.sources] if plan.merge_base == "average" else []
         self.merged = distinct([checkpoint, *merged])
 
     def _source_name(self, name: str, ckpt: Weights | None = None) -> str:
         ckpt = ckpt or self.ckpt
+        name = self.moved.get(name, name)
         stored = stored_name(ckpt, name, self.aliases, self.prefix)
         if stored is None:
             raise SourceError(f"checkpoint '{ckpt.path}' lacks tensor '{name}' that the config requires")

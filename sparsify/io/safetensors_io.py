@@ -150,7 +150,7 @@ class SafetensorsFile:
             row = nbytes // shape[0] if shape[0] else 0
             shape, begin, nbytes = (stop - start, *shape[1:]), begin + start * row, (stop - start) * row
         out = torch.empty(shape, dtype=info.dtype)
-        view = memoryview(out.view(torch.uint8).reshape(-1).numpy()) if nbytes else memoryview(b"")
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
         try:
             with open(self.path, "rb", buffering=0) as fh:
                 got = 0
@@ -230,7 +230,7 @@ def _header(tensors: list[OutputTensor], metadata: dict[str, str] | None = None)
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
     t = t.contiguous().cpu()  # a model training on a GPU is saved from its device tensors
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
 def write_file(

@@ -38,14 +38,15 @@ def params_on_meta() -> Iterator[None]:
 
 
 def model_class(config):
-    """The transformers class named by `config.architectures` (AutoModel when none is)."""
+    """The transformers class named by `config.architectures`; when none is, the base model
+    class of the config's type (what `AutoModel.from_config` builds)."""
     import transformers
 
     for arch in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, arch, None)
         if cls is not None:
             return cls
-    return transformers.AutoModel
+    return transformers.AutoModel._model_mapping.get(type(config), transformers.AutoModel)
 
 
 def build_skeleton(config, cls=None) -> nn.Module:

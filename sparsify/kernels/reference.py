@@ -105,6 +105,6 @@ def moe_ffn(x: torch.Tensor, token_idx: torch.Tensor, expert_idx: torch.Tensor, 
     tok_sorted = token_idx[order]
     y = grouped_ffn(
         x[tok_sorted], counts, experts.w1, experts.w2, experts.w3, experts.b1, experts.b2, experts.b3,
-        activation=experts.activation, dropout=experts.dropout, training=experts.training,
+        activation=experts.activation_fn, dropout=experts.dropout, training=experts.training,
     )
     return combine(y, tok_sorted, weight[order], x.shape[0])

@@ -1,5 +1,6 @@
 """`Experts`: the routed experts' FFN weights stacked [E, out, in] so one kernel serves them all;
-`SharedExpert`: the always-on expert beside them."""
+`SharedExpert`: the always-on expert beside them. A parametrised activation (xIELU) keeps the
+dense FFN's parameters in `act_params`, one set per layer, shared by its experts."""
 
 from __future__ import annotations
 
@@ -9,7 +10,21 @@ import torch.nn.functional as F
 
 from ..activations import get_activation
 
-__all__ = ["Experts", "SharedExpert"]
+__all__ = ["Experts", "SharedExpert", "activation_parameters"]
+
+
+def activation_parameters(specs: dict[str, tuple[tuple[int, ...], torch.dtype, bool]] | None,
+                          device: torch.device | str | None) -> nn.ParameterDict | None:
+    """Empty activation parameters: name -> (shape, dtype, trainable)."""
+    if not specs:
+        return None
+    return nn.ParameterDict({name: nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=grad)
+                             for name, (shape, dtype, grad) in specs.items()})
+
+
+def _activation_fn(module: nn.Module):
+    params = module.act_params
+    return get_activation(module.activation, None if params is None else dict(params.items()))
 
 
 class Experts(nn.Module):
@@ -30,6 +45,7 @@ class Experts(nn.Module):
         dropout: float = 0.0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        act_params: dict[str, tuple[tuple[int, ...], torch.dtype, bool]] | None = None,
     ) -> None:
         super().__init__()
         if form not in ("dense", "gated"):
@@ -44,6 +60,12 @@ class Experts(nn.Module):
         self.b1 = nn.Parameter(torch.empty(e, i, **kw)) if bias[0] else None
         self.b2 = nn.Parameter(torch.empty(e, h, **kw)) if bias[1] else None
         self.b3 = nn.Parameter(torch.empty(e, i, **kw)) if bias[2] and form == "gated" else None
+        self.act_params = activation_parameters(act_params, device)
+
+    @property
+    def activation_fn(self):
+        """The activation as a callable (its parameters bound), or its name when it has none."""
+        return self.activation if self.act_params is None else _activation_fn(self)
 
     def extra_repr(self) -> str:
         return (
@@ -66,6 +88,7 @@ class SharedExpert(nn.Module):
         dropout: float = 0.0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        act_params: dict[str, tuple[tuple[int, ...], torch.dtype, bool]] | None = None,
     ) -> None:
         super().__init__()
         h, i = hidden_size, intermediate_size
@@ -78,9 +101,10 @@ class SharedExpert(nn.Module):
         self.b1 = nn.Parameter(torch.empty(i, **kw)) if bias[0] else None
         self.b2 = nn.Parameter(torch.empty(h, **kw)) if bias[1] else None
         self.b3 = nn.Parameter(torch.empty(i, **kw)) if bias[2] and form == "gated" else None
+        self.act_params = activation_parameters(act_params, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = get_activation(self.activation)(F.linear(x, self.w1, self.b1))
+        h = _activation_fn(self)(F.linear(x, self.w1, self.b1))
         if self.w3 is not None:
             h = h * F.linear(x, self.w3, self.b3)
         if self.dropout > 0.0 and self.training:

@@ -20,16 +20,19 @@ class SparseMoE(nn.Module):
     `backend` names the kernel backend (see `sparsify.kernels`). `out_dropout` is the dropout
     the replaced module applied to its output (GPT-2's MLP), kept for training fidelity.
     `shared`, when given, is an always-on expert whose output is added for every token.
+    `feature_axis` is the axis of the hidden size in the input (-1; -2 for channels-first
+    [B, C, L] input, as a 1x1 convolution FFN reads): tokens are the positions along the others.
     """
 
     def __init__(self, router: Router, experts: Experts, out_dropout: float = 0.0, backend: str = "reference",
-                 shared: SharedExpert | None = None):
+                 shared: SharedExpert | None = None, feature_axis: int = -1):
         super().__init__()
         self.router = router
         self.experts = experts
         self.shared = shared
         self.out_dropout = out_dropout
         self.backend = backend
+        self.feature_axis = feature_axis
 
     @property
     def config(self) -> MoEConfig:
@@ -37,6 +40,12 @@ class SparseMoE(nn.Module):
         return self.router.config
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.feature_axis != -1:
+            moved = self._forward(hidden_states.movedim(self.feature_axis, -1))
+            return moved.movedim(-1, self.feature_axis)
+        return self._forward(hidden_states)
+
+    def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         r = self.router(x)

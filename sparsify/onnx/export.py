@@ -92,6 +92,8 @@ def capture_onnx(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None, o
         raise
     except Exception as err:  # torch.export and torch.onnx raise many types; all mean "could not capture"
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        if dynamic_shapes and "specialized it to be a constant" in str(err):  # Funnel's pooling, for one
+            first = "its forward fixes the batch or sequence length; export a static graph (--static, dynamic=False)"
         raise CaptureError(f"could not export {type(inner).__name__} to ONNX: {first}") from err
     finally:
         _set_attention(inner, attention)
@@ -146,7 +148,7 @@ def capture_graphs(model: nn.Module, opset: int = DEFAULT_OPSET, dynamic: bool =
     try:
         for role, wrapper, kwargs, shapes in model_graphs(model, batch, seq, dynamic):
             onnx_model = capture_onnx(wrapper, kwargs, shapes if dynamic else None, opset)
-            outputs = [{"encoder": "last_hidden_state", "decoder": "logits"}.get(role) or wrapper.output_name()]
+            outputs = [{"encoder": "last_hidden_state", "decoder": "logits"}.get(role) or wrapper.output_name(kwargs)]
             name_io(onnx_model, outputs)
             graphs.append(CapturedGraph(role, onnx_model, outputs))
     finally:

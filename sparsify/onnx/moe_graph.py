@@ -68,6 +68,7 @@ class MoEWeights:
     b1: Any = None
     b2: Any = None
     b3: Any = None
+    act_params: list[Any] | None = None  # a parametrised activation's, in `PARAMETRISED` order
 
 
 def emit_moe(op: Any, x: Any, spec: MoEGraphSpec, w: MoEWeights) -> Any:
@@ -84,7 +85,7 @@ def _emit_experts(op: Any, x2: Any, spec: MoEGraphSpec, w: MoEWeights) -> Any:
     h = op.MatMul(x2, w.w1)  # [T, H] @ [E, H, I] broadcasts to [E, T, I]
     if w.b1 is not None:
         h = op.Add(h, w.b1)
-    a = emit_activation(op, spec.activation, h, spec.dtype)
+    a = emit_activation(op, spec.activation, h, spec.dtype, w.act_params)
     if spec.form == "gated":
         up = op.MatMul(x2, w.w3)
         if w.b3 is not None:
@@ -173,10 +174,36 @@ ONNX_ACTIVATIONS = {
 }
 
 
-def emit_activation(op: Any, name: str, h: Any, dtype: ir.DataType) -> Any:
-    """`name` (one of `sparsify.activations.ACTIVATIONS`) applied to `h`, in standard ops."""
+def _xielu(op: Any, h: Any, c: Any, alpha_p: Any, alpha_n: Any, beta: Any, eps: Any, dtype: ir.DataType) -> Any:
+    """xIELU as `sparsify.activations` computes it: softplus of the raw parameters in their own
+    dtype (rounded to it, as torch does for bfloat16 parameters), then everything in `dtype`."""
+
+    def softplus(p: Any) -> Any:
+        return op.CastLike(op.Softplus(op.Cast(p, to=ir.DataType.FLOAT)), p)
+
+    to = lambda v: op.Cast(v, to=dtype)  # noqa: E731
+    ap = to(softplus(alpha_p))
+    an = op.Add(to(beta), to(softplus(alpha_n)))
+    b = to(beta)
+    positive = op.Add(op.Mul(op.Mul(ap, h), h), op.Mul(b, h))
+    negative = op.Add(op.Mul(op.Sub(op.Sub(op.Exp(op.Min(h, to(eps))), c(1.0)), h), an), op.Mul(b, h))
+    return op.Where(op.Greater(h, c(0.0)), positive, negative)
+
+
+# Parametrised activations: (op, h, c, *parameters, dtype)
+ONNX_PARAMETRISED = {"xielu": _xielu}
+
+
+def emit_activation(op: Any, name: str, h: Any, dtype: ir.DataType, params: list[Any] | None = None) -> Any:
+    """`name` (one of `sparsify.activations.ACTIVATIONS`, or of `PARAMETRISED` with its
+    parameter values `params`) applied to `h`, in standard ops."""
+    c = lambda v: const(op, v, dtype.numpy())  # noqa: E731
+    if name in ONNX_PARAMETRISED:
+        if not params:
+            raise ValueError(f"activation {name!r} needs its parameters")
+        return ONNX_PARAMETRISED[name](op, h, c, *params, dtype)
     try:
         fn = ONNX_ACTIVATIONS[name]
     except KeyError:
         raise ValueError(f"no ONNX form for activation {name!r}") from None
-    return fn(op, h, lambda v: const(op, v, dtype.numpy()))
+    return fn(op, h, c)

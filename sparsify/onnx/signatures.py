@@ -41,12 +41,15 @@ class ModelGraph(nn.Module):
         return model(input_ids=input_ids, attention_mask=attention_mask, **extra)
 
     @torch.no_grad()
-    def output_name(self) -> str:
-        """"logits" or "last_hidden_state": what the model returns first (one 2-token forward;
-        torch.export does not let the traced forward record it)."""
+    def output_name(self, inputs: dict[str, torch.Tensor] | None = None) -> str:
+        """"logits" or "last_hidden_state": what the model returns first (one forward of
+        `inputs`, else of 2 tokens; torch.export does not let the traced forward record it).
+        The export passes its example inputs: some models (Funnel) run only at their shapes."""
         model = getattr(self, WRAPPER)
-        ids = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device)
-        out = self._run(ids, torch.ones_like(ids))
+        if inputs is None:
+            ids = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device)
+            inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+        out = self._run(inputs["input_ids"], inputs["attention_mask"])
         return "logits" if getattr(out, "logits", None) is not None else "last_hidden_state"
 
 

@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn as nn
 
-from ..activations import identify_activation
+from ..activations import PARAMETRISED, identify_activation
 from ..errors import OptionError
 from ..moe import Experts, MoEConfig, Router, SparseMoE
 
@@ -41,15 +41,21 @@ def moe_ffn_op(
     capacity_factor: Optional[float],
     activation: str,
     router_dtype: str,
+    act_params: list[torch.Tensor],
 ) -> torch.Tensor:
-    """An MoE layer as one op (weights [E, out, in] as in `Experts`); eager runs `SparseMoE`."""
+    """An MoE layer as one op (weights [E, out, in] as in `Experts`; a parametrised
+    activation's parameters in `PARAMETRISED` order); eager runs `SparseMoE`."""
     e, i, h = w1.shape
     config = MoEConfig(num_experts=e, top_k=top_k, router=router_kind, normalize=normalize,
                        capacity_factor=capacity_factor, router_dtype=router_dtype)
     form = "dense" if w3 is None else "gated"
-    experts = Experts(e, h, i, form=form, activation=activation, device="meta")
+    names = PARAMETRISED[activation][1] if act_params else ()
+    specs = {n: (tuple(t.shape), t.dtype, False) for n, t in zip(names, act_params or ())}
+    experts = Experts(e, h, i, form=form, activation=activation, device="meta", act_params=specs)
     for name, t in dict(w1=w1, w2=w2, w3=w3, b1=b1, b2=b2, b3=b3).items():
         setattr(experts, name, None if t is None else nn.Parameter(t, requires_grad=False))
+    for n, t in zip(names, act_params or ()):
+        experts.act_params[n] = nn.Parameter(t, requires_grad=False)
     gate = Router(h, config)
     gate.weight = nn.Parameter(router, requires_grad=False)
     return SparseMoE(gate, experts).eval()(x).clone()
@@ -61,7 +67,7 @@ def _(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def _translate(x, router, w1, w2, w3, b1, b2, b3, top_k, router_kind, normalize, capacity_factor,
-               activation, router_dtype):
+               activation, router_dtype, act_params=None):
     """`sparsify::moe_ffn` in ONNX: the standard-ops MoE, weights moved to MatMul layout (the
     transposes are constant-folded into the initializers)."""
     from onnxscript import opset18 as op
@@ -80,7 +86,8 @@ def _translate(x, router, w1, w2, w3, b1, b2, b3, top_k, router_kind, normalize,
     def u(v):
         return None if v is None else op.Unsqueeze(v, const(op, [1], "int64"))
 
-    weights = MoEWeights(op.Transpose(router, perm=[1, 0]), t(w1), t(w2), t(w3), u(b1), u(b2), u(b3))
+    weights = MoEWeights(op.Transpose(router, perm=[1, 0]), t(w1), t(w2), t(w3), u(b1), u(b2), u(b3),
+                         act_params=list(act_params) if act_params else None)
     return emit_moe(op, x, spec, weights)
 
 
@@ -91,16 +98,20 @@ class ExportMoE(nn.Module):
     """Stands in for an MoE layer during export: the same parameters under the same names,
     computed by the custom op. Build it with `from_sparse_moe` or `from_mixtral`."""
 
-    def __init__(self, config: MoEConfig, activation: str, tensors) -> None:
+    def __init__(self, config: MoEConfig, activation: str, tensors, feature_axis: int = -1) -> None:
         super().__init__()
         self.config, self.activation, self._tensors = config, activation, tensors
+        self.feature_axis = feature_axis
 
     @classmethod
     def from_sparse_moe(cls, moe: SparseMoE) -> "ExportMoE":
         """The stand-in of a sparsify `SparseMoE` (its shared expert, if any, stays a module of
         plain ops beside the custom op)."""
         e = moe.experts
-        self = cls(moe.config, e.activation, lambda: (moe.router.weight, e.w1, e.w2, e.w3, e.b1, e.b2, e.b3))
+        self = cls(moe.config, e.activation, lambda: (moe.router.weight, e.w1, e.w2, e.w3, e.b1, e.b2, e.b3),
+                   moe.feature_axis)
+        if e.act_params is not None:
+            self._act_params = lambda: [e.act_params[n] for n in PARAMETRISED[e.activation][1]]
         self.router, self.experts = moe.router, moe.experts  # keep parameter names
         if moe.shared is not None:  # the always-on shared expert, added with weight 1 as SparseMoE does
             self.shared = moe.shared
@@ -131,8 +142,13 @@ class ExportMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         c = self.config
+        if self.feature_axis != -1:  # channels-first input (a 1x1 convolution FFN's)
+            hidden_states = hidden_states.movedim(self.feature_axis, -1)
+        act = getattr(self, "_act_params", None)
         out = moe_ffn_op(hidden_states, *self._tensors(), c.top_k, c.router, c.normalize,
-                         c.capacity_factor, self.activation, c.router_dtype)
+                         c.capacity_factor, self.activation, c.router_dtype, act() if act else [])
+        if self.feature_axis != -1:
+            out = out.movedim(-1, self.feature_axis)
         shared = getattr(self, "shared_expert", None)
         if shared is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(hidden_states)) * shared(hidden_states)

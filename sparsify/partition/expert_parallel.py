@@ -51,9 +51,11 @@ def resolve_group(group: Any = None) -> dist.ProcessGroup:
 def local_experts_like(experts: Experts, count: int, device: torch.device | str | None = None) -> Experts:
     """An empty `Experts` with `experts`' shapes and options but `count` experts."""
     bias = tuple(getattr(experts, f"b{i}") is not None for i in (1, 2, 3))
-    return Experts(count, experts.hidden_size, experts.intermediate_size, form=experts.form,
-                   activation=experts.activation, bias=bias, dropout=experts.dropout,
-                   dtype=experts.w1.dtype, device=device if device is not None else experts.w1.device)
+    local = Experts(count, experts.hidden_size, experts.intermediate_size, form=experts.form,
+                    activation=experts.activation, bias=bias, dropout=experts.dropout,
+                    dtype=experts.w1.dtype, device=device if device is not None else experts.w1.device)
+    local.act_params = experts.act_params  # a parametrised activation's parameters: one set per layer
+    return local
 
 
 class ExpertParallelMoE(SparseMoE):
@@ -70,8 +72,10 @@ class ExpertParallelMoE(SparseMoE):
         out_dropout: float = 0.0,
         backend: str = "reference",
         shared: nn.Module | None = None,
+        feature_axis: int = -1,
     ):
-        super().__init__(router, experts, out_dropout=out_dropout, backend=backend, shared=shared)
+        super().__init__(router, experts, out_dropout=out_dropout, backend=backend, shared=shared,
+                         feature_axis=feature_axis)
         self.group = group
         self.rank = dist.get_rank(group)
         self.global_ids = list(global_ids)
@@ -86,7 +90,7 @@ class ExpertParallelMoE(SparseMoE):
         # A token can meet at most top_k of a rank's experts (expert choice: all of them).
         self.slots = most if self.config.router == "expert-choice" else min(self.config.top_k, most)
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # SparseMoE.forward moves the feature axis
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         r = self.router(x)
@@ -110,8 +114,10 @@ def expert_parallel_layer(moe: SparseMoE, ranks: Sequence[int], group: dist.Proc
     local = local_experts_like(moe.experts, len(ids))
     if copy_weights:
         for name, param in local.named_parameters():
-            param.copy_(getattr(moe.experts, name)[ids])
-    ep = ExpertParallelMoE(moe.router, local, ids, ranks, group, moe.out_dropout, moe.backend, shared=moe.shared)
+            if not name.startswith("act_params."):
+                param.copy_(getattr(moe.experts, name)[ids])
+    ep = ExpertParallelMoE(moe.router, local, ids, ranks, group, moe.out_dropout, moe.backend, shared=moe.shared,
+                           feature_axis=moe.feature_axis)
     return ep.train(moe.training)
 
 

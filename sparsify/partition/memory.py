@@ -38,9 +38,10 @@ def parse_memory(text: str | int) -> int:
 
 
 def is_expert_tensor(name: str, layers: Sequence[str]) -> str | None:
-    """The MoE layer whose experts tensor `name` belongs to, else None."""
+    """The MoE layer whose experts tensor `name` belongs to, else None (a parametrised
+    activation's parameters, `experts.act_params.*`, are one per layer: replicated)."""
     for layer in layers:
-        if name.startswith(f"{layer}.experts."):
+        if name.startswith(f"{layer}.experts.") and not name.startswith(f"{layer}.experts.act_params."):
             return layer
     return None
 

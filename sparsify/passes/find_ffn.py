@@ -1,12 +1,12 @@
 """`find-ffn`: every FFN in the model, as `FFNSite` records, from the captured ATen graph.
 
-A match (see `sparsify.ffn_match`) becomes a site only when a module owns exactly its nodes, so
-that swapping that module for an MoE of its copies changes nothing else. Two shapes qualify:
-
-- one module whose ops are exactly the FFN (T5's DenseReluDense, GPT-2's and Llama's MLP);
-- a split FFN: one module computing exactly the first projection and activation, whose result
-  goes straight into a leaf module doing the output projection (BERT's `intermediate` and
-  `output.dense`). The first module becomes the MoE; the output projection becomes an identity.
+A match (see `sparsify.ffn_match`) becomes a site only when modules own exactly its nodes, so
+that swapping them for an MoE of its copies changes nothing else: one module (T5's
+DenseReluDense, Llama's MLP), or a chain of modules called by one layer (BERT's intermediate
+and output.dense, BART's fc1/activation_fn/fc2); see `sparsify.passes.ffn_owner`. Pieces of a
+chain that the layer's own forward computes (a dropout rate, an activation function) are taken
+over by the MoE through the attributes they come from (`sparsify.passes.probe_attributes`).
+An FFN whose weights run more than once (shared across layers) is one site, one MoE.
 
 Anything else is reported as rejected, with the reason.
 """
@@ -16,13 +16,15 @@ from __future__ import annotations
 import torch.nn as nn
 from torch.fx import Node
 
-from ..errors import NoFFNFoundError
-from ..ffn_match import TRANSPARENT, FFNMatch, match_ffns
-from ..plan import FFNSite, Rejected
-from .infra import Pass, PassContext
 from ..capture import capture
+from ..errors import NoFFNFoundError
+from ..ffn_match import FFNMatch, match_ffns
+from ..plan import FFNSite, Rejected
+from .ffn_owner import ModuleIndex, Owner, common_module, find_owner, within
+from .infra import Pass, PassContext
+from .probe_attributes import Need, resolve_overrides
 
-__all__ = ["FindFFN", "find_ffn", "causal_scopes"]
+__all__ = ["FindFFN", "find_ffn", "causal_scopes", "fast_path_overrides"]
 
 
 def _module_of(node: Node) -> str:
@@ -31,78 +33,6 @@ def _module_of(node: Node) -> str:
         return ""
     path = list(stack.values())[-1][0]
     return path.split("@")[0]
-
-
-def _common_module(paths: list[str]) -> str:
-    parts = [p.split(".") if p else [] for p in paths]
-    common: list[str] = []
-    for level in zip(*parts):
-        if all(x == level[0] for x in level):
-            common.append(level[0])
-        else:
-            break
-    return ".".join(common)
-
-
-def _within(path: str, scope: str) -> bool:
-    return scope == "" or path == scope or path.startswith(scope + ".")
-
-
-def _scope_nodes(nodes_by_module: dict[Node, str], scope: str) -> set[Node]:
-    return {n for n, p in nodes_by_module.items() if _within(p, scope)}
-
-
-def _describe(nodes: set[Node], by_module: dict[Node, str]) -> str:
-    n = sorted(nodes, key=lambda n: n.name)[0]
-    return f"{n.target} in {by_module[n] or '<root>'}"
-
-
-def _is_dropout(n: Node) -> bool:
-    return "dropout" in str(n.target)
-
-
-def _owner(m: FFNMatch, by_module: dict[Node, str]) -> tuple[str, str | None, float] | str:
-    """(module, exit module or None, out_dropout) owning exactly the match, or the reason why none does."""
-    core = [m.w1.output, m.w2.output, *m.front]
-    scope = _common_module([by_module[n] for n in core])
-    pattern = set(m.nodes)
-    # trailing transparent ops inside the scope (GPT-2's output dropout) belong to the FFN
-    out, out_dropout = m.output, 0.0
-    while len(out.users) == 1:
-        nxt = next(iter(out.users))
-        if nxt.op == "call_function" and nxt.target in TRANSPARENT and _within(by_module[nxt], scope):
-            if _is_dropout(nxt):
-                out_dropout = float(nxt.args[1])
-            pattern.add(nxt)
-            out = nxt
-        else:
-            break
-    inside = _scope_nodes(by_module, scope)
-    if scope and inside == pattern:
-        return scope, None, out_dropout
-    # split form: the first half owned by one module, the output projection by a leaf module
-    front = set(m.front)
-    head = _common_module([by_module[n] for n in m.front])
-    tail = _common_module([by_module[n] for n in m.w2.nodes])
-    if (
-        head
-        and tail
-        and not _within(tail, head)
-        and not _within(head, tail)
-        and _scope_nodes(by_module, head) == front
-        and _scope_nodes(by_module, tail) == set(m.w2.nodes)
-        and all(by_module[n] not in (head, tail) for n in m.between)
-    ):
-        return head, tail, 0.0
-    if not scope:
-        return "the FFN's ops are not inside any one submodule (it is the whole model or spread across its top level)"
-    extra = inside - pattern
-    if extra:
-        return (
-            f"module '{scope}' also computes ops outside the FFN ({_describe(extra, by_module)}); "
-            "put the FFN in a submodule of its own"
-        )
-    return f"module '{scope}' does not contain the whole FFN"
 
 
 def _stack_and_layer(path: str) -> tuple[str, int | None]:
@@ -135,58 +65,133 @@ def causal_scopes(model: nn.Module) -> list[str]:
     return []
 
 
+# torch's own layers run a fused C++ fast path in inference that reads `linear1.weight` and
+# friends directly; once the FFN is an MoE those weights are gone, so the rewrite turns the fast
+# path off (these flags are what torch itself checks before taking it).
+_FAST_PATHS = {nn.TransformerEncoderLayer: {"activation_relu_or_gelu": 0}, nn.TransformerEncoder: {"use_nested_tensor": False}}
+
+
+def fast_path_overrides(model: nn.Module, path: str) -> dict[str, object]:
+    """Overrides that keep the modules above `path` off fast paths that read its weights."""
+    out: dict[str, object] = {}
+    parts = path.split(".")
+    for i in range(len(parts)):
+        prefix = ".".join(parts[:i])
+        module = model.get_submodule(prefix)
+        for cls, flags in _FAST_PATHS.items():
+            if isinstance(module, cls):
+                out.update({f"{prefix}.{k}" if prefix else k: v for k, v in flags.items()})
+    return out
+
+
+def _site(m: FFNMatch, owner: Owner, causal: list[str]) -> FFNSite:
+    roles = m.projections
+    weights = {r: p.weight for r, p in roles.items()}
+    weights.update({"b" + r[1]: p.bias for r, p in roles.items() if p.bias})
+    fused = {r: list(p.part) for r, p in roles.items() if p.part is not None}
+    fused.update({"b" + r[1]: part for r, part in list(fused.items()) if "b" + r[1] in weights})
+    stack, _ = _stack_and_layer(owner.path)
+    return FFNSite(
+        path=owner.path,
+        form=m.form,
+        activation=m.activation or "",
+        hidden_size=m.w1.in_features,
+        intermediate_size=m.w1.out_features,
+        weights=weights,
+        layout=m.w1.layout,
+        exit_path=owner.exit_path,
+        stack=stack,
+        dropout=m.dropout,
+        out_dropout=owner.out_dropout,
+        causal=any(within(owner.path, c) for c in causal),
+        identities=list(owner.identities),
+        fused=fused,
+        groups={r: p.groups for r, p in roles.items() if p.groups != 1},
+        feature_axis=m.w1.feature_axis,
+        activation_params=dict(m.activation_params),
+    )
+
+
+def _layer_call(node: Node, layer_path: str) -> str:
+    """Which call of module `layer_path` computed `node` (torch.export keys the k-th call of a
+    module `name@k`); "" when that module is not in its stack."""
+    for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
+        if path.split("@")[0] == layer_path:
+            return key
+    return ""
+
+
+def _number(sites: list[tuple[FFNSite, list[FFNMatch]]], order: dict[Node, int]) -> None:
+    """Each site's index within its stack, in layer order (graph order breaks ties). A shared
+    FFN has one index per call of its layer (ALBERT runs one layer module at every depth; a
+    module without a layer number, per call of itself); calls within one call of the layer
+    (Pegasus-X's local and global tokens) share an index."""
+    by_stack: dict[str, list[tuple[int, int, FFNSite]]] = {}
+    for site, calls in sites:
+        layer = _stack_and_layer(site.path)[1]
+        layer_path = ".".join(filter(None, [site.stack, str(layer)])) if layer is not None else site.path
+        first: dict[str, int] = {}
+        for call in calls:
+            key = _layer_call(call.nodes[0], layer_path)
+            first[key] = min(first.get(key, len(order)), order[call.nodes[0]])
+        for position in first.values():
+            by_stack.setdefault(site.stack, []).append((layer or 0, position, site))
+    for entries in by_stack.values():
+        entries.sort(key=lambda e: e[:2])
+        seen: set[int] = set()
+        for j, (_, _, site) in enumerate(entries):
+            if id(site) in seen:
+                site.calls.append(j)
+            else:
+                seen.add(id(site))
+                site.index = j
+
+
 def find_ffn(ctx: PassContext) -> tuple[list[FFNSite], list[Rejected]]:
     """Sites and rejected candidates of the captured model in `ctx` (captures it if needed)."""
     if ctx.captured is None:
         ctx.captured = capture(ctx.model, ctx.example_inputs, ctx.example_kwargs)
     graph = ctx.captured.graph
     by_module = {n: _module_of(n) for n in graph.nodes if n.op == "call_function"}
+    index = ModuleIndex(by_module, ctx.model)
     causal = causal_scopes(ctx.model)
-    sites: list[FFNSite] = []
     rejected: list[Rejected] = []
-    seen: set[str] = set()
+    groups: dict[tuple[str, ...], list[FFNMatch]] = {}
     for m in match_ffns(ctx.captured):
-        where = _common_module([by_module[n] for n in m.nodes])
         if m.problem:
-            rejected.append(Rejected(where, m.problem))
-            continue
-        owner = _owner(m, by_module)
+            rejected.append(Rejected(common_module([by_module[n] for n in m.nodes]), m.problem))
+        else:
+            groups.setdefault(m.key, []).append(m)
+    found: list[tuple[FFNSite, list[FFNMatch], Owner]] = []
+    seen: set[str] = set()
+    for calls in groups.values():
+        m = calls[0]
+        owners = [find_owner(call, calls, index) for call in calls]
+        owner = owners[0]
         if isinstance(owner, str):
-            rejected.append(Rejected(where, owner))
+            rejected.append(Rejected(common_module([by_module[n] for n in m.nodes]), owner))
             continue
-        path, exit_path, out_dropout = owner
-        if path in seen:  # a module called more than once (shared weights): one site
+        if any(not isinstance(o, Owner) or (o.path, o.exit_path, o.identities) != (owner.path, owner.exit_path,
+                                                                                   owner.identities) for o in owners):
+            rejected.append(Rejected(owner.path, "the FFN's weights are used by differently built calls"))
             continue
-        seen.add(path)
-        roles = {"w1": m.w1, "w2": m.w2, **({"w3": m.w3} if m.w3 else {})}
-        weights = {r: p.weight for r, p in roles.items()}
-        weights.update({"b" + r[1]: p.bias for r, p in roles.items() if p.bias})
-        stack, _ = _stack_and_layer(path)
-        sites.append(
-            FFNSite(
-                path=path,
-                form=m.form,
-                activation=m.activation or "",
-                hidden_size=m.w1.in_features,
-                intermediate_size=m.w1.out_features,
-                weights=weights,
-                layout=m.w1.layout,
-                exit_path=exit_path,
-                stack=stack,
-                dropout=m.dropout,
-                out_dropout=out_dropout,
-                causal=any(_within(path, c) for c in causal),
-            )
-        )
-    # index within each stack, in layer order (graph order breaks ties)
-    by_stack: dict[str, list[FFNSite]] = {}
-    for s in sites:
-        by_stack.setdefault(s.stack, []).append(s)
-    for group in by_stack.values():
-        group.sort(key=lambda s: (_stack_and_layer(s.path)[1] or 0))
-        for j, s in enumerate(group):
-            s.index = j
-    return sites, rejected
+        if owner.path in seen:
+            continue
+        seen.add(owner.path)
+        found.append((_site(m, owner, causal), calls, owner))
+    needs = [Need(site.path, piece, site.weights["w1"], site.weights["w2"], site.activation)
+             for site, _, owner in found for piece in owner.plain]
+    overrides = resolve_overrides(ctx.model, ctx.captured, needs) if needs else {}
+    sites: list[tuple[FFNSite, list[FFNMatch]]] = []
+    for site, calls, _ in found:
+        got = overrides.get(site.path, {})
+        if isinstance(got, str):
+            rejected.append(Rejected(site.path, got))
+            continue
+        site.overrides = {**got, **fast_path_overrides(ctx.model, site.path)}
+        sites.append((site, calls))
+    _number(sites, {n: i for i, n in enumerate(graph.nodes)})
+    return [s for s, _ in sites], rejected
 
 
 class FindFFN(Pass):

@@ -59,7 +59,7 @@ class Block(nn.Module):
 
 
 class InlineBlock(nn.Module):
-    """FFN written inline next to other ops: no module owns exactly it."""
+    """FFN written inline, its activation plain code in the block's forward."""
 
     def __init__(self, d):
         super().__init__()
@@ -79,9 +79,9 @@ def test_user_module_blocks_are_found():
                                       "b1": "0.mlp.up.bias", "b2": "0.mlp.down.bias"}
 
 
-def test_inline_ffn_is_rejected_with_reason():
+def test_inline_ffn_with_plain_code_activation_is_rejected_with_reason():
     net = nn.Sequential(InlineBlock(8), InlineBlock(8))
-    with pytest.raises(NoFFNFoundError, match="also computes ops outside the FFN"):
+    with pytest.raises(NoFFNFoundError, match=r"activation \(relu\) between the projections is plain code in the forward of '0'"):
         PassManager([passes.FindFFN()]).run(net, example_inputs=(torch.randn(2, 8),))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...activations import PARAMETRISED
 from ..reference import permute
 from .grouped_ffn import gathered_ffn_inference, grouped_ffn
 from .pool import expert_parallel_available
@@ -32,6 +33,8 @@ def supports(device: torch.device, dtype: torch.dtype, activation: str) -> str |
         return f"the cpu backend runs on CPU tensors, not {device.type}"
     if not dtype.is_floating_point:
         return f"the cpu backend computes in floating point, not {dtype}"
+    if activation in PARAMETRISED:
+        return f"the cpu backend has no parametrised activations ({activation})"
     return None
 
 

@@ -62,8 +62,8 @@ def _scope(node: ir.Node) -> list[str]:
 
 def _site_name(nodes: list[ir.Node], weights: list[str], position: int) -> str:
     """The innermost module owning every node, else the weights' common name prefix."""
-    scopes = [_scope(n) for n in nodes]
-    if all(scopes):
+    scopes = [s for s in (_scope(n) for n in nodes) if s]  # the exporter leaves some nodes (Split) unscoped
+    if scopes:
         common = [level[0] for level in zip(*scopes) if all(x == level[0] for x in level)]
         if common and common[-1]:
             return common[-1]
@@ -81,7 +81,7 @@ def _check_shapes(t: FFNTrace, down: Projection) -> tuple[int, int] | str:
     if t.up is not None and t.up.matrix().shape != (h, i):
         return f"the up projection has shape {list(t.up.matrix().shape)}, the gate {list(w1)}"
     for p, n in ((t.gate, i), (t.up, i), (down, h)):
-        if p is not None and p.bias is not None and tuple(ir.convenience.get_const_tensor(p.bias).shape) != (n,):
+        if p is not None and p.bias is not None and tuple(p.bias_array().shape) != (n,):
             return f"bias '{p.bias.name}' is not a vector of {n}"
     return h, i
 
@@ -122,9 +122,11 @@ def _make_site(name: str, t: FFNTrace, down: Projection, h: int, i: int) -> FFNS
     projections = {"w1": t.gate, "w2": down, **({"w3": t.up} if t.up is not None else {})}
     weights = {role: p.weight.name or "" for role, p in projections.items()}
     weights.update({"b" + role[1]: p.bias.name or "" for role, p in projections.items() if p.bias is not None})
+    fused = {role: list(p.part) for role, p in projections.items() if p.part is not None}
+    fused.update({"b" + role[1]: part for role, part in list(fused.items()) if "b" + role[1] in weights})
     stack, _ = _stack_and_layer(name)
     return FFNSite(path=name, form=t.form, activation=t.activation, hidden_size=h, intermediate_size=i,
-                   weights=weights, layout="conv1d", stack=stack)
+                   weights=weights, layout="conv1d", stack=stack, fused=fused)
 
 
 def _number(found: list[OnnxFFN]) -> None:

@@ -3,8 +3,10 @@
     dense:  a = act(x @ W1 [+ b1])
     gated:  a = act(x @ Wg [+ bg]) * (x @ Wu [+ bu])
 
-Walking back from `a` through elementwise ops until projections (`MatMul` by a constant, with
-an optional constant bias `Add`) recovers the projections and the activation subgraph however
+Walking back from `a` through elementwise ops until projections (`MatMul` by a constant or by
+the `Transpose` of one, `x @ W.T`, with an optional constant bias `Add`; in the gated form
+gate and up may be the two parts of one fused projection, cut by `Split` or `Slice`: halves,
+or every second column) recovers the projections and the activation subgraph however
 it is spelled (`Relu`, `Gelu`, Gelu written out with `Erf` or `Tanh`, `x * Sigmoid(x)`, ...).
 The activation is then named by evaluating that subgraph on probe values and comparing it with
 `sparsify.activations` (`identify_activation`): what it does, not how it is written.
@@ -45,19 +47,34 @@ def _std(node: ir.Node | None, *op_types: str) -> bool:
 @dataclass
 class Projection:
     """`output = input @ W + bias` by a constant W, as `MatMul` [+ `Add`] or as GPT-2's
-    `Reshape` -> `Gemm` -> `Reshape`. `matrix()` is W in [in, out] layout whatever the op."""
+    `Reshape` -> `Gemm` -> `Reshape`. `matrix()` is W in [in, out] layout whatever the op.
+    `part` (index, parts, "halves" | "interleaved") is set for one part of a fused
+    projection's output; `matrix()` and `bias_array()` are then that part's."""
 
     input: ir.Value
     weight: ir.Value
     bias: ir.Value | None
     output: ir.Value
     nodes: list[ir.Node]
-    transposed: bool = False  # Gemm with transB=1 stores W as [out, in]
+    transposed: bool = False  # Gemm with transB=1, or MatMul by Transpose(W): W is [out, in]
+    part: tuple[int, int, str] | None = None
+
+    def _cut(self, array: np.ndarray) -> np.ndarray:
+        if self.part is None:
+            return array
+        index, parts, kind = self.part
+        return array[..., index::parts] if kind == "interleaved" else np.split(array, parts, axis=-1)[index]
 
     def matrix(self) -> np.ndarray:
         """The weight as an array in [..., in, out] layout."""
         w = ir.convenience.get_const_tensor(self.weight).numpy()
-        return w.T if self.transposed else w
+        return self._cut(w.T if self.transposed else w)
+
+    def bias_array(self) -> np.ndarray | None:
+        """The bias as a vector (None without one)."""
+        if self.bias is None:
+            return None
+        return self._cut(ir.convenience.get_const_tensor(self.bias).numpy().reshape(-1))
 
 
 def _sole_user(value: ir.Value) -> ir.Node | None:
@@ -71,6 +88,9 @@ def projection_at(core: ir.Node, rank: int) -> Projection | None:
     if _std(core, "MatMul"):
         x, w = core.inputs
         nodes, transposed, bias = [core], False, None
+        t = w.producer() if w is not None else None
+        if rank == 2 and _std(t, "Transpose") and is_const(t.inputs[0]) and list(t.attributes.get_ints("perm", [1, 0])) == [1, 0]:
+            w, nodes, transposed = t.inputs[0], [t, core], True  # x @ W.T
     elif _std(core, "Gemm") and rank == 2:
         a = core.attributes
         if a.get_int("transA", 0) or a.get_float("alpha", 1.0) != 1.0 or a.get_float("beta", 1.0) != 1.0:
@@ -100,8 +120,70 @@ def projection_at(core: ir.Node, rank: int) -> Projection | None:
     return Projection(x, w, bias, out, nodes, transposed)
 
 
+def _ints(value: ir.Value | None) -> list[int] | None:
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    return None if tensor is None else [int(v) for v in tensor.numpy().reshape(-1)]
+
+
+def _last_axis(axis: int, value: ir.Value) -> bool:
+    rank = len(value.shape) if value.shape is not None else None
+    return axis == -1 or (rank is not None and axis == rank - 1)
+
+
+def _part_of(value: ir.Value) -> tuple[ir.Value, tuple[int, int, str], ir.Node] | None:
+    """(the cut value, part, the cutting node) when `value` is one of two equal parts of
+    another value's last axis: an output of a two-way `Split`, or a `Slice` of one half or of
+    every second column."""
+    node = value.producer()
+    if _std(node, "Split") and len(node.outputs) == 2:
+        whole = node.inputs[0]
+        sizes = _ints(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        equal = sizes is None or (len(sizes) == 2 and sizes[0] == sizes[1])
+        if equal and _last_axis(node.attributes.get_int("axis", 0), whole):
+            return whole, (list(node.outputs).index(value), 2, "halves"), node
+        return None
+    if _std(node, "Slice") and len(node.inputs) >= 3:
+        whole = node.inputs[0]
+        starts, ends = _ints(node.inputs[1]), _ints(node.inputs[2])
+        axes = _ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else [0]
+        steps = _ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1]
+        if None in (starts, ends, axes, steps) or len(starts) != 1 or not _last_axis(axes[0], whole):
+            return None
+        return whole, (starts[0], ends[0], steps[0]), node  # checked against the width by the caller
+    return None
+
+
+def _fused_part(value: ir.Value, rank: int) -> Projection | None:
+    """The part of a fused projection's output that `value` is, if it is one."""
+    if rank != 2:
+        return None
+    cut = _part_of(value)
+    if cut is None:
+        return None
+    whole, part, node = cut
+    proj = projection_of(whole, rank)
+    if proj is None or proj.part is not None:
+        return None
+    size = proj.matrix().shape[-1]
+    if size % 2:
+        return None
+    if part[2] != "halves":  # a slice: (start, end, step)
+        start, end, step = part
+        end = min(end, size)
+        if step == 1 and (start, end) in ((0, size // 2), (size // 2, size)):
+            part = (start // (size // 2), 2, "halves")
+        elif step == 2 and start in (0, 1) and end >= size - 1 + start:
+            part = (start, 2, "interleaved")
+        else:
+            return None
+    return Projection(proj.input, proj.weight, proj.bias, value, [*proj.nodes, node], proj.transposed, part)
+
+
 def projection_of(value: ir.Value, rank: int) -> Projection | None:
-    """The projection whose output is `value`, if it is one."""
+    """The projection whose output is `value`, if it is one (or one part of a fused one)."""
+    fused = _fused_part(value, rank)
+    if fused is not None:
+        return fused
     node = value.producer()
     core = node
     if _std(node, "Add"):
@@ -185,6 +267,10 @@ def trace_ffn(a: ir.Value, rank: int = 2) -> FFNTrace | str | None:
                     break
         else:
             return "two projections of one input are multiplied, but not as act(x @ Wg) * (x @ Wu)"
+        if (gate.part is None) != (up.part is None) or (
+                gate.part is not None and (gate.weight is not up.weight or gate.part[0] == up.part[0]
+                                           or gate.part[1:] != up.part[1:])):
+            return "gate and up are not the two parts of one fused projection"
     nodes = [n for p in (gate, up) if p is not None for n in p.nodes] + chain
     inside = set(nodes)
     for n in nodes:

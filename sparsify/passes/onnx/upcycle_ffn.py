@@ -55,7 +55,7 @@ class UpcycleFFNOnnx(ir.passes.InPlacePass):
 
         def stacked(role: str, dense: np.ndarray) -> np.ndarray:
             # each expert by the formula every executor uses, on the canonical [out, in] layout
-            canonical = torch.from_numpy(np.ascontiguousarray(dense.T if role.startswith("w") else dense)).float()
+            canonical = torch.from_numpy(np.array(dense.T if role.startswith("w") else dense, order="C")).float()
             copies = [expert_weight(site, layer, k, role, canonical, self.plan.seed).numpy() for k in range(e)]
             stack = np.stack([c.T if role.startswith("w") else c for c in copies])
             return stack.astype(dtype.numpy())
@@ -72,7 +72,7 @@ class UpcycleFFNOnnx(ir.passes.InPlacePass):
         for role, p in ffn.projections().items():
             initializer(f"experts.{role}", stacked(role, p.matrix()))
             if p.bias is not None:
-                b = ir.convenience.get_const_tensor(p.bias).numpy().reshape(-1)
+                b = p.bias_array()
                 bias = f"b{role[1]}"
                 initializer(f"experts.{bias}", stacked(bias, b)[:, None, :].copy())
         initializer("router.weight", router_init_weight(self.plan, site).numpy().T.copy())
