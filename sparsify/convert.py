@@ -24,6 +24,7 @@ from .formats.registry import choose_format, format_defaults
 from .formats.tensors import ModelTensors, SourceTensors, TensorSource
 from .io.atomic import check_output
 from .io.checkpoint import Checkpoint
+from .io.tensor_names import TensorNames
 from .io.skeleton import build_skeleton, model_class
 from .io.sources import Source, load_source, resolve_source, sha256_files
 from .recipe import LayerRecipe
@@ -120,7 +121,7 @@ def convert(
     report = progress or (lambda *a: None)
 
     report("load", 0, 1)
-    ckpt: Checkpoint | None = None
+    ckpt: TensorNames | None = None
     if isinstance(source, nn.Module):
         model, src = source, Source(type(source).__name__, "module")
     else:
@@ -135,9 +136,10 @@ def convert(
                 config = transformers.AutoConfig.from_pretrained(src.path, trust_remote_code=False, local_files_only=True)
             except Exception as err:
                 raise SourceError(f"cannot read the config of '{src.spec}': {str(err).splitlines()[0][:200]}") from None
-            ckpt = Checkpoint(src.path, src.spec)
             model = build_skeleton(config, model_class(config))
-            ckpt.check_shapes(model, src.spec)
+            # The dense model's names, before the passes rewrite it: the plan's weights are those.
+            ckpt = TensorNames(Checkpoint(src.path, src.spec), model)
+            ckpt.check(src.spec)
     hasher = _Hasher([] if dry_run else src.files)
     hasher.start()
     dense_params = _dense_param_count(model)

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..errors import SourceError
 from ..init import expert_weight, router_init_weight
-from ..io.checkpoint import Checkpoint
+from ..io.tensor_names import TensorNames
 from ..plan import FFNSite, UpcyclePlan
 from ..rewrite import canonical_weight
 
@@ -92,36 +92,27 @@ class ModelTensors(TensorSource):
 class SourceTensors(TensorSource):
     """Tensors produced from dense checkpoints and the plan, optionally cast to `dtype`.
 
-    `checkpoint` is the base; `sources` maps the plan's other expert sources to theirs. Each
-    expert tensor is made by `sparsify.init.expert_weight` from the one dense buffer last read,
-    so writing all of a role's experts reads the source weight once."""
+    `checkpoint` is the base, seen through the dense model's names (`TensorNames`: transformers'
+    renamings, conversions and tied weights); `sources` maps the plan's other expert sources to
+    theirs. Each expert tensor is made by `sparsify.init.expert_weight` from the one dense buffer
+    last read, so writing all of a role's experts reads the source weight once."""
 
-    def __init__(self, checkpoint: Checkpoint, plan: UpcyclePlan, model: nn.Module, dtype: torch.dtype | None = None,
-                 sources: dict[str, Checkpoint] | None = None):
+    def __init__(self, checkpoint: TensorNames, plan: UpcyclePlan, model: nn.Module, dtype: torch.dtype | None = None,
+                 sources: dict[str, TensorNames] | None = None):
         self.ckpt, self.plan, self.dtype = checkpoint, plan, dtype
         self.checkpoints = {"base": checkpoint, **(sources or {})}
-        self.aliases = alias_groups(model)
-        self.prefix = getattr(model, "base_model_prefix", "") or ""
         self._cached: tuple[tuple[str, str], torch.Tensor] | None = None
-
-    def _source_name(self, name: str, ckpt: Checkpoint | None = None) -> str:
-        ckpt = ckpt or self.ckpt
-        for candidate in self.aliases.get(name, [name]):
-            for n in (candidate, f"{self.prefix}.{candidate}", candidate.removeprefix(f"{self.prefix}.")):
-                if n in ckpt:
-                    return n
-        raise SourceError(f"checkpoint '{ckpt.path}' lacks tensor '{name}' that the config requires")
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
 
     def plain(self, name: str) -> torch.Tensor:
-        return self._cast(self.ckpt.read(self._source_name(name)))
+        return self._cast(self.ckpt.read(name))
 
     def plain_dtype(self, name: str) -> torch.dtype:
-        return _cast_dtype(self.ckpt.dtype(self._source_name(name)), self.dtype)
+        return _cast_dtype(self.ckpt.dtype(name), self.dtype)
 
-    def _checkpoint(self, source: str) -> Checkpoint:
+    def _checkpoint(self, source: str) -> TensorNames:
         try:
             return self.checkpoints[source]
         except KeyError:
@@ -130,7 +121,7 @@ class SourceTensors(TensorSource):
     def _dense(self, site: FFNSite, role: str, source: str) -> torch.Tensor:
         # One source buffer serves all E experts: keep the last one read.
         ckpt = self._checkpoint(source)
-        key = (source, self._source_name(site.weights[role], ckpt))
+        key = (source, site.weights[role])
         if self._cached is None or self._cached[0] != key:
             self._cached = None  # release the previous buffer before reading the next
             self._cached = (key, self._cast(canonical_weight(site, role, ckpt.read(key[1])).contiguous()))
@@ -142,7 +133,7 @@ class SourceTensors(TensorSource):
         return expert_weight(site, layer, e, role, self._dense(site, role, init.source), self.plan.seed)
 
     def expert_dtype(self, site: FFNSite, role: str) -> torch.dtype:
-        return _cast_dtype(self.ckpt.dtype(self._source_name(site.weights[role])), self.dtype)
+        return _cast_dtype(self.ckpt.dtype(site.weights[role]), self.dtype)
 
     def router(self, site: FFNSite) -> torch.Tensor:
         return router_init_weight(self.plan, site)
