@@ -36,21 +36,32 @@ MAX_PARAMS = 5_000_000  # families still larger than this when shrunk are left o
 
 
 def small_config(model_type: str):
-    """The family's default config with its common size fields shrunk (only downwards)."""
+    """The family's default config with its common size fields shrunk (only downwards), built
+    through the config class so that fields derived from them (per-layer lists) follow."""
     import transformers
 
-    config = transformers.CONFIG_MAPPING[model_type]()
-    for name, small in _SMALL.items():
-        if isinstance(getattr(type(config), name, None), property):
+    cls = transformers.CONFIG_MAPPING[model_type]
+    default = cls()
+    small = {}
+    for name, size in _SMALL.items():
+        if isinstance(getattr(cls, name, None), property):
             continue  # derived, not settable
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > small:
-            setattr(config, name, small)
+        value = getattr(default, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > size:
+            small[name] = size
     for name in _TOKEN_IDS:  # token ids must lie inside the shrunk vocabulary
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value >= _SMALL["vocab_size"]:
-            setattr(config, name, 1)
-    return config
+        value = getattr(default, name, None)
+        if isinstance(value, int) and value >= small.get("vocab_size", 1 << 62):
+            small[name] = 1
+    # per-layer lists sized for the default depth are dropped, for the config to derive them again
+    depth = getattr(default, "num_hidden_layers", None)
+    for name, value in default.to_dict().items():
+        if "num_hidden_layers" in small and isinstance(value, list) and len(value) == depth and name.endswith("types"):
+            small[name] = None
+    try:
+        return cls(**small)
+    except Exception:  # a family whose fields constrain each other: keep its default size
+        return default
 
 
 def saved_names(model: nn.Module) -> set[str]:

@@ -85,6 +85,8 @@ LEGACY = {
     "gpt2 tied LM head omitted": (lambda: _demo_as("gpt2", "GPT2LMHeadModel"), True, lambda d: None, lambda m: m),
     "gpt-neox saves its head as embed_out": (lambda: _small("gpt_neox", "GPTNeoXForCausalLM"), True,
                                              lambda d: None, lambda m: m),
+    "exaone saves Llama under transformer.h": (lambda: _small("exaone", "LlamaForCausalLM"), True,
+                                               lambda d: None, lambda m: m),
 }
 
 
@@ -141,9 +143,20 @@ def test_a_renamed_tensor_of_the_wrong_shape_is_named_by_its_stored_name(tmp_pat
 # load without remote code; SPARSIFY_FULL_SWEEP=1 reads every family of the table.
 _FULL = os.environ.get("SPARSIFY_FULL_SWEEP") == "1"
 _READ = sorted(k for k, v in FAMILIES.items() if _FULL or v["small"])
+# Families that do not read back yet, and why (strict: a fix shows up as a failure to update this).
+KNOWN = {
+    ("marian", "MarianMTModel"): "its sinusoidal position tables are parameters it never saves "
+                                 "(_keys_to_ignore_on_load_missing); transformers computes them in _init_weights, "
+                                 "which a meta skeleton does not run",
+}
 
 
-@pytest.mark.parametrize("model_type,cls_name", _READ, ids=[f"{t}/{c}" for t, c in _READ])
+def _family(key: tuple[str, str]):
+    marks = [pytest.mark.xfail(reason=KNOWN[key], strict=True, raises=SourceError)] if key in KNOWN else []
+    return pytest.param(*key, id="/".join(key), marks=marks)
+
+
+@pytest.mark.parametrize("model_type,cls_name", [_family(k) for k in _READ])
 def test_every_family_with_other_saved_names_reads_back_by_model_name(tmp_path, model_type, cls_name):
     dense = _small(model_type, cls_name)
     assert saved_names(dense) != set(dense.state_dict()), "the table is stale: run python -m tests.io.saved_names"
