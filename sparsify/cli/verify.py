@@ -27,9 +27,11 @@ def verify(
 ) -> None:
     """Check that two models give the same outputs on the same inputs.
 
-    Exits 0 within the tolerance, 1 outside it. Two .onnx files are run in ONNX Runtime (CPU);
-    anything else is loaded as a model. Given only an output directory (sparsify verify OUT):
-    checks every file against the size and sha256 its manifest records."""
+    Exits 0 within the tolerance, 1 outside it. An upcycled directory is compared one MoE layer
+    at a time, in the memory of the dense model and one layer, and each of its tensors with what
+    the plan makes of the dense model. Two .onnx files are run in ONNX Runtime (CPU). Given only
+    an output directory (sparsify verify OUT): checks every file against the size and sha256 its
+    manifest records."""
     if moe is None:
         from ..formats.manifest import verify_output
 
@@ -50,31 +52,71 @@ def verify(
         raise OptionError("verify compares two models or two ONNX graphs; export the model to ONNX first "
                           "(sparsify export) or pass the checkpoint of the graph")
     else:
-        from ..verify import compare
+        from ..formats.registry import output_format
+        from ..io.sources import resolve_source
         from .common import cache_note, load_any
 
         for note in filter(None, map(cache_note, (dense, moe))):
             o.detail(note)
+        moe_src = resolve_source(moe)
         o.step(f"loading {dense}")
         ref, _ = load_any(dense)
-        o.step(f"loading {moe}")
-        cand, _ = load_any(moe)
-        o.step("running both models")
-        c, runtime = compare(ref, cand, seed=seed), "torch"
+        if moe_src.path is not None and output_format(moe_src.path):
+            from ..streaming.verify import compare_streamed
+
+            # one MoE layer's experts in memory at a time, beside the dense model
+            c, runtime = compare_streamed(ref, moe_src.path, seed=seed, progress=o.step), "torch"
+        else:
+            from ..verify import compare
+
+            o.step(f"loading {moe}")
+            cand, _ = load_any(moe)
+            o.step("running both models")
+            c, runtime = compare(ref, cand, seed=seed), "torch"
     bound = atol if atol is not None else 1e-5 * c.max_ref
-    ok = c.within(atol)
+    problems = list(getattr(c, "problems", []))
+    ok = c.within(atol) and not problems
     finite = math.isfinite(c.max_abs)
-    o.emit({"command": "verify", "dense": dense, "moe": moe, "runtime": runtime, "seed": seed,
-            "max_abs": c.max_abs if finite else None, "max_rel": c.max_rel if finite else None,
-            "max_ref": c.max_ref, "tolerance": bound, "match": ok,
-            "note": None if finite else "the outputs have different shapes"})
+    doc = {"command": "verify", "dense": dense, "moe": moe, "runtime": runtime, "seed": seed,
+           "max_abs": c.max_abs if finite else None, "max_rel": c.max_rel if finite else None,
+           "max_ref": c.max_ref, "tolerance": bound, "match": ok,
+           "note": None if finite else "the outputs have different shapes"}
+    if hasattr(c, "layers"):  # streamed: per layer, and the tensor and config checks
+        doc.update(_streamed_doc(c))
+    o.emit(doc)
     if finite:
         o.detail(f"max abs diff {c.max_abs:.3e}   max rel diff {c.max_rel:.3e}   (tolerance {bound:.3e})")
     else:
         o.detail("the outputs have different shapes")
+    if hasattr(c, "layers"):
+        _streamed_details(o, c)
     if ok:
         o.result("match", style="bold green")
-    else:
+    elif not c.within(atol):
         o.result("MISMATCH: outputs differ beyond the tolerance", style="bold red")
+    else:
+        o.result(f"MISMATCH: {problems[0]}", style="bold red")
     if not ok:
         raise typer.Exit(1)
+
+
+def _streamed_doc(c) -> dict:
+    return {
+        "layers": [{"module": d.module, "max_abs": d.max_abs, "max_rel": d.max_rel, "max_ref": d.max_ref} for d in c.layers],
+        "tensors": {"checked": c.tensors_checked, "unchecked": c.tensors_unchecked,
+                    "differing": [{"name": t.name, "max_abs": t.max_abs, "max_ref": t.max_ref} for t in c.tensors_differing]},
+        "config_differing": c.config_differing,
+        "problems": c.problems,
+    }
+
+
+def _streamed_details(o: Output, c) -> None:
+    if c.layers:
+        worst = max(c.layers, key=lambda d: d.max_rel)
+        o.detail(f"{len(c.layers)} MoE layers compared with their dense FFNs one at a time; largest difference at "
+                 f"{worst.module}: max abs {worst.max_abs:.3e}, max rel {worst.max_rel:.3e}")
+    unchecked = f", {len(c.tensors_unchecked)} not determined by the dense model and the plan" if c.tensors_unchecked else ""
+    o.detail(f"{c.tensors_checked} tensors compared with what the plan makes of the dense model{unchecked}; "
+             f"{len(c.tensors_differing)} differ")
+    for line in c.problems:
+        o.detail(line, style="red")

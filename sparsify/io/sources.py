@@ -20,11 +20,13 @@ import torch.nn as nn
 from ..errors import SourceError
 from .demo import DEMOS, build_demo
 from .checkpoint import Checkpoint, weight_files
+from .tensor_names import TensorNames
 from .hub_cache import cached_alias, describe_cache
 from .paths import regular_file
 from .skeleton import build_skeleton, model_class
 
-__all__ = ["Source", "load_source", "resolve_source", "WEIGHT_PATTERNS", "TOKENIZER_FILES", "sha256_files"]
+__all__ = ["Source", "load_source", "resolve_source", "skeleton_of", "read_config", "WEIGHT_PATTERNS", "TOKENIZER_FILES",
+           "sha256_files"]
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = (
@@ -135,14 +137,34 @@ def is_native(path: Path | None) -> bool:
     return not isinstance(data, dict) or data.get("format") in ("sparsify-native", None)
 
 
-def load_pretrained(path: Path, spec: str) -> nn.Module:
-    """A dense transformers model from a local directory, every tensor checked present."""
+def read_config(path: Path, spec: str):
+    """The transformers config of the model directory `path` (never remote code)."""
     import transformers
 
     try:
-        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+        return transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     except Exception as err:
         raise SourceError(f"cannot read the config of '{spec}': {str(err).splitlines()[0][:200]}") from None
+
+
+def skeleton_of(src: Source) -> tuple[nn.Module, TensorNames | None]:
+    """The architecture of a demo, directory or hub source with meta parameters, and its
+    checkpoint seen by the architecture's tensor names, as transformers maps them (headers read,
+    every tensor present, shapes checked; None for a demo): what planning and inspecting need,
+    without the weights. The names are the dense model's, before any pass rewrites it."""
+    if src.kind == "demo":
+        return build_skeleton(DEMOS[src.spec[len("demo:"):]]()), None
+    config = read_config(src.path, src.spec)
+    ckpt = Checkpoint(src.path, src.spec)
+    model = build_skeleton(config, model_class(config))
+    names = TensorNames(ckpt, model)
+    names.check(src.spec)
+    return model, names
+
+
+def load_pretrained(path: Path, spec: str) -> nn.Module:
+    """A dense transformers model from a local directory, every tensor checked present."""
+    config = read_config(path, spec)
     cls = model_class(config)
     # Headers, shards and shapes are checked before transformers reads anything, so that a
     # damaged or mismatched checkpoint is named precisely.
