@@ -24,6 +24,7 @@ from .formats.registry import choose_format, format_defaults
 from .formats.tensors import ModelTensors, SourceTensors, TensorSource
 from .io.atomic import check_output
 from .io.checkpoint import Checkpoint
+from .io.tensor_names import TensorNames
 from .io.sources import Source, load_source, resolve_source, sha256_files, skeleton_of
 from .merge import ModuleWeights, check_compatible, open_sources
 from .model_recipe import Recipe
@@ -136,7 +137,7 @@ def convert(
     report = progress or (lambda *a: None)
 
     report("load", 0, 1)
-    ckpt: Checkpoint | None = None
+    ckpt: TensorNames | None = None
     if resolved is None:
         model, src = source, Source(type(source).__name__, "module")
         record_architecture(model)
@@ -146,6 +147,9 @@ def convert(
             model, src = load_source(src)
         else:
             model, ckpt = skeleton_of(src)
+    for s in opened.values():  # expert checkpoints read by the dense model's names too
+        if isinstance(s.weights, Checkpoint):
+            s.weights = TensorNames(s.weights, model)
     if opened:
         check_compatible(model, ckpt if ckpt is not None else ModuleWeights(model), src.path, opened)
     hasher = _Hasher([] if dry_run else src.files, {} if dry_run else {name: s.files for name, s in opened.items()})

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from ..errors import PlanError, SourceError
 from ..io.checkpoint import read_index
 from ..io.paths import regular_file
+from ..io.tensor_names import TensorDict, TensorNames
 from ..io.safetensors_io import OutputTensor
 from ..io.skeleton import build_skeleton, model_class
 from ..plan import UpcyclePlan
@@ -127,6 +128,13 @@ def assign_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], manifest:
         if stored not in tensors:
             raise SourceError(f"'{path}' lacks tensor '{stored}' that '{alias}' is tied to; the checkpoint is incomplete")
         tensors[alias] = tensors[stored]
+    # Stored names as transformers maps them onto modules (an output written where the source
+    # family saved other names, or by another transformers version, still loads).
+    names = TensorNames(TensorDict(tensors, path), model)
+    if names.unexpected:
+        raise PlanError(f"'{path}' holds tensor '{names.unexpected[0]}' that the plan's model lacks; "
+                        "the plan does not match the weights")
+    tensors = {n: names.read(n) for n in names.names()}
     try:
         result = model.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as err:  # size mismatches: the plan says other shapes than the weights have

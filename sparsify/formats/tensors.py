@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..errors import SourceError
 from ..init import expert_weight, router_init_weight
-from ..io.checkpoint import Checkpoint
+from ..io.tensor_names import TensorNames
 from ..merge import Weights, average, distinct, stored_name
 from ..plan import FFNSite, UpcyclePlan
 from ..rewrite import canonical_weight
@@ -93,15 +93,16 @@ class ModelTensors(TensorSource):
 class SourceTensors(TensorSource):
     """Tensors produced from dense checkpoints and the plan, optionally cast to `dtype`.
 
-    `checkpoint` is the base; `sources` maps the plan's other expert sources to theirs (a
-    `Checkpoint`, or any `sparsify.merge.Weights`). Each expert tensor is made by
-    `sparsify.init.expert_weight` from the dense buffers of the (site, role) being written, kept
-    until the next one, so writing all of a role's experts reads each source's weight once. With
-    `plan.merge_base == "average"` every other floating tensor is the mean over the base and the
-    distinct sources (`sparsify.merge.average`), read one at a time."""
+    `checkpoint` is the base, seen through the dense model's names (`TensorNames`: transformers'
+    renamings, conversions and tied weights); `sources` maps the plan's other expert sources to
+    theirs (a `TensorNames`, a `Checkpoint`, or any `sparsify.merge.Weights`). Each expert tensor
+    is made by `sparsify.init.expert_weight` from the dense buffers of the (site, role) being
+    written, kept until the next one, so writing all of a role's experts reads each source's
+    weight once. With `plan.merge_base == "average"` every other floating tensor is the mean over
+    the base and the distinct sources (`sparsify.merge.average`), read one at a time."""
 
-    def __init__(self, checkpoint: Checkpoint, plan: UpcyclePlan, model: nn.Module, dtype: torch.dtype | None = None,
-                 sources: dict[str, Weights] | None = None):
+    def __init__(self, checkpoint: TensorNames | Weights, plan: UpcyclePlan, model: nn.Module,
+                 dtype: torch.dtype | None = None, sources: dict[str, Weights] | None = None):
         self.ckpt, self.plan, self.dtype = checkpoint, plan, dtype
         self.checkpoints: dict[str, Weights] = {"base": checkpoint, **(sources or {})}
         self.aliases = alias_groups(model)
@@ -113,9 +114,12 @@ class SourceTensors(TensorSource):
         merged = [self._checkpoint(n) for n in plan.sources] if plan.merge_base == "average" else []
         self.merged = distinct([checkpoint, *merged])
 
-    def _source_name(self, name: str, ckpt: Weights | None = None) -> str:
-        ckpt = ckpt or self.ckpt
+    def _source_name(self, name: str, ckpt: Weights) -> str:
+        """The name to read the dense model's tensor `name` by in `ckpt`: a `TensorNames` takes
+        model names; any other store (an expert source) is matched by aliases and prefix."""
         name = self.moved.get(name, name)
+        if isinstance(ckpt, TensorNames):
+            return name
         stored = stored_name(ckpt, name, self.aliases, self.prefix)
         if stored is None:
             raise SourceError(f"checkpoint '{ckpt.path}' lacks tensor '{name}' that the config requires")
@@ -126,12 +130,12 @@ class SourceTensors(TensorSource):
 
     def plain(self, name: str) -> torch.Tensor:
         self._cached = None  # the experts of the last site are written; release their buffers
-        if len(self.merged) > 1 and self.ckpt.dtype(self._source_name(name)).is_floating_point:
+        if len(self.merged) > 1 and self.ckpt.dtype(self._source_name(name, self.ckpt)).is_floating_point:
             return self._cast(average([lambda w=w: w.read(self._source_name(name, w)) for w in self.merged]))
-        return self._cast(self.ckpt.read(self._source_name(name)))
+        return self._cast(self.ckpt.read(self._source_name(name, self.ckpt)))
 
     def plain_dtype(self, name: str) -> torch.dtype:
-        return _cast_dtype(self.ckpt.dtype(self._source_name(name)), self.dtype)
+        return _cast_dtype(self.ckpt.dtype(self._source_name(name, self.ckpt)), self.dtype)
 
     def _checkpoint(self, source: str) -> Weights:
         try:
@@ -157,7 +161,7 @@ class SourceTensors(TensorSource):
         return expert_weight(site, layer, e, role, self._dense(site, role, init.source), self.plan.seed)
 
     def expert_dtype(self, site: FFNSite, role: str) -> torch.dtype:
-        return _cast_dtype(self.ckpt.dtype(self._source_name(site.weights[role])), self.dtype)
+        return _cast_dtype(self.ckpt.dtype(site.weights[role]), self.dtype)
 
     def router(self, site: FFNSite) -> torch.Tensor:
         return router_init_weight(self.plan, site)

@@ -120,16 +120,11 @@ class Checkpoint:
         return (t if rows is None else t[rows[0]:rows[1]]).contiguous().clone()
 
     def check_shapes(self, model: torch.nn.Module, spec: str) -> None:
-        """Refuse a checkpoint whose tensors disagree in shape with `model` (meta or real)."""
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        prefix = getattr(model, "base_model_prefix", "") or ""
-        for name in self.names():
-            want = expected.get(name) or expected.get(name.removeprefix(f"{prefix}."))
-            if want is not None and self.shape(name) != want:
-                raise SourceError(
-                    f"'{spec}': tensor '{name}' has shape {self.shape(name)} but config.json implies {want}; "
-                    "the weights do not match config.json"
-                )
+        """Refuse a checkpoint that lacks a tensor `model` (meta or real) needs or disagrees with
+        it in shape, its names mapped as transformers maps them (see `TensorNames`)."""
+        from .tensor_names import TensorNames
+
+        TensorNames(self, model).check(spec)
 
 
 def _load_bin(f: Path) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ import torch.nn as nn
 from ..errors import SourceError
 from .demo import DEMOS, build_demo
 from .checkpoint import Checkpoint, weight_files
+from .tensor_names import TensorNames
 from .hub_cache import cached_alias, describe_cache
 from .paths import regular_file
 from .skeleton import build_skeleton, model_class
@@ -146,17 +147,19 @@ def read_config(path: Path, spec: str):
         raise SourceError(f"cannot read the config of '{spec}': {str(err).splitlines()[0][:200]}") from None
 
 
-def skeleton_of(src: Source) -> tuple[nn.Module, Checkpoint | None]:
+def skeleton_of(src: Source) -> tuple[nn.Module, TensorNames | None]:
     """The architecture of a demo, directory or hub source with meta parameters, and its
-    checkpoint (headers read, shapes checked against the architecture; None for a demo): what
-    planning and inspecting need, without the weights."""
+    checkpoint seen by the architecture's tensor names, as transformers maps them (headers read,
+    every tensor present, shapes checked; None for a demo): what planning and inspecting need,
+    without the weights. The names are the dense model's, before any pass rewrites it."""
     if src.kind == "demo":
         return build_skeleton(DEMOS[src.spec[len("demo:"):]]()), None
     config = read_config(src.path, src.spec)
     ckpt = Checkpoint(src.path, src.spec)
     model = build_skeleton(config, model_class(config))
-    ckpt.check_shapes(model, src.spec)
-    return model, ckpt
+    names = TensorNames(ckpt, model)
+    names.check(src.spec)
+    return model, names
 
 
 def load_pretrained(path: Path, spec: str) -> nn.Module:

@@ -1,0 +1,235 @@
+"""A checkpoint seen through the model's own tensor names, as transformers maps them on load.
+
+Checkpoints do not always store a tensor under its module's name: legacy names (`LayerNorm.gamma`
+for `.weight`), a base model's checkpoint loaded into a head class (the `base_model_prefix`),
+heads tied to the embeddings and therefore not saved, and families whose in-memory layout differs
+from the saved one (per-expert tensors fused into one, `qkv` split into `q`/`k`/`v`, renamed
+modules). `from_pretrained` resolves all of this with the rules of
+`transformers.conversion_mapping` and `transformers.core_model_loading`; this module applies
+exactly those rules, through transformers' own functions, while reading one tensor (or one
+converter's group) at a time, which `from_pretrained` cannot do for a model that is not in memory.
+
+What is written here by hand, and why:
+
+- the grouping loop of `convert_and_load_state_dict_in_model`: transformers' version loads every
+  tensor into a model, while the streaming executor needs a name -> recipe map that reads
+  on demand; the same calls (`rename_source_key`, `WeightConverter.add_tensor`/`convert`) are
+  made in the same order;
+- shapes of converted tensors: the converter's own operations run on meta tensors, so the shape
+  check reads no weights;
+- tied tensors: a tied target the checkpoint omits is read from its source, per the model's
+  `all_tied_weights_keys` (from `_tied_weights_keys`), as `tie_weights` would share it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+import torch
+import torch.nn as nn
+
+from ..errors import SourceError
+
+__all__ = ["TensorNames", "TensorStore", "TensorDict"]
+
+
+class TensorStore(Protocol):
+    """What `TensorNames` reads: a checkpoint by its stored names (see `sparsify.io.checkpoint`)."""
+
+    def names(self) -> list[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> torch.dtype: ...
+
+    def read(self, name: str) -> torch.Tensor: ...
+
+
+class TensorDict:
+    """A `TensorStore` over tensors already in memory (a loaded output's shards)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], path=None):
+        self.tensors, self.path = tensors, path
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.tensors[name].dtype
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+@dataclass
+class _Group:
+    """The checkpoint tensors one transformers `WeightConverter` turns into model tensors."""
+
+    first: str  # the model name transformers keys the group by
+    template: object  # the WeightConverter, before any tensor is added
+    sources: list[tuple[str, str]] = field(default_factory=list)  # (stored name, source pattern)
+
+
+def _conversions(model: nn.Module) -> list:
+    """transformers' ordered weight transforms for `model` (its conversion mapping, the legacy
+    renamings included); none for a model that is not a transformers model."""
+    from transformers import PreTrainedModel
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    if not isinstance(model, PreTrainedModel):
+        return []
+    return get_model_conversion_mapping(model)
+
+
+class TensorNames:
+    """The tensors of `model`'s state dict, each read from `store` the way `from_pretrained`
+    would fill it. Build it from the dense model (before any rewrite): the map keeps the names,
+    shapes and tied pairs it needs, so the model may change afterwards."""
+
+    def __init__(self, store: TensorStore, model: nn.Module):
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+        self.store, self.model = store, model
+        self.path = getattr(store, "path", None)
+        state = model.state_dict()
+        self.expected = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+        # Buffers a checkpoint may omit (computed from the config, real on the skeleton).
+        buffers = {k for k, _ in model.named_buffers()}
+        self._buffers = {k: v for k, v in state.items() if k in buffers and v.device.type != "meta"}
+        transforms = _conversions(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        by_pattern = {p: c for c in converters for p in c.source_patterns}
+        prefix = getattr(model, "base_model_prefix", "") or None
+
+        self.direct: dict[str, str] = {}  # model name -> stored name
+        self.groups: dict[str, _Group] = {}  # first model name -> converter group
+        self.unexpected: list[str] = []
+        for original in sorted(store.names(), key=dot_natural_key):
+            # The same two calls, in the same order, as convert_and_load_state_dict_in_model.
+            renamed, pattern = rename_source_key(original, renamings, converters, prefix, state)
+            if renamed not in state and original in state:
+                renamed, pattern = rename_source_key(original, [], [], base_model_prefix=prefix, meta_state_dict=state)
+            if renamed not in state:
+                self.unexpected.append(original)
+            elif pattern is not None:
+                group = self.groups.setdefault(renamed, _Group(renamed, by_pattern[pattern]))
+                group.sources.append((original, pattern))
+            else:
+                self.direct.setdefault(renamed, original)
+
+        # Which model names each group produces, with shapes and dtypes: its operations on meta tensors.
+        self.converted: dict[str, tuple[str, tuple[int, ...], torch.dtype]] = {}
+        for first, group in self.groups.items():
+            meta = lambda n: (lambda: torch.empty(store.shape(n), dtype=store.dtype(n), device="meta"))  # noqa: E731
+            try:
+                made = self._convert(group, meta)
+            except Exception:  # an op that needs values: learn its outputs from the real tensors once
+                made = self._convert(group, lambda n: (lambda: store.read(n)))
+            for name, t in made.items():
+                self.converted[name] = (first, tuple(t.shape), t.dtype)
+        # Tied pairs as transformers declares them ({target: source}), then tensors the model
+        # already shares (a skeleton ties at construction; plain modules may share too).
+        self.tied = {t: s for t, s in (getattr(model, "all_tied_weights_keys", None) or {}).items() if t in state}
+        shared: dict[int, list[str]] = {}
+        for name, t in model.state_dict(keep_vars=True).items():
+            shared.setdefault(id(t), []).append(name)
+        for names in shared.values():
+            stored = next((n for n in names if n in self.direct or n in self.converted), None)
+            for n in names:
+                if stored is not None and n != stored:
+                    self.tied.setdefault(n, stored)
+        self._cached: tuple[str, dict[str, torch.Tensor]] | None = None
+
+    def _convert(self, group: _Group, reader: Callable[[str], Callable[[], torch.Tensor]]) -> dict[str, torch.Tensor]:
+        # A fresh converter per use, as transformers deep-copies one per target (convert() consumes it).
+        converter = copy.deepcopy(group.template)
+        for original, pattern in group.sources:
+            converter.add_tensor(group.first, original, pattern, reader(original))
+        made = converter.convert(group.first, model=self.model, config=getattr(self.model, "config", None))
+        return {k: (v[0] if isinstance(v, list) else v) for k, v in made.items()}
+
+    def _resolve(self, name: str) -> str | None:
+        """The model name whose stored tensor fills `name` (itself, or the source it is tied to)."""
+        if name in self.direct or name in self.converted:
+            return name
+        source = self.tied.get(name)
+        if source is not None and (source in self.direct or source in self.converted):
+            return source
+        return None
+
+    def __contains__(self, name: str) -> bool:
+        return self._resolve(name) is not None or name in self._buffers
+
+    def missing(self) -> list[str]:
+        """Model tensors the checkpoint does not provide (computed buffers excepted)."""
+        return [n for n in self.expected if n not in self]
+
+    def stored_name(self, name: str) -> str:
+        """The checkpoint name that model tensor `name` is read from (the first, for a converted one)."""
+        resolved = self._need(name)
+        if resolved in self.direct:
+            return self.direct[resolved]
+        return self.groups[self.converted[resolved][0]].sources[0][0]
+
+    def _need(self, name: str) -> str:
+        resolved = self._resolve(name)
+        if resolved is None:
+            raise SourceError(f"checkpoint '{self.path}' lacks tensor '{name}' that the config requires")
+        return resolved
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of model tensor `name` as loaded (after any conversion)."""
+        if self._resolve(name) is None and name in self._buffers:
+            return tuple(self._buffers[name].shape)
+        resolved = self._need(name)
+        if resolved in self.direct:
+            return tuple(self.store.shape(self.direct[resolved]))
+        return self.converted[resolved][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        """dtype of model tensor `name` as stored."""
+        if self._resolve(name) is None and name in self._buffers:
+            return self._buffers[name].dtype
+        resolved = self._need(name)
+        if resolved in self.direct:
+            return self.store.dtype(self.direct[resolved])
+        return self.converted[resolved][2]
+
+    def read(self, name: str) -> torch.Tensor:
+        """Model tensor `name` in memory: one stored tensor, or the outputs of one converter
+        (kept until another group is read, since a split serves several names)."""
+        if self._resolve(name) is None and name in self._buffers:
+            return self._buffers[name].clone()
+        resolved = self._need(name)
+        if resolved in self.direct:
+            return self.store.read(self.direct[resolved])
+        first = self.converted[resolved][0]
+        if self._cached is None or self._cached[0] != first:
+            self._cached = None  # release the previous group before converting the next
+            self._cached = (first, self._convert(self.groups[first], lambda n: (lambda: self.store.read(n))))
+        return self._cached[1][resolved].contiguous()
+
+    def check(self, spec: str) -> None:
+        """Refuse a checkpoint that lacks a tensor the model needs, or holds one whose shape
+        disagrees with the model: what `from_pretrained` reports as missing or mismatched."""
+        bad = [(n, self.shape(n), want) for n, (want, _) in self.expected.items() if n in self and self.shape(n) != want]
+        if bad:
+            name, got, want = bad[0]
+            stored = self.stored_name(name) if self._resolve(name) is not None else name
+            what = f"tensor '{stored}'" + (f" (the model's '{name}')" if stored != name else "")
+            raise SourceError(f"'{spec}': {what} has shape {got} but config.json implies {want}; "
+                              "the weights do not match config.json")
+        missing = self.missing()
+        if missing:
+            raise SourceError(f"'{spec}': checkpoint lacks tensor '{missing[0]}' that the config requires "
+                              f"({len(missing)} in all); the weights do not match config.json")
+
+    def names(self) -> Iterable[str]:
+        """Every model tensor this checkpoint provides."""
+        return [n for n in self.expected if n in self]
