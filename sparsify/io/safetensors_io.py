@@ -106,7 +106,8 @@ class SafetensorsFile:
         """The tensor `name`, read into fresh (64-byte aligned) memory."""
         info = self.tensors[name]
         out = torch.empty(info.shape, dtype=info.dtype)
-        view = memoryview(out.view(torch.uint8).reshape(-1).numpy()) if info.nbytes else memoryview(b"")
+        # flat first: a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if info.nbytes else memoryview(b"")
         with open(self.path, "rb", buffering=0) as fh:
             got = 0
             while got < info.nbytes:
@@ -158,7 +159,7 @@ def _header(tensors: list[OutputTensor]) -> bytes:
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
     t = t.contiguous()
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
 def write_shards(

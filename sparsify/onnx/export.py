@@ -4,10 +4,11 @@
           -> torch.onnx.export (the op written as standard-ops MoE)
           -> fold-constants, [fuse-moe-ort], dead-node removal -> onnx.checker -> files
 
-Decoder-only and encoder-only models give one graph (`input_ids`, `attention_mask` ->
-`logits` or `last_hidden_state`); encoder-decoder models give `STEM-encoder.onnx`
+Decoder-only and encoder-only models give one graph (the model's inputs, named as its forward
+names them: `input_ids` and `attention_mask`, or `pixel_values`, `input_features`, `input_values`
+-> `logits` or `last_hidden_state`); encoder-decoder models give `STEM-encoder.onnx`
 (-> `last_hidden_state`) and `STEM-decoder.onnx` (`decoder_input_ids`, `encoder_hidden_states`,
-`encoder_attention_mask` -> `logits`).
+and `encoder_attention_mask` after a token encoder -> `logits`). See `signatures`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.nn as nn
 from .. import __version__
 from ..errors import CaptureError, OptionError, SparsifyError
 from ..formats.onnx import METADATA_KEY, write_onnx
+from ..inputs import main_input_name
 from ..io.atomic import check_output
 from ..passes.onnx.cleanup import cleanup
 from ..passes.onnx.fuse_moe_ort import SITE_KEY, FuseMoEOrt, FusionReport
@@ -135,17 +137,18 @@ def capture_graphs(model: nn.Module, opset: int = DEFAULT_OPSET, dynamic: bool =
                    seq: int = 8) -> list[CapturedGraph]:
     """Every graph of `model` (one, or encoder and decoder) in standard ops."""
     check_export_options("standard", opset, batch, seq)
-    if getattr(getattr(model, "config", None), "vocab_size", None) is None:
-        raise OptionError(f"cannot export {type(model).__name__}: only transformers models (with a vocab_size) export")
+    if getattr(model, "config", None) is None or main_input_name(model) is None:
+        raise OptionError(f"cannot export {type(model).__name__}: only transformers models (token, image or audio "
+                          "inputs) export")
     if dynamic:  # size-1 example dims would be specialised to 1
         batch, seq = max(batch, 2), max(seq, 3)
     was_training = model.training
     model.eval()
     graphs = []
     try:
-        for role, wrapper, kwargs, shapes in model_graphs(model, batch, seq, dynamic):
+        for role, wrapper, kwargs, shapes, output in model_graphs(model, batch, seq, dynamic):
             onnx_model = capture_onnx(wrapper, kwargs, shapes if dynamic else None, opset)
-            outputs = [{"encoder": "last_hidden_state", "decoder": "logits"}.get(role) or wrapper.output_name()]
+            outputs = [output]
             name_io(onnx_model, outputs)
             graphs.append(CapturedGraph(role, onnx_model, outputs))
     finally:
