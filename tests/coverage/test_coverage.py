@@ -13,7 +13,7 @@ import transformers
 from tests.coverage.check import check_family, classify
 from tests.coverage.ffn_like import has_ffn_like_chain
 from tests.coverage.registry import families
-from tests.coverage.report import BEGIN, END, README, render
+from tests.coverage.report import BEGIN, DETAILS, END, README, render, render_details
 from tests.coverage.sweep import RESULTS, expected_pass, load_results, regressions
 from tests.coverage.tiny import tiny_config
 
@@ -77,9 +77,10 @@ def test_expected_families_passed_when_recorded():
     assert set(expected_pass()) <= {f.model_type for f in families()}
 
 
-def test_readme_table_is_the_recorded_results():
+def test_readme_and_details_are_the_recorded_results():
     from tests.coverage.report import _versions
 
     text = README.read_text()
     section = BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END
     assert section == render(_recorded, _versions(RESULTS))
+    assert DETAILS.read_text() == render_details(_recorded, _versions(RESULTS))

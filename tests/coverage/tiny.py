@@ -71,6 +71,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     **dict.fromkeys(("swin", "donut-swin", "swinv2"), {"image_size": 64}),
     # the axial position factors must sum to the hidden size
     "reformer": {"axial_pos_embds_dim": [16, 16]},
+    # time-series models have no default forecast horizon
+    **dict.fromkeys(("autoformer", "informer", "time_series_transformer"), {"prediction_length": 4}),
+    # Mamba-2's heads x head width must equal expand (2) x hidden
+    "mamba2": {"num_heads": 8, "head_dim": 8},
 }
 
 
