@@ -137,8 +137,9 @@ def _features(model: nn.Module, config, batch: int, seq: int, dtype: torch.dtype
     if mel:
         stride = _conv_stride(_encoder(model) or model)
         positions = getattr(config, "max_source_positions", None)
-        frames = positions * stride if positions else seq * stride
-        return InputSpec("input_features", (batch, mel, frames), dtype)
+        if positions:  # Whisper's encoder checks that it got exactly these frames
+            return InputSpec("input_features", (batch, mel, positions * stride), dtype)
+        return InputSpec("input_features", (batch, mel, seq * stride), dtype, dynamic=(0, 2))
     width = getattr(config, "feature_projection_input_dim", None) or (
         (getattr(config, "input_feat_per_channel", 0) or 0) * (getattr(config, "input_channels", None) or 1))
     if not width:

@@ -39,8 +39,10 @@ class ModelGraph(nn.Module):
         setattr(self, WRAPPER, model)
         self.encoder = encoder
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self._run(input_ids=input_ids, attention_mask=attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # no mask for models whose forward takes none (FNet, xLSTM): model_graphs then passes none
+        mask = {} if attention_mask is None else {"attention_mask": attention_mask}
+        return self._run(input_ids=input_ids, **mask)
 
     def _run(self, **inputs: torch.Tensor) -> torch.Tensor:
         model = getattr(self, WRAPPER)

@@ -2,6 +2,7 @@
 
     python -m tests.coverage.sweep                     every family; records results.json
     python -m tests.coverage.sweep bert vit whisper    those families only (--record to merge them in)
+    python -m tests.coverage.sweep --failing --record  the families that did not pass when last recorded
     python -m tests.coverage.sweep --jobs 4 --timeout 300
     python -m tests.coverage.sweep --readme            README.md's coverage table from results.json
     python -m tests.coverage.sweep --update-expected   expected_pass.txt from results.json
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("families", nargs="*", help="model types to sweep [default: every family of the registry]")
     ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     ap.add_argument("--timeout", type=float, default=300, help="seconds per family")
+    ap.add_argument("--failing", action="store_true", help="sweep the dense families that did not pass in results.json")
     ap.add_argument("--record", action="store_true", help="merge these results into results.json (a full sweep always does)")
     ap.add_argument("--readme", action="store_true", help="rewrite README.md's coverage table from results.json")
     ap.add_argument("--update-expected", action="store_true", help="write expected_pass.txt from results.json")
@@ -201,18 +203,28 @@ def main(argv: list[str] | None = None) -> int:
         if args.update_expected:
             update_expected(load_results())
         return 0
+    if args.failing:
+        args.families += [r.model_type for r in load_results().values()
+                          if r.kind == "dense" and r.result != "pass" and r.model_type not in args.families]
+        if not args.families:
+            print("no family failed when last recorded")
+            return 0
     names = args.families or [f.model_type for f in families()]
+
+    record = not args.families or args.record
+    recorded = load_results()
 
     def progress(r: Result, n: int, total: int) -> None:
         print(f"[{n}/{total}] {row(r)}  ({r.seconds:.0f} s)", flush=True)
+        if record:  # saved as each family ends, so that an interrupted sweep keeps what it measured
+            recorded[r.model_type] = r
+            save_results(recorded)
 
     results = run_families(names, jobs=args.jobs, timeout=args.timeout, progress=progress)
     print()
     _print_table(results)
-    if not args.families or args.record:
-        recorded = load_results() if args.families else {}
-        recorded.update({r.model_type: r for r in results})
-        save_results(recorded)
+    if not args.families:  # a whole sweep also forgets families the registry no longer has
+        save_results({n: recorded[n] for n in names})
     bad = regressions({r.model_type: r for r in results}, expected_pass())
     for r in bad:
         print(f"REGRESSION: {r.model_type} is expected to pass: {r.stage}: {r.reason}", file=sys.stderr)
