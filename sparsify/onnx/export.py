@@ -84,7 +84,7 @@ def capture_onnx(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None, o
     attention = _set_attention(inner, "eager")
     try:
         with export_friendly(module):
-            program = torch.export.export(module, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            program = _export_program(module, kwargs, dynamic_shapes)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=TRANSLATIONS,
@@ -98,6 +98,33 @@ def capture_onnx(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None, o
         _set_attention(inner, attention)
     _tag_scopes(onnx_program.model)
     return onnx_program.model
+
+
+def _export_program(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None) -> torch.export.ExportedProgram:
+    """torch.export with dynamic axes. Axes the model requires equal (Reformer: the batch of its
+    ids and of its mask) make independent DYNAMIC dims fail ("Constraints violated"); the retry
+    with AUTO dims lets torch.export infer those relations, and then checks that it made none of
+    the requested axes a constant (xLSTM, CPM-Ant: a fixed sequence length), which is refused."""
+    try:
+        return torch.export.export(module, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as err:
+        if not dynamic_shapes or "Constraints violated" not in str(err):
+            raise
+    auto = {k: {axis: torch.export.Dim.AUTO for axis in axes} if axes else axes for k, axes in dynamic_shapes.items()}
+    program = torch.export.export(module, (), kwargs, dynamic_shapes=auto, strict=False)
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    fixed = []
+    for spec in program.graph_signature.input_specs:
+        if spec.kind != torch.export.graph_signature.InputKind.USER_INPUT or spec.arg.name not in dynamic_shapes:
+            continue
+        shape = placeholders[spec.arg.name].meta["val"].shape
+        fixed += [f"{spec.arg.name} axis {axis}" for axis in dynamic_shapes[spec.arg.name] or ()
+                  if isinstance(shape[axis], int)]
+    if fixed:
+        raise CaptureError(f"could not export {type(getattr(module, WRAPPER, module)).__name__} to ONNX with dynamic "
+                           f"shapes: the model fixes the size of {', '.join(fixed)}; export with static shapes "
+                           "(--static, or dynamic=False)")
+    return program
 
 
 def _tag_scopes(model: ir.Model) -> None:
