@@ -110,6 +110,8 @@ def _export_program(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None
     except Exception as err:
         if not dynamic_shapes or "Constraints violated" not in str(err):
             raise
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
     auto = {k: {axis: torch.export.Dim.AUTO for axis in axes} if axes else axes for k, axes in dynamic_shapes.items()}
     program = torch.export.export(module, (), kwargs, dynamic_shapes=auto, strict=False)
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
@@ -119,7 +121,7 @@ def _export_program(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None
             continue
         shape = placeholders[spec.arg.name].meta["val"].shape
         fixed += [f"{spec.arg.name} axis {axis}" for axis in dynamic_shapes[spec.arg.name] or ()
-                  if isinstance(shape[axis], int)]
+                  if is_concrete_int(shape[axis])]
     if fixed:
         raise CaptureError(f"could not export {type(getattr(module, WRAPPER, module)).__name__} to ONNX with dynamic "
                            f"shapes: the model fixes the size of {', '.join(fixed)}; export with static shapes "
