@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,32 +102,22 @@ def capture_onnx(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None, o
 
 
 def _export_program(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None) -> torch.export.ExportedProgram:
-    """torch.export with dynamic axes. Axes the model requires equal (Reformer: the batch of its
-    ids and of its mask) make independent DYNAMIC dims fail ("Constraints violated"); the retry
-    with AUTO dims lets torch.export infer those relations, and then checks that it made none of
-    the requested axes a constant (xLSTM, CPM-Ant: a fixed sequence length), which is refused."""
+    """torch.export with dynamic axes. A model that fixes the size of an axis asked dynamic, or
+    ties it to another (xLSTM, CPM-Ant: a fixed sequence length; Reformer: its chunking), makes
+    torch.export fail with "Constraints violated (L['input_ids'].size()[1])"; that is refused in
+    one line naming the axes. (Dim.AUTO would export such models, but as graphs that only run at
+    the traced sizes while their inputs read as dynamic: ONNX Runtime then fails at other sizes.)"""
     try:
         return torch.export.export(module, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as err:
-        if not dynamic_shapes or "Constraints violated" not in str(err):
+        first = (str(err).strip().splitlines() or [""])[0]
+        if not dynamic_shapes or "Constraints violated" not in first:
             raise
-    from torch.fx.experimental.symbolic_shapes import is_concrete_int
-
-    auto = {k: {axis: torch.export.Dim.AUTO for axis in axes} if axes else axes for k, axes in dynamic_shapes.items()}
-    program = torch.export.export(module, (), kwargs, dynamic_shapes=auto, strict=False)
-    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
-    fixed = []
-    for spec in program.graph_signature.input_specs:
-        if spec.kind != torch.export.graph_signature.InputKind.USER_INPUT or spec.arg.name not in dynamic_shapes:
-            continue
-        shape = placeholders[spec.arg.name].meta["val"].shape
-        fixed += [f"{spec.arg.name} axis {axis}" for axis in dynamic_shapes[spec.arg.name] or ()
-                  if is_concrete_int(shape[axis])]
-    if fixed:
-        raise CaptureError(f"could not export {type(getattr(module, WRAPPER, module)).__name__} to ONNX with dynamic "
-                           f"shapes: the model fixes the size of {', '.join(fixed)}; export with static shapes "
-                           "(--static, or dynamic=False)")
-    return program
+        axes = re.findall(r"L\['(\w+)'\]\.size\(\)\[(\d+)\]", first)
+        named = ", ".join(dict.fromkeys(f"{name} axis {axis}" for name, axis in axes)) or "an input axis"
+        model = type(getattr(module, WRAPPER, module)).__name__
+        raise CaptureError(f"could not export {model} to ONNX with dynamic shapes: the model fixes the size of {named} "
+                           "(or ties it to another); export with static shapes (--static, or dynamic=False)") from err
 
 
 def _tag_scopes(model: ir.Model) -> None:

@@ -1,7 +1,5 @@
-"""Dynamic axes of an ONNX export: an axis the model fixes (xLSTM's sequence) is refused with its
-name instead of exported as a constant. (The retry with AUTO dims that finds it also lets
-torch.export infer axes the model requires equal: Reformer exports only with it, see the
-coverage sweep.)"""
+"""Dynamic axes of an ONNX export: an axis the model fixes (xLSTM's and CPM-Ant's sequence) is
+refused in one line naming it, instead of failing with torch.export's report."""
 
 import pytest
 import torch
