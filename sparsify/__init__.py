@@ -8,16 +8,17 @@
     from sparsify import PassManager, passes
     pm = PassManager([passes.FindFFN(), passes.SelectLayers(every=2), passes.UpcycleFFN(experts=8)])
     result = pm.run(model)          # result.model, result.plan
+
+    recipe = sparsify.Recipe.load("moe.yaml")     # or sparsify.Recipe(experts=32, decoder={"top_k": 2})
+    moe = sparsify.upcycle("demo:t5", recipe=recipe)
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from . import passes  # noqa: E402
-from .api import load, save, upcycle  # noqa: E402
-from .errors import SparsifyError  # noqa: E402
-from .moe import MoEConfig, SparseMoE, aux_losses  # noqa: E402
-from .passes import PassManager  # noqa: E402
-from .plan import FFNSite, UpcyclePlan  # noqa: E402
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
 
 __all__ = [
     "__version__",
@@ -25,11 +26,39 @@ __all__ = [
     "load",
     "save",
     "aux_losses",
+    "router_stats",
     "PassManager",
     "passes",
     "MoEConfig",
     "SparseMoE",
     "FFNSite",
     "UpcyclePlan",
+    "Recipe",
     "SparsifyError",
 ]
+
+# Where each public name lives. They are imported on first use, so that `import sparsify` (and
+# with it `sparsify --help`) does not import torch and transformers (seconds) before it needs them.
+_WHERE = {
+    "upcycle": ".api", "load": ".api", "save": ".api",
+    "aux_losses": ".moe", "MoEConfig": ".moe", "SparseMoE": ".moe",
+    "PassManager": ".passes",
+    "FFNSite": ".plan", "UpcyclePlan": ".plan",
+    "Recipe": ".model_recipe",
+    "router_stats": ".training",
+    "SparsifyError": ".errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "passes":
+        return importlib.import_module(".passes", __name__)
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -13,20 +13,19 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 
-from .errors import OptionError, SourceError
+from .errors import OptionError
 from .formats.native import NativeFormat
 from .formats.registry import choose_format, format_defaults
 from .formats.tensors import ModelTensors, SourceTensors, TensorSource
-from .io.atomic import check_output, check_space
+from .io.atomic import check_output
 from .io.checkpoint import Checkpoint
-from .io.skeleton import build_skeleton, model_class
-from .io.sources import Source, load_source, resolve_source, sha256_files
-from .moe import MoEConfig
+from .io.sources import Source, load_source, resolve_source, sha256_files, skeleton_of
+from .model_recipe import Recipe
 from .api import upcycle_passes
 from .passes import PassManager
 from .plan import UpcyclePlan
@@ -49,6 +48,7 @@ class ConversionReport:
     bytes_written: int
     why_not_preserving: str | None = None
     notes: list[str] = field(default_factory=list)
+    dry_run: bool = False  # nothing was written; bytes_written is what would be
 
     @property
     def params(self) -> tuple[int, int]:
@@ -77,41 +77,45 @@ class _Hasher(threading.Thread):
 def convert(
     source: str | nn.Module,
     out: str | Path,
-    experts: int,
+    experts: int | None = None,
     top_k: int | None = None,
     router: str | None = None,
-    normalize: bool = True,
+    normalize: bool | None = None,
     every: int | None = None,
     layers: Sequence[int] | None = None,
     capacity_factor: float | None = None,
-    noise: float = 0.0,
-    seed: int = 0,
-    router_init_std: float = 0.02,
+    noise: float | None = None,
+    seed: int | None = None,
+    router_init_std: float | None = None,
     format: str = "auto",
     dtype: str | None = None,
     shard_size: int | str = "5GB",
     force: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
     example_inputs: tuple | None = None,
+    dry_run: bool = False,
+    recipe: Any = None,
+    **scheme: Any,
 ) -> ConversionReport:
     """Upcycle `source` and write it to `out` in `format`; returns what was done.
 
-    `progress(stage, done, total)` is called as work advances (stage "write": bytes)."""
+    The MoE options (experts ... router_init_std, and in `scheme` the other keys of a recipe:
+    drop_ratio, granularity, shared_fraction, split, router_init, ...) replace the top-level
+    keys of `recipe` (a `sparsify.Recipe`, its mapping or a recipe file); None means not given.
+    `progress(stage, done, total)` is called as work advances (stage "write": bytes). `dry_run`
+    plans, chooses the format and sizes the output, and writes nothing."""
     if every is not None and layers is not None:
         raise OptionError("give either --every or --layers, not both")
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise OptionError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
-    if noise < 0:
-        raise OptionError(f"--noise must be non-negative, got {noise}")
-    if every is not None and every < 1:
-        raise OptionError(f"--every must be 1 or more, got {every}")
-    # Validate the routing options before any slow work (format defaults may still fill gaps).
-    MoEConfig(num_experts=experts, top_k=top_k if top_k is not None else (1 if router == "switch" else 2), router=router or "topk",
-              normalize=normalize, capacity_factor=capacity_factor)
+    # Validate the options before any slow work (format defaults may still fill gaps).
+    recipe = Recipe.build(recipe, experts=experts, top_k=top_k, router=router, normalize=normalize, every=every,
+                          layers=list(layers) if layers is not None else None, capacity_factor=capacity_factor,
+                          noise=noise, seed=seed, router_init_std=router_init_std, **scheme)
     from .io.safetensors_io import parse_size
 
     parse_size(shard_size)
-    out = check_output(out, force)
+    out = check_output(out, force, kind="dir")
     report = progress or (lambda *a: None)
 
     report("load", 0, 1)
@@ -120,34 +124,20 @@ def convert(
         model, src = source, Source(type(source).__name__, "module")
     else:
         src = resolve_source(source)
+        check_output(out, force, [src.path], kind="dir")  # never onto, around or into the source
         if src.kind == "demo":
             model, src = load_source(src)
         else:
-            import transformers
-
-            try:
-                config = transformers.AutoConfig.from_pretrained(src.path, trust_remote_code=False, local_files_only=True)
-            except Exception as err:
-                raise SourceError(f"cannot read the config of '{src.spec}': {str(err).splitlines()[0][:200]}") from None
-            ckpt = Checkpoint(src.path, src.spec)
-            model = build_skeleton(config, model_class(config))
-            ckpt.check_shapes(model, src.spec)
-    hasher = _Hasher(src.files)
+            model, ckpt = skeleton_of(src)
+    hasher = _Hasher([] if dry_run else src.files)
     hasher.start()
     dense_params = _dense_param_count(model)
 
     config = getattr(model, "config", None)
-    implied = format_defaults(format, config)
-    if top_k is None and router is None:
-        top_k, router = implied.get("top_k", top_k), implied.get("router", router)
-    router = router or "topk"
-    top_k = top_k if top_k is not None else (1 if router == "switch" else 2)
-    if every is None and layers is None:
-        every = implied.get("every", 2)
+    recipe = recipe.with_defaults(format_defaults(format, config))
 
     report("plan", 0, 1)
-    passes = upcycle_passes(every, layers, experts=experts, top_k=top_k, router=router, normalize=normalize,
-                            noise=noise, router_init_std=router_init_std, seed=seed, capacity_factor=capacity_factor)
+    passes = upcycle_passes(recipe)
     result = PassManager(passes).run(model, example_inputs=example_inputs)
     plan, model = result.plan, result.model
     fmt, reason = choose_format(format, plan, config)
@@ -158,7 +148,9 @@ def convert(
     )
     tensors = fmt.tensors(model, plan, tensors_from)
     total = sum(t.nbytes for t in tensors)
-    check_space(out, total)
+    why = plan.why_not_preserving()
+    if dry_run:
+        return ConversionReport(out, plan, fmt.name, reason, ckpt is not None, dense_params, total, why, dry_run=True)
 
     hasher.join()
     provenance = {"spec": src.spec, "kind": src.kind, "sha256": hasher.result}
@@ -172,7 +164,6 @@ def convert(
 
     fmt.write(out, model, plan, tensors_from, manifest, source_dir=src.path, shard_size=shard_size,
               force=force, progress=on_bytes, tensors=tensors)
-    why = plan.moe.why_not_preserving() or ("--noise perturbs the expert copies" if noise > 0 else None)
     return ConversionReport(out, plan, fmt.name, reason, ckpt is not None, dense_params, total, why)
 
 

@@ -11,9 +11,11 @@ __all__ = [
     "CaptureError",
     "NoFFNFoundError",
     "OptionError",
+    "RecipeError",
     "OutputError",
     "PlanError",
     "PassError",
+    "ArgumentError",
 ]
 
 
@@ -39,6 +41,11 @@ class OptionError(SparsifyError):
     """An option is out of range or contradicts another one."""
 
 
+class RecipeError(OptionError):
+    """A recipe (a file, or `sparsify.Recipe` keys) is malformed or does not fit the model; the
+    message names the file, line and key (`moe.yaml:7: decoder.router: ...`) when there is one."""
+
+
 class OutputError(SparsifyError):
     """The output location cannot be written (exists, not writable, no space)."""
 
@@ -49,3 +56,7 @@ class PlanError(SparsifyError):
 
 class PassError(SparsifyError):
     """A pass failed on an unexpected error; names the pass and those that ran before it."""
+
+
+class ArgumentError(OptionError, TypeError):
+    """A Python API function was called with a keyword it does not take (a TypeError, as Python's own)."""

@@ -9,11 +9,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
+from .errors import PlanError
+from .layer_plan import ExpertInit, LayerPlan, RouterInit
 from .moe.config import MoEConfig
 
-__all__ = ["FFNSite", "Rejected", "UpcyclePlan", "PLAN_VERSION"]
+__all__ = ["FFNSite", "Rejected", "ExpertInit", "RouterInit", "LayerPlan", "UpcyclePlan", "PLAN_VERSION"]
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 @dataclass
@@ -75,16 +79,29 @@ class Rejected:
         return f"{self.path or '<root>'}: {self.reason}"
 
 
+
 @dataclass
 class UpcyclePlan:
-    """What to convert and how: the sites found, those selected, and the MoE settings."""
+    """What to convert and how: the sites found, those selected, and per selected site its
+    `LayerPlan` (routing, expert initialisation, router initialisation).
+
+    `sources` maps the names that experts are read from to their provenance ("base" is the
+    model being converted); `merge_base` says where the non-FFN weights come from: "base", or
+    "average" over the base and every expert source (Branch-Train-MiX). `recipe` records the
+    recipe as given. `router_weights` holds data-initialised router weights in memory (the
+    written output holds them; they are not part of the JSON form)."""
 
     sites: list[FFNSite] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     selected: list[str] = field(default_factory=list)
-    moe: MoEConfig | None = None
-    init: dict[str, Any] = field(default_factory=dict)  # noise, router_init_std, seed
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    seed: int = 0
+    selection: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    merge_base: str = "base"
     source: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    router_weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def site(self, path: str) -> FFNSite:
         """The site whose module path is `path`."""
@@ -93,11 +110,52 @@ class UpcyclePlan:
                 return s
         raise KeyError(path)
 
+    def layer(self, site: FFNSite | str) -> LayerPlan:
+        """The `LayerPlan` of a selected site."""
+        path = site if isinstance(site, str) else site.path
+        try:
+            return self.layers[path]
+        except KeyError:
+            raise PlanError(f"the plan has no MoE settings for '{path}'; run upcycle-ffn to make them") from None
+
     @property
     def selected_sites(self) -> list[FFNSite]:
         """Sites that become MoE layers, in graph order."""
         chosen = set(self.selected)
         return [s for s in self.sites if s.path in chosen]
+
+    @property
+    def moe(self) -> MoEConfig | None:
+        """The routing every MoE layer shares; None when there are none or they differ."""
+        configs = [self.layers[p].moe for p in self.selected if p in self.layers]
+        if not configs or any(c != configs[0] for c in configs[1:]):
+            return None
+        return configs[0]
+
+    def set_routing(self, config: MoEConfig) -> None:
+        """Give every MoE layer the routing `config` (its expert count must stay the same)."""
+        for path, layer in self.layers.items():
+            if config.num_experts != layer.moe.num_experts:
+                raise PlanError(f"{path} has {layer.moe.num_experts} experts; set_routing keeps expert counts")
+            layer.moe = config
+
+    def uniform(self) -> str | None:
+        """Why the MoE layers are not all alike (routing, expert size, shared expert, router
+        groups), as a format with one setting for the whole model needs; None when they are."""
+        if not self.selected_sites:
+            return "the plan converts no FFN into an MoE layer"
+        missing = [p for p in self.selected if p not in self.layers]
+        if missing:
+            return f"the plan has no MoE settings for '{missing[0]}' (run upcycle-ffn)"
+        if self.moe is None:
+            return "the MoE layers route differently (the recipe sets routing per layer)"
+        first = self.selected_sites[0]
+        shape = lambda s: (self.layer(s).expert_size(s), self.layer(s).shared.size(s) if self.layer(s).shared else 0,  # noqa: E731
+                           self.layer(s).router.groups)
+        for s in self.selected_sites[1:]:
+            if shape(s) != shape(first):
+                return f"the MoE layers differ in expert size, shared expert or router groups ({first.path}, {s.path})"
+        return None
 
     def stacks(self) -> dict[str, list[FFNSite]]:
         """Sites grouped by stack (encoder, decoder, ...), each list ordered by index."""
@@ -108,17 +166,30 @@ class UpcyclePlan:
             v.sort(key=lambda s: s.index)
         return out
 
+    def why_not_preserving(self) -> str | None:
+        """Why the converted model does not return the dense outputs at initialisation (None if
+        it does), naming the layer when the layers differ."""
+        reasons = {s.path: self.layer(s).why_not_preserving(s) for s in self.selected_sites}
+        found = {r for r in reasons.values() if r}
+        if self.merge_base != "base":
+            return "the non-FFN weights are averaged over several checkpoints"
+        if not found:
+            return None
+        if len(found) == 1 and all(reasons.values()):
+            return found.pop()
+        path, why = next((p, r) for p, r in reasons.items() if r)
+        return f"{path}: {why}"
+
     def param_counts(self, total_dense: int) -> tuple[int, int]:
         """(total, active per token) parameter counts after conversion of a model of `total_dense`."""
-        if self.moe is None:
-            return total_dense, total_dense
-        e, k = self.moe.num_experts, self.moe.top_k
         total = active = total_dense
         for s in self.selected_sites:
-            per = s.expert_param_count()
-            router = e * s.hidden_size
-            total += (e - 1) * per + router
-            active += (k - 1) * per + router
+            if s.path not in self.layers:
+                continue
+            dense = s.expert_param_count()
+            t, a = self.layer(s).param_counts(s)
+            total += t - dense
+            active += a - dense
         return total, active
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,19 +199,57 @@ class UpcyclePlan:
             "sites": [s.to_dict() for s in self.sites],
             "rejected": [asdict(r) for r in self.rejected],
             "selected": list(self.selected),
-            "moe": self.moe.to_dict() if self.moe else None,
-            "init": dict(self.init),
+            "layers": {p: layer.to_dict() for p, layer in self.layers.items()},
+            "seed": self.seed,
+            "selection": dict(self.selection),
+            "sources": {k: dict(v) for k, v in self.sources.items()},
+            "merge_base": self.merge_base,
             "source": dict(self.source),
+            "recipe": dict(self.recipe),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "UpcyclePlan":
-        """Inverse of `to_dict`."""
+        """Inverse of `to_dict`; also reads version 1 plans (one MoE setting for every layer)."""
+        if not isinstance(data, dict):
+            raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
+        try:
+            version = int(data.get("version", 1))
+            sites = [FFNSite.from_dict(s) for s in data.get("sites", [])]
+            rejected = [Rejected(**r) for r in data.get("rejected", [])]
+            selected = [str(p) for p in data.get("selected", [])]
+        except (TypeError, ValueError, AttributeError) as err:
+            raise PlanError(f"the plan's sites are malformed ({err})") from None
+        if version > PLAN_VERSION:
+            raise PlanError(f"the plan is version {version}, newer than this sparsify reads ({PLAN_VERSION}); upgrade sparsify")
+        if version == 1:
+            return cls._from_v1(data, sites, rejected, selected)
+        layers = data.get("layers", {})
+        if not isinstance(layers, dict):
+            raise PlanError("the plan's 'layers' must be an object of layer plans")
         return cls(
-            sites=[FFNSite.from_dict(s) for s in data.get("sites", [])],
-            rejected=[Rejected(**r) for r in data.get("rejected", [])],
-            selected=list(data.get("selected", [])),
-            moe=MoEConfig.from_dict(data["moe"]) if data.get("moe") else None,
-            init=dict(data.get("init", {})),
-            source=dict(data.get("source", {})),
+            sites=sites, rejected=rejected, selected=selected,
+            layers={str(p): LayerPlan.from_dict(v) for p, v in layers.items()},
+            seed=int(data.get("seed", 0)),
+            selection=dict(data.get("selection") or {}),
+            sources={str(k): dict(v) for k, v in (data.get("sources") or {}).items()},
+            merge_base=str(data.get("merge_base", "base")),
+            source=dict(data.get("source") or {}),
+            recipe=dict(data.get("recipe") or {}),
         )
+
+    @classmethod
+    def _from_v1(cls, data: dict[str, Any], sites: list[FFNSite], rejected: list[Rejected],
+                 selected: list[str]) -> "UpcyclePlan":
+        init = dict(data.get("init") or {})
+        plan = cls(sites=sites, rejected=rejected, selected=selected, seed=int(init.get("seed", 0)),
+                   selection={"every": init.get("every"), "layers": init.get("layers")},
+                   source=dict(data.get("source") or {}))
+        if data.get("moe"):
+            moe = MoEConfig.from_dict(data["moe"])
+            expert = ExpertInit(noise=float(init.get("noise", 0.0)))
+            router = RouterInit(std=float(init.get("router_init_std", 0.02)))
+            for path in selected:
+                plan.layers[path] = LayerPlan(moe, [expert] * moe.num_experts, router=router,
+                                              scheme="copy" if expert.noise == 0 else "copy+noise")
+        return plan

@@ -1,90 +1,66 @@
-"""`sparsify export SOURCE --onnx -o model.onnx`, and the printout of ONNX-native upcycling."""
+"""`sparsify export SOURCE -o model.onnx`: ONNX graphs, MoE layers fused for ONNX Runtime."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Annotated
 
 import typer
 
-from ..errors import OptionError
-from .common import human, load_any, parse_layers
-from .main import app, console, err_console
+from .main import command
+from .options import ONNX_TARGETS, Force, argument, choices
+from .output import Output
 
-__all__ = ["export", "upcycle_onnx_command"]
+__all__ = ["export"]
 
 
-@app.command()
+@command()
 def export(
-    source: str = typer.Argument(..., help="An upcycled directory (native or HF format), or any dense source upcycle accepts."),
-    onnx: bool = typer.Option(False, "--onnx", help="Export to ONNX (the export format there is)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output .onnx file; encoder-decoder models write STEM-encoder.onnx and STEM-decoder.onnx."),
-    target: str = typer.Option("ort", "--target", help="ort: MoE layers as com.microsoft.MoE where ONNX Runtime supports them; standard: portable standard ops."),
-    opset: int = typer.Option(18, "--opset", help="ONNX opset (18 to 23)."),
-    dynamic: bool = typer.Option(True, "--dynamic/--static", help="Dynamic batch and sequence axes, or the fixed --batch x --seq shape."),
-    batch: int = typer.Option(1, "--batch", help="Batch size of a --static export."),
-    seq: int = typer.Option(128, "--seq", help="Sequence length of a --static export."),
-    force: bool = typer.Option(False, "--force", help="Replace existing outputs (only once the new ones are complete)."),
+    o: Output,
+    source: Annotated[str, argument(
+        "SOURCE", "An upcycled directory (native or Hugging Face format), or any dense source upcycle accepts.")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", metavar="FILE",
+        help="Output .onnx file; encoder-decoder models write STEM-encoder.onnx and STEM-decoder.onnx.")],
+    onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX: the only format, so it may be left out.")] = False,
+    target: Annotated[str, typer.Option(
+        "--target", metavar=choices(ONNX_TARGETS),
+        help="ort: MoE layers as com.microsoft.MoE where ONNX Runtime supports them; standard: portable standard ops.")] = "ort",
+    opset: Annotated[int, typer.Option("--opset", metavar="N", help="ONNX opset, 18 to 23.")] = 18,
+    dynamic: Annotated[bool, typer.Option("--dynamic/--static",
+                                          help="Dynamic batch and sequence axes, or the fixed --batch x --seq shape.")] = True,
+    batch: Annotated[int, typer.Option("--batch", metavar="B", help="Batch size of a --static export.")] = 1,
+    seq: Annotated[int, typer.Option("--seq", metavar="S", help="Sequence length of a --static export.")] = 128,
+    force: Force = False,
 ) -> None:
-    """Export a model to ONNX, its MoE layers fused for ONNX Runtime or as standard ops."""
+    """Export a model to ONNX, MoE layers fused for ONNX Runtime.
+
+    Every MoE layer that ONNX Runtime's com.microsoft.MoE supports becomes one node (--target
+    ort); the rest, or everything with --target standard, is written in standard ops."""
     from ..onnx.export import check_export_options, export_onnx
+    from .common import cache_note, load_any
 
-    if not onnx:
-        raise OptionError("choose an export format: --onnx")
     check_export_options(target, opset, batch, seq)  # before the (slow) load
-    with err_console.status(f"loading {source}"):
-        model, _ = load_any(source)
-    with err_console.status("capturing and exporting to ONNX"):
-        shape = {"batch": batch, "seq": seq} if not dynamic else {}  # dynamic: small example inputs
-        result = export_onnx(model, out, target=target, opset=opset, dynamic=dynamic, force=force, **shape)
-    shape = "dynamic batch and sequence" if dynamic else f"static {batch} x {seq}"
-    console.print(f"[bold green]exported[/] {source} -> {', '.join(str(f) for f in result.files)}")
-    console.print(f"  opset {result.opset}, target {result.target}, {shape}")
-    for g in result.graphs:
-        console.print(f"  {g.path.name}: ({', '.join(g.inputs)}) -> {', '.join(g.outputs)}")
-        for line in g.report.lines():
-            console.print(f"    {line}", highlight=False)
-
-
-def upcycle_onnx_command(
-    source: str,
-    out: Path,
-    experts: int,
-    top_k: Optional[int],
-    router: Optional[str],
-    normalize: bool,
-    every: Optional[int],
-    layers: Optional[str],
-    capacity_factor: Optional[float],
-    noise: float,
-    seed: int,
-    force: bool,
-    target: str = "ort",
-) -> None:
-    """`sparsify upcycle model.onnx ...`: upcycle the ONNX graph and print a summary."""
-    from ..onnx.upcycle import upcycle_onnx
-
-    if every is not None and layers is not None:
-        raise OptionError("give either --every or --layers, not both")
-    layer_list: Sequence[int] | None = parse_layers(layers)
-    router = router or "topk"
-    if top_k is None:
-        top_k = 1 if router == "switch" else 2
-    result = upcycle_onnx(
-        source, out, experts=experts, top_k=top_k, every=every if every is not None else (None if layer_list else 2),
-        layers=layer_list, router=router, normalize=normalize, capacity_factor=capacity_factor, noise=noise,
-        seed=seed, target=target, force=force,
-    )
-    plan, cfg = result.plan, result.plan.moe
-    console.print(f"[bold green]upcycled[/] {source} -> {result.path}")
-    console.print(f"  FFN sites found: {len(plan.sites)} ({len(plan.rejected)} candidates rejected)")
-    console.print(f"  layers converted: {len(plan.selected)} -> {cfg.num_experts} experts, "
-                  f"router {cfg.router}, top-{cfg.top_k}")
-    console.print(f"  parameters: {human(result.total_params)} total (dense: {human(result.dense_params)})")
-    for line in result.report.lines():
-        console.print(f"  {line}", highlight=False)
-    why = cfg.why_not_preserving() or ("--noise perturbs the expert copies" if noise > 0 else None)
-    if why:
-        console.print(f"  [yellow]outputs differ from the dense graph at initialisation[/]: {why}")
-    else:
-        console.print("  outputs equal the dense graph's at initialisation")
+    o.step(f"loading {source}")
+    note = cache_note(source)
+    if note:
+        o.detail(note)
+    model, src = load_any(source)
+    o.step("exporting to ONNX: torch.export, translation, MoE fusion, onnx.checker")
+    shape = {"batch": batch, "seq": seq} if not dynamic else {}  # dynamic: small example inputs
+    result = export_onnx(model, out, target=target, opset=opset, dynamic=dynamic, force=force, sources=[src.path],
+                         **shape)
+    doc = {
+        "command": "export", "source": source, "files": [str(f) for f in result.files], "opset": result.opset,
+        "target": result.target, "dynamic": dynamic, "batch": None if dynamic else batch, "seq": None if dynamic else seq,
+        "graphs": [{"role": g.role, "file": str(g.path), "inputs": list(g.inputs), "outputs": list(g.outputs),
+                    **g.report.to_dict(), "lines": g.report.lines()} for g in result.graphs],
+    }
+    o.emit(doc)
+    o.result(f"exported {source} -> {', '.join(doc['files'])}")
+    shape_text = "dynamic batch and sequence" if dynamic else f"static {batch} x {seq}"
+    o.detail(f"  opset {doc['opset']}, target {doc['target']}, {shape_text}")
+    for g in doc["graphs"]:
+        o.detail(f"  {Path(g['file']).name}: ({', '.join(g['inputs'])}) -> {', '.join(g['outputs'])}")
+        for line in g["lines"]:
+            o.detail(f"    {line}")

@@ -1,30 +1,122 @@
-"""`sparsify verify DENSE MOE`: compare outputs on the same seeded inputs."""
+"""`sparsify verify DENSE MOE`: compare outputs on the same seeded inputs (checkpoints or ONNX graphs)."""
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Annotated, Optional
 
 import typer
 
-from ..verify import compare
-from .common import load_any
-from .main import app, console
+from .main import command
+from .options import argument
+from .output import Output
+
+__all__ = ["verify"]
 
 
-@app.command()
+@command()
 def verify(
-    dense: str = typer.Argument(..., help="The dense model (directory, hub id, or demo:NAME)."),
-    moe: str = typer.Argument(..., help="The upcycled model directory."),
-    atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance [default: 1e-5 x largest dense output]."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the test inputs."),
+    o: Output,
+    dense: Annotated[str, argument("DENSE", "The dense model (directory, hub id, demo:NAME), or a dense .onnx graph; "
+                                            "alone: an output directory whose files to check.")],
+    moe: Annotated[Optional[str], argument("MOE", "The upcycled model directory, or the upcycled .onnx graph.",
+                                           required=False)] = None,
+    atol: Annotated[Optional[float], typer.Option("--atol", metavar="A", help="Absolute tolerance.",
+                                                  show_default="1e-5 x the largest dense output")] = None,
+    seed: Annotated[int, typer.Option("--seed", metavar="S", help="Seed of the test inputs.")] = 0,
 ) -> None:
-    """Run both models on the same inputs; exit 0 within tolerance, 1 outside it."""
-    ref, _ = load_any(dense)
-    cand, _ = load_any(moe)
-    c = compare(ref, cand, seed=seed)
+    """Check that two models give the same outputs on the same inputs.
+
+    Exits 0 within the tolerance, 1 outside it. An upcycled directory is compared one MoE layer
+    at a time, in the memory of the dense model and one layer, and each of its tensors with what
+    the plan makes of the dense model. Two .onnx files are run in ONNX Runtime (CPU). Given only
+    an output directory (sparsify verify OUT): checks every file against the size and sha256 its
+    manifest records."""
+    if moe is None:
+        from ..formats.manifest import verify_output
+
+        o.step(f"hashing the files of {dense}")
+        manifest, n = verify_output(dense)
+        o.emit({"command": "verify", "out": dense, "files": n, "manifest": str(manifest), "match": True})
+        o.result(f"OK: {n} files of {dense} match the sizes and sha256 recorded in {manifest}", style="bold green")
+        return
+    onnx = [spec.endswith(".onnx") for spec in (dense, moe)]
+    if all(onnx):
+        from ..onnx.compare import compare_onnx
+
+        o.step("running both graphs in ONNX Runtime")
+        c, runtime = compare_onnx(dense, moe, seed=seed), "onnxruntime"
+    elif any(onnx):
+        from ..errors import OptionError
+
+        raise OptionError("verify compares two models or two ONNX graphs; export the model to ONNX first "
+                          "(sparsify export) or pass the checkpoint of the graph")
+    else:
+        from ..formats.registry import output_format
+        from ..io.sources import resolve_source
+        from .common import cache_note, load_any
+
+        for note in filter(None, map(cache_note, (dense, moe))):
+            o.detail(note)
+        moe_src = resolve_source(moe)
+        o.step(f"loading {dense}")
+        ref, _ = load_any(dense)
+        if moe_src.path is not None and output_format(moe_src.path):
+            from ..streaming.verify import compare_streamed
+
+            # one MoE layer's experts in memory at a time, beside the dense model
+            c, runtime = compare_streamed(ref, moe_src.path, seed=seed, progress=o.step), "torch"
+        else:
+            from ..verify import compare
+
+            o.step(f"loading {moe}")
+            cand, _ = load_any(moe)
+            o.step("running both models")
+            c, runtime = compare(ref, cand, seed=seed), "torch"
     bound = atol if atol is not None else 1e-5 * c.max_ref
-    ok = c.within(atol)
-    console.print(f"max abs diff {c.max_abs:.3e}   max rel diff {c.max_rel:.3e}   (tolerance {bound:.3e})")
-    console.print("[bold green]match[/]" if ok else "[bold red]MISMATCH[/]: outputs differ beyond the tolerance")
+    problems = list(getattr(c, "problems", []))
+    ok = c.within(atol) and not problems
+    finite = math.isfinite(c.max_abs)
+    doc = {"command": "verify", "dense": dense, "moe": moe, "runtime": runtime, "seed": seed,
+           "max_abs": c.max_abs if finite else None, "max_rel": c.max_rel if finite else None,
+           "max_ref": c.max_ref, "tolerance": bound, "match": ok,
+           "note": None if finite else "the outputs have different shapes"}
+    if hasattr(c, "layers"):  # streamed: per layer, and the tensor and config checks
+        doc.update(_streamed_doc(c))
+    o.emit(doc)
+    if finite:
+        o.detail(f"max abs diff {c.max_abs:.3e}   max rel diff {c.max_rel:.3e}   (tolerance {bound:.3e})")
+    else:
+        o.detail("the outputs have different shapes")
+    if hasattr(c, "layers"):
+        _streamed_details(o, c)
+    if ok:
+        o.result("match", style="bold green")
+    elif not c.within(atol):
+        o.result("MISMATCH: outputs differ beyond the tolerance", style="bold red")
+    else:
+        o.result(f"MISMATCH: {problems[0]}", style="bold red")
     if not ok:
         raise typer.Exit(1)
+
+
+def _streamed_doc(c) -> dict:
+    return {
+        "layers": [{"module": d.module, "max_abs": d.max_abs, "max_rel": d.max_rel, "max_ref": d.max_ref} for d in c.layers],
+        "tensors": {"checked": c.tensors_checked, "unchecked": c.tensors_unchecked,
+                    "differing": [{"name": t.name, "max_abs": t.max_abs, "max_ref": t.max_ref} for t in c.tensors_differing]},
+        "config_differing": c.config_differing,
+        "problems": c.problems,
+    }
+
+
+def _streamed_details(o: Output, c) -> None:
+    if c.layers:
+        worst = max(c.layers, key=lambda d: d.max_rel)
+        o.detail(f"{len(c.layers)} MoE layers compared with their dense FFNs one at a time; largest difference at "
+                 f"{worst.module}: max abs {worst.max_abs:.3e}, max rel {worst.max_rel:.3e}")
+    unchecked = f", {len(c.tensors_unchecked)} not determined by the dense model and the plan" if c.tensors_unchecked else ""
+    o.detail(f"{c.tensors_checked} tensors compared with what the plan makes of the dense model{unchecked}; "
+             f"{len(c.tensors_differing)} differ")
+    for line in c.problems:
+        o.detail(line, style="red")

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import abc
 import json
-import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch.nn as nn
 
-from ..io.atomic import atomic_directory
-from ..io.safetensors_io import OutputTensor, write_shards
+from ..io.atomic import atomic_directory, check_output, check_space
+from ..io.integrity import OutputFiles
+from ..io.safetensors_io import OutputTensor, parse_size, plan_shards, write_shards
 from ..io.sources import TOKENIZER_FILES
 from ..plan import UpcyclePlan
+from .manifest import MANIFEST
 from .tensors import TensorSource
 
-__all__ = ["OutputFormat", "MANIFEST"]
+__all__ = ["OutputFormat", "MANIFEST", "tokenizer_files"]
 
-MANIFEST = "sparsify.json"
+
+def tokenizer_files(source_dir: Path | None) -> list[Path]:
+    """The tokenizer files of a model directory that an output copies."""
+    if source_dir is None:
+        return []
+    return [source_dir / name for name in TOKENIZER_FILES if (source_dir / name).is_file()]
 
 
 class OutputFormat(abc.ABC):
@@ -62,8 +68,13 @@ class OutputFormat(abc.ABC):
         force: bool = False,
         progress: Callable[[int], None] | None = None,
         tensors: list[OutputTensor] | None = None,
+        sources: Iterable[Path | str | None] = (),
     ) -> Path:
-        """Write the whole output directory atomically (temporary sibling, fsync, rename)."""
+        """Write the whole output directory atomically (temporary sibling, fsync, rename).
+        `sources` are paths the model was read from besides `source_dir` (never written over).
+        `sparsify.json` lists the size and sha256 of every other file written."""
+        sources = [source_dir, *sources]
+        check_output(out, force, sources, kind="dir")
         config = self.config_dict(plan, model.config)
         tensors = tensors if tensors is not None else self.tensors(model, plan, source)
         # The config names the dtype loaders should use: that of the weights, the floating dtype
@@ -74,12 +85,18 @@ class OutputFormat(abc.ABC):
                 weights[t.dtype] = weights.get(t.dtype, 0) + t.nbytes
         if weights:
             config["dtype"] = str(max(weights, key=weights.get)).removeprefix("torch.")
-        with atomic_directory(out, force=force) as tmp:
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-            write_shards(tmp, tensors, shard_size, progress)
-            (tmp / MANIFEST).write_text(json.dumps({"format": self.name, **manifest}, indent=2))
-            if source_dir is not None:
-                for name in TOKENIZER_FILES:
-                    if (source_dir / name).is_file():
-                        shutil.copy2(source_dir / name, tmp / name)
+        config_text = json.dumps(config, indent=2, sort_keys=True, default=str)
+        tokenizer = tokenizer_files(source_dir)
+        shards = plan_shards(tensors, parse_size(shard_size))
+        # Headers, index and manifest are small next to the weights: a generous 512 bytes a tensor.
+        needed = (sum(t.nbytes for t in tensors) + 512 * len(tensors) + 8 * len(shards) + len(config_text)
+                  + sum(f.stat().st_size for f in tokenizer) + (64 << 10))
+        check_space(out, needed)
+        with atomic_directory(out, force=force, sources=sources) as tmp:
+            files = OutputFiles(tmp)
+            files.write_text("config.json", config_text)
+            write_shards(tmp, tensors, shard_size, progress, files=files)
+            for f in tokenizer:
+                files.copy(f, f.name)
+            (tmp / MANIFEST).write_text(json.dumps({"format": self.name, **manifest, "files": files.to_dict()}, indent=2))
         return Path(out)

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from ..init import canonical_shape
 from ..io.safetensors_io import OutputTensor
 from ..plan import FFNSite, UpcyclePlan
 from .tensors import TensorSource, alias_groups
@@ -27,6 +28,7 @@ __all__ = [
     "check_ffn",
     "check_routing",
     "check_layout",
+    "check_shared",
     "expert_tensors",
     "router_tensor",
     "walk_tensors",
@@ -60,14 +62,24 @@ def check_ffn(sites: list[FFNSite], form: str, activation: str, what: str) -> st
 
 
 def check_routing(plan: UpcyclePlan, name: str) -> str | None:
-    """Why the plan's routing is not dropless softmax top-k (None if it is)."""
+    """Why the plan's routing is not one dropless softmax top-k setting for every MoE layer
+    (None if it is)."""
+    why = plan.uniform()
+    if why:
+        return f"{name} has one MoE setting for the whole model, and {why}"
     moe = plan.moe
-    if moe is None or not plan.selected_sites:
-        return "the plan converts no FFN into an MoE layer (run select-layers and upcycle-ffn)"
     if moe.router != "topk":
         return f"{name} routes softmax top-k; --router {moe.router} cannot be expressed"
     if moe.capacity_factor is not None:
         return f"{name} is dropless; --capacity-factor {moe.capacity_factor} cannot be expressed"
+    return None
+
+
+def check_shared(plan: UpcyclePlan, name: str) -> str | None:
+    """Why the plan's shared experts cannot be written in a format without them (None if it has none)."""
+    site = next((s for s in plan.selected_sites if plan.layer(s).shared is not None), None)
+    if site is not None:
+        return f"{name} has no shared expert, and {site.path} has one (--shared-fraction); use qwen2-moe or native"
     return None
 
 
@@ -80,28 +92,25 @@ def check_layout(sites: list[FFNSite], pattern: str, example: str) -> str | None
     return None
 
 
-def _shape(site: FFNSite, role: str) -> tuple[int, ...]:
-    # canonical [out, in]: w1/w3 map hidden -> intermediate, w2 maps back
-    h, i = site.hidden_size, site.intermediate_size
-    return {"w1": (i, h), "w3": (i, h), "w2": (h, i), "b1": (i,), "b3": (i,), "b2": (h,)}[role]
-
-
-def expert_tensors(site: FFNSite, source: TensorSource, experts: int,
+def expert_tensors(site: FFNSite, plan: UpcyclePlan, source: TensorSource,
                    names: dict[str, Callable[[int], str]]) -> list[OutputTensor]:
-    """One tensor per expert and role; `names[role](e)` is expert e's tensor name for `role`."""
+    """One tensor per routed expert and role; `names[role](e)` is expert e's tensor name for `role`."""
+    layer = plan.layer(site)
+    size = layer.expert_size(site)
     out = []
     for role, name_of in names.items():
-        dtype, shape = source.expert_dtype(site, role), _shape(site, role)
-        for e in range(experts):
+        dtype, shape = source.expert_dtype(site, role), canonical_shape(site, role, size)
+        for e in range(layer.moe.num_experts):
             out.append(OutputTensor(name_of(e), dtype, shape, lambda r=role, e=e: [source.expert(site, r, e)]))
     return out
 
 
-def router_tensor(name: str, site: FFNSite, source: TensorSource, experts: int,
+def router_tensor(name: str, site: FFNSite, plan: UpcyclePlan, source: TensorSource,
                   dtype: torch.dtype | None = None) -> OutputTensor:
     """The router weight [E, H] under `name`, in `dtype` (default: the experts' dtype, since the
     HF MoE architectures hold the router as an ordinary Linear of the model's dtype)."""
     dtype = dtype or source.expert_dtype(site, "w1")
+    experts = plan.layer(site).moe.num_experts
     return OutputTensor(name, dtype, (experts, site.hidden_size), lambda: [source.router(site)])
 
 

@@ -20,7 +20,7 @@ from ..io.safetensors_io import OutputTensor
 from ..plan import FFNSite, UpcyclePlan
 from .base import OutputFormat
 from .hf_common import (
-    carried_config, check_ffn, check_layout, check_routing, expert_tensors, layer_of, router_tensor, walk_tensors,
+    carried_config, check_ffn, check_layout, check_routing, check_shared, expert_tensors, layer_of, router_tensor, walk_tensors,
 )
 from .tensors import TensorSource
 
@@ -42,7 +42,7 @@ class MixtralFormat(OutputFormat):
             return f"Mixtral is the Llama/Mistral architecture with MoE FFNs, and this source is {model_type!r}"
         if getattr(config, "attention_bias", False):
             return "the source's attention projections have biases, which Mixtral's attention lacks"
-        why = (check_routing(plan, "Mixtral")
+        why = (check_routing(plan, "Mixtral") or check_shared(plan, "Mixtral")
                or check_ffn(plan.selected_sites, "gated", "silu", "Mixtral experts are")
                or check_layout(plan.sites, "model.layers.{i}.mlp", f"{model_type.capitalize()}ForCausalLM"))
         if why:
@@ -64,7 +64,7 @@ class MixtralFormat(OutputFormat):
         moe = plan.moe
         kwargs = carried_config(config, transformers.MixtralConfig)
         kwargs.update(
-            intermediate_size=plan.selected_sites[0].intermediate_size,
+            intermediate_size=plan.layer(plan.selected_sites[0]).expert_size(plan.selected_sites[0]),
             num_local_experts=moe.num_experts,
             num_experts_per_tok=moe.top_k,
             router_aux_loss_coef=moe.aux_loss_coef,
@@ -75,12 +75,10 @@ class MixtralFormat(OutputFormat):
         return transformers.MixtralConfig(**kwargs).to_dict()
 
     def tensors(self, model: nn.Module, plan: UpcyclePlan, source: TensorSource) -> list[OutputTensor]:
-        e = plan.moe.num_experts
-
         def site_tensors(site: FFNSite) -> list[OutputTensor]:
             moe = f"model.layers.{layer_of(site)}.block_sparse_moe"
             # our roles are Mixtral's: w1 gate, w3 up, w2 down
             names = {role: (lambda i, r=role: f"{moe}.experts.{i}.{r}.weight") for role in ("w1", "w3", "w2")}
-            return [router_tensor(f"{moe}.gate.weight", site, source, e), *expert_tensors(site, source, e, names)]
+            return [router_tensor(f"{moe}.gate.weight", site, plan, source), *expert_tensors(site, plan, source, names)]
 
         return walk_tensors(model, plan, source, lambda name: name, site_tensors)

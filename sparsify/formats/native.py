@@ -23,14 +23,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import PlanError, SourceError
+from ..io.checkpoint import read_index
+from ..io.paths import regular_file
 from ..io.safetensors_io import OutputTensor
 from ..io.skeleton import build_skeleton, model_class
 from ..plan import UpcyclePlan
 from ..rewrite import apply_plan
-from .base import MANIFEST, OutputFormat
+from .base import OutputFormat
+from .manifest import MANIFEST, plan_of, read_output_manifest
 from .tensors import TensorSource, alias_groups
 
-__all__ = ["NativeFormat", "load_native", "assign_tensors", "read_manifest", "MANIFEST", "INDEX", "FORMAT_NAME"]
+__all__ = ["NativeFormat", "load_native", "assign_tensors", "read_manifest", "read_config", "apply_stored_plan", "MANIFEST", "INDEX", "FORMAT_NAME"]
 
 INDEX = "model.safetensors.index.json"
 FORMAT_NAME = "sparsify-native"
@@ -47,11 +50,13 @@ class NativeFormat(OutputFormat):
 
     def tensors(self, model: nn.Module, plan: UpcyclePlan, source: TensorSource) -> list[OutputTensor]:
         moe_tensors: dict[str, tuple] = {}
-        e = plan.moe.num_experts
         for site in plan.selected_sites:
-            moe_tensors[f"{site.path}.router.weight"] = (site, "router")
+            layer = plan.layer(site)
+            moe_tensors[f"{site.path}.router.weight"] = (site, "router", None)
             for role in site.weights:
-                moe_tensors[f"{site.path}.experts.{role}"] = (site, role)
+                moe_tensors[f"{site.path}.experts.{role}"] = (site, role, range(layer.moe.num_experts))
+                if layer.shared is not None:
+                    moe_tensors[f"{site.path}.shared.{role}"] = (site, role, "shared")
         out: list[OutputTensor] = []
         groups = alias_groups(model)
         for name, t in model.state_dict(keep_vars=True).items():
@@ -59,12 +64,15 @@ class NativeFormat(OutputFormat):
                 continue  # a tied tensor: stored once, under its first name
             shape = tuple(t.shape)
             if name in moe_tensors:
-                site, role = moe_tensors[name]
+                site, role, which = moe_tensors[name]
                 if role == "router":
                     out.append(OutputTensor(name, torch.float32, shape, lambda s=site: [source.router(s)]))
+                elif which == "shared":
+                    out.append(OutputTensor(name, source.expert_dtype(site, role), shape,
+                                            lambda s=site, r=role: [source.expert(s, r, "shared")]))
                 else:
                     out.append(OutputTensor(name, source.expert_dtype(site, role), shape,
-                                            lambda s=site, r=role: (source.expert(s, r, i) for i in range(e))))
+                                            lambda s=site, r=role, es=which: (source.expert(s, r, i) for i in es)))
             else:
                 out.append(OutputTensor(name, source.plain_dtype(name), shape, lambda n=name: [source.plain(n)]))
         return out
@@ -80,29 +88,25 @@ class NativeFormat(OutputFormat):
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The `sparsify.json` of an upcycled directory."""
+    """The validated `sparsify.json` of a native output directory (file sizes checked)."""
     path = Path(path)
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise SourceError(f"'{path}' has no {MANIFEST}; it is not a model written by sparsify") from None
-    except json.JSONDecodeError as err:
-        raise SourceError(f"'{path / MANIFEST}' is not valid JSON ({err.msg}); the output is damaged") from None
-    if manifest.get("format") != FORMAT_NAME:
-        raise SourceError(f"'{path}' is in the {manifest.get('format')!r} format; load it with transformers")
+    manifest = read_output_manifest(path)
+    if manifest["format"] != FORMAT_NAME:
+        raise SourceError(f"'{path}' is in the {manifest['format']!r} format; load it with transformers")
     return manifest
 
 
 def _read_shards(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        index = json.loads((path / INDEX).read_text())
-    except FileNotFoundError:
-        raise SourceError(f"'{path}' has no {INDEX}; the output is incomplete") from None
+    index = path / INDEX
+    if not (index.exists() or index.is_symlink()):
+        raise SourceError(f"'{path}' has no {INDEX}; the output is incomplete")
+    weight_map = read_index(index, str(path), fix="write the output again")
     tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(index["weight_map"].values())):
+    for shard in sorted(set(weight_map.values())):
         f = path / shard
-        if not f.is_file():
+        if not (f.exists() or f.is_symlink()):
             raise SourceError(f"shard '{shard}' listed in {INDEX} is missing from '{path}'")
+        regular_file(f, "weights file")
         try:
             loaded = load_file(f)
         except (SafetensorError, OSError) as err:
@@ -116,9 +120,19 @@ def _read_shards(path: Path) -> dict[str, torch.Tensor]:
 def assign_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], path: Path) -> None:
     """Assign `tensors` (stored names; aliases per the manifest) to a skeleton with the plan
     applied, tie weights, and refuse anything unexpected or missing."""
-    for alias, stored in manifest.get("aliases", {}).items():
+    aliases = manifest.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+        raise SourceError(f"'{path / MANIFEST}' has a damaged 'aliases' entry; the output is damaged, write it again")
+    for alias, stored in aliases.items():
+        if stored not in tensors:
+            raise SourceError(f"'{path}' lacks tensor '{stored}' that '{alias}' is tied to; the checkpoint is incomplete")
         tensors[alias] = tensors[stored]
-    result = model.load_state_dict(tensors, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as err:  # size mismatches: the plan says other shapes than the weights have
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err).splitlines()[0])
+        raise PlanError(f"the weights of '{path}' do not fit its plan ({detail[:200]}); "
+                        "sparsify.json or the weights were changed, write the output again") from None
     if result.unexpected_keys:
         raise PlanError(f"'{path}' holds tensor '{result.unexpected_keys[0]}' that the plan's model lacks; "
                         "the plan does not match the weights")
@@ -131,16 +145,42 @@ def assign_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], manifest:
 
 def load_native(path: str | Path) -> nn.Module:
     """Rebuild a model written in the native format: skeleton, plan applied, weights assigned."""
-    import transformers
-
     path = Path(path)
     manifest = read_manifest(path)
-    plan = UpcyclePlan.from_dict(manifest["plan"])
-    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    plan = plan_of(manifest, path / MANIFEST)
+    config = read_config(path)
     model = build_skeleton(config, model_class(config))
-    apply_plan(model, plan, copy_weights=False)
+    apply_stored_plan(model, plan, path)
     assign_tensors(model, _read_shards(path), manifest, path)
     model.eval()
     model.sparsify_plan = plan
     model.sparsify_source = manifest.get("source", {})
+    model.sparsify_loaded_from = path
     return model
+
+
+def apply_stored_plan(model: nn.Module, plan: UpcyclePlan, path: Path) -> nn.Module:
+    """`apply_plan` for a plan read from `path`: a plan that does not fit the architecture (an
+    edited sparsify.json) is a one-line error."""
+    from ..errors import SparsifyError
+
+    try:
+        return apply_plan(model, plan, copy_weights=False)
+    except SparsifyError:
+        raise
+    except (KeyError, AttributeError, TypeError, ValueError, IndexError, RuntimeError) as err:
+        detail = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+        raise PlanError(f"the plan in '{path / MANIFEST}' does not fit the model of its config.json ({detail}); "
+                        "the output is damaged, write it again") from None
+
+
+def read_config(path: Path) -> Any:
+    """The transformers config of an output directory, or a one-line error."""
+    import transformers
+
+    regular_file(path / "config.json", "config file")
+    try:
+        return transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise SourceError(f"cannot read the config of '{path}': {first}; the output is damaged, write it again") from None

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..init import canonical_shape
 from ..io.safetensors_io import OutputTensor
 from ..plan import FFNSite, UpcyclePlan
 from .base import OutputFormat
 from .hf_common import (
-    carried_config, check_ffn, check_layout, check_routing, expert_tensors, layer_of, router_tensor, walk_tensors,
+    carried_config, check_ffn, check_layout, check_routing, check_shared, expert_tensors, layer_of, router_tensor, walk_tensors,
 )
 from .tensors import TensorSource
 
@@ -57,6 +58,10 @@ class QwenMoEFormat(OutputFormat):
         layer_types = getattr(config, "layer_types", None) or []
         if model_type == "qwen3" and len(set(layer_types)) > 1:
             return "this Qwen3 mixes sliding-window and full-attention layers, and Qwen3-MoE applies one window to all"
+        if model_type == "qwen3":
+            why = check_shared(plan, "Qwen3-MoE")
+            if why:
+                return why
         return (check_routing(plan, "Qwen-MoE")
                 or check_ffn(plan.selected_sites, "gated", "silu", "Qwen-MoE experts are")
                 or check_layout(plan.sites, "model.layers.{i}.mlp", f"{model_type.capitalize()}ForCausalLM"))
@@ -72,10 +77,11 @@ class QwenMoEFormat(OutputFormat):
         config_cls, model_cls, extra = TARGETS[config.model_type]
         config_cls = getattr(transformers, config_cls)
         moe, sites = plan.moe, plan.selected_sites
-        step, dense = sparse_step_layout(config.num_hidden_layers, {layer_of(s) for s in sites}, plan.init.get("every"))
+        layer = plan.layer(sites[0])
+        step, dense = sparse_step_layout(config.num_hidden_layers, {layer_of(s) for s in sites}, plan.selection.get("every"))
         kwargs = carried_config(config, config_cls, extra)
         kwargs.update(
-            moe_intermediate_size=sites[0].intermediate_size,
+            moe_intermediate_size=layer.expert_size(sites[0]),
             num_experts=moe.num_experts,
             num_experts_per_tok=moe.top_k,
             norm_topk_prob=moe.normalize,
@@ -86,31 +92,46 @@ class QwenMoEFormat(OutputFormat):
             architectures=[model_cls],
         )
         if config.model_type == "qwen2":
-            kwargs["shared_expert_intermediate_size"] = 0
+            kwargs["shared_expert_intermediate_size"] = layer.shared.size(sites[0]) if layer.shared else 0
         if config.model_type == "qwen3":
             # Qwen3 slides only from max_window_layers on; Qwen3-MoE slides in every layer or none
             kwargs["use_sliding_window"] = set(getattr(config, "layer_types", None) or []) == {"sliding_attention"}
         return config_cls(**kwargs).to_dict()
 
     def tensors(self, model: nn.Module, plan: UpcyclePlan, source: TensorSource) -> list[OutputTensor]:
-        e = plan.moe.num_experts
-        shared = model.config.model_type == "qwen2"
+        qwen2 = model.config.model_type == "qwen2"
 
         def site_tensors(site: FFNSite) -> list[OutputTensor]:
             mlp = f"model.layers.{layer_of(site)}.mlp"
-            proj = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-            names = {role: (lambda i, p=p: f"{mlp}.experts.{i}.{p}.weight") for role, p in proj.items()}
-            out = [router_tensor(f"{mlp}.gate.weight", site, source, e), *expert_tensors(site, source, e, names)]
-            if shared:
-                out.extend(_empty_shared_expert(mlp, site, source.expert_dtype(site, "w1")))
+            names = {role: (lambda i, p=p: f"{mlp}.experts.{i}.{p}.weight") for role, p in _PROJ.items()}
+            out = [router_tensor(f"{mlp}.gate.weight", site, plan, source), *expert_tensors(site, plan, source, names)]
+            if qwen2:
+                out.extend(_shared_expert(mlp, site, plan, source))
             return out
 
         return walk_tensors(model, plan, source, lambda name: name, site_tensors)
 
 
-def _empty_shared_expert(mlp: str, site: FFNSite, dtype: torch.dtype) -> list[OutputTensor]:
-    h = site.hidden_size
-    shapes = {"shared_expert.gate_proj": (0, h), "shared_expert.up_proj": (0, h), "shared_expert.down_proj": (h, 0),
-              "shared_expert_gate": (1, h)}
-    return [OutputTensor(f"{mlp}.{n}.weight", dtype, s, lambda s=s: [torch.zeros(s, dtype=dtype)])
-            for n, s in shapes.items()]
+_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def _shared_expert(mlp: str, site: FFNSite, plan: UpcyclePlan, source: TensorSource) -> list[OutputTensor]:
+    """Qwen2-MoE's shared expert and its gate. The block adds sigmoid(gate(x)) * shared(x): a gate
+    of zeros makes that factor exactly 0.5, so the down projection is written doubled (exact in
+    binary floating point) and the sum equals the plan's shared expert. Without one, zero-size
+    projections, whose output is exactly zero."""
+    h, dtype = site.hidden_size, source.expert_dtype(site, "w1")
+    gate = OutputTensor(f"{mlp}.shared_expert_gate.weight", dtype, (1, h), lambda: [torch.zeros(1, h, dtype=dtype)])
+    shared = plan.layer(site).shared
+    if shared is None:
+        shapes = {"w1": (0, h), "w3": (0, h), "w2": (h, 0)}
+        return [*(OutputTensor(f"{mlp}.shared_expert.{p}.weight", dtype, shapes[r],
+                               lambda s=shapes[r]: [torch.zeros(s, dtype=dtype)]) for r, p in _PROJ.items()), gate]
+    size = shared.size(site)
+
+    def produce(role: str):
+        value = source.expert(site, role, "shared")
+        return [value * 2 if role == "w2" else value]
+
+    return [*(OutputTensor(f"{mlp}.shared_expert.{p}.weight", source.expert_dtype(site, r), canonical_shape(site, r, size),
+                           lambda r=r: produce(r)) for r, p in _PROJ.items()), gate]

@@ -74,32 +74,39 @@ def output_format(path) -> str | None:
     from pathlib import Path
 
     manifest = Path(path) / "sparsify.json"
-    try:
-        return json.loads(manifest.read_text()).get("format")
-    except (OSError, json.JSONDecodeError):
+    if not (manifest.exists() or manifest.is_symlink()):
         return None
+    try:
+        data = json.loads(manifest.read_text()) if manifest.is_file() else None
+    except (OSError, ValueError):
+        data = None
+    if data is None:
+        return "damaged"  # loading it reports the damage
+    fmt = data.get("format") if isinstance(data, dict) else None
+    return fmt if isinstance(fmt, str) else "damaged"
 
 
 def load_hf_output(path):
     """A sparsify output in a Hugging Face format, loaded by its transformers class, with the plan
     it was made by attached as `sparsify_plan`."""
-    import json
     from pathlib import Path
-
-    import transformers
 
     from ..errors import SourceError
     from ..io.skeleton import model_class
+    from .manifest import MANIFEST, plan_of, read_output_manifest
+    from .native import read_config
 
     path = Path(path)
-    manifest = json.loads((path / "sparsify.json").read_text())
-    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    manifest = read_output_manifest(path)
+    plan = plan_of(manifest, path / MANIFEST)
+    config = read_config(path)
     try:
         model = model_class(config).from_pretrained(path, dtype="auto", trust_remote_code=False, local_files_only=True)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise SourceError(f"cannot load '{path}' ({manifest.get('format')} format): {first}") from None
     model.eval()
-    model.sparsify_plan = UpcyclePlan.from_dict(manifest["plan"])
+    model.sparsify_plan = plan
     model.sparsify_source = manifest.get("source", {})
+    model.sparsify_loaded_from = path
     return model

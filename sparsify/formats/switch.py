@@ -23,7 +23,9 @@ import torch.nn as nn
 from ..io.safetensors_io import OutputTensor
 from ..plan import FFNSite, UpcyclePlan
 from .base import OutputFormat
-from .hf_common import carried_config, check_ffn, check_layout, expert_tensors, layer_of, router_tensor, walk_tensors
+from .hf_common import (
+    carried_config, check_ffn, check_layout, check_shared, expert_tensors, layer_of, router_tensor, walk_tensors,
+)
 from .tensors import TensorSource
 
 __all__ = ["SwitchFormat", "switch_sparse_layers", "DROPLESS_CAPACITY", "CAPACITY_SEQUENCE"]
@@ -66,8 +68,12 @@ class SwitchFormat(OutputFormat):
         model_type = getattr(config, "model_type", None)
         if model_type != "t5":
             return f"SwitchTransformers is T5 with MoE FFNs, and this source is {model_type!r}"
-        if plan.moe is None or not plan.selected_sites:
-            return "the plan converts no FFN into an MoE layer (run select-layers and upcycle-ffn)"
+        why = plan.uniform()
+        if why:
+            return f"SwitchTransformers has one MoE setting for the whole model, and {why}"
+        why = check_shared(plan, "SwitchTransformers") or self._expert_size(plan)
+        if why:
+            return why
         gated = next((s for s in plan.selected_sites if s.form == "gated"), None)
         if gated is not None:
             return (f"SwitchTransformers has no gated FFN (its experts are T5 v1.0's relu wi/wo), and this T5's "
@@ -90,6 +96,17 @@ class SwitchFormat(OutputFormat):
                 got = ",".join(map(str, sorted(sparse))) or "none"
                 return (f"SwitchTransformers makes every block or every other block from block 1 sparse, "
                         f"and this plan converts {stack} blocks {got} of {counts[stack]}; use --every 2 or --every 1")
+        return None
+
+    @staticmethod
+    def _expert_size(plan: UpcyclePlan) -> str | None:
+        # one d_ff serves the dense and the sparse blocks
+        site = plan.selected_sites[0]
+        size = plan.layer(site).expert_size(site)
+        dense = [s for s in plan.sites if s.path not in set(plan.selected)]
+        if dense and size != site.intermediate_size:
+            return (f"SwitchTransformers has one d_ff for dense and sparse blocks, and these experts hold {size} of "
+                    f"the FFN's {site.intermediate_size} neurons while {len(dense)} blocks stay dense; use --every 1")
         return None
 
     @staticmethod
@@ -123,7 +140,7 @@ class SwitchFormat(OutputFormat):
             capacity = math.ceil(moe.capacity_factor * CAPACITY_SEQUENCE / moe.num_experts)
         kwargs = carried_config(config, transformers.SwitchTransformersConfig, extra=("decoder_start_token_id",))
         kwargs.update(
-            d_ff=plan.selected_sites[0].intermediate_size,
+            d_ff=plan.layer(plan.selected_sites[0]).expert_size(plan.selected_sites[0]),
             dense_act_fn="relu",
             num_experts=moe.num_experts,
             num_sparse_encoder_layers=len(sparse["encoder"]),
@@ -141,14 +158,12 @@ class SwitchFormat(OutputFormat):
         return transformers.SwitchTransformersConfig(**kwargs).to_dict()
 
     def tensors(self, model: nn.Module, plan: UpcyclePlan, source: TensorSource) -> list[OutputTensor]:
-        e = plan.moe.num_experts
-
         def site_tensors(site: FFNSite) -> list[OutputTensor]:
             mlp = site.path.removesuffix(".DenseReluDense") + ".mlp"
             names = {"w1": lambda i: f"{mlp}.experts.expert_{i}.wi.weight",
                      "w2": lambda i: f"{mlp}.experts.expert_{i}.wo.weight"}
             # float32 as the config's router_dtype says (the paper's selective precision)
-            router = router_tensor(f"{mlp}.router.classifier.weight", site, source, e, torch.float32)
-            return [router, *expert_tensors(site, source, e, names)]
+            router = router_tensor(f"{mlp}.router.classifier.weight", site, plan, source, torch.float32)
+            return [router, *expert_tensors(site, plan, source, names)]
 
         return walk_tensors(model, plan, source, lambda name: name.replace(".DenseReluDense.", ".mlp."), site_tensors)

@@ -18,10 +18,10 @@ import torch
 import torch.nn as nn
 
 from ..errors import SourceError
-from ..init import router_weight
+from ..init import expert_weight, router_init_weight
 from ..io.checkpoint import Checkpoint
 from ..plan import FFNSite, UpcyclePlan
-from ..rewrite import canonical_weight, noisy_copy
+from ..rewrite import canonical_weight
 
 __all__ = ["TensorSource", "ModelTensors", "SourceTensors", "alias_groups"]
 
@@ -46,8 +46,9 @@ class TensorSource(abc.ABC):
         """dtype of `plain(name)` without reading it."""
 
     @abc.abstractmethod
-    def expert(self, site: FFNSite, role: str, e: int) -> torch.Tensor:
-        """Expert e's weight `role` (w1/w2/w3/b1/b2/b3) in canonical layout ([out, in])."""
+    def expert(self, site: FFNSite, role: str, e: int | str) -> torch.Tensor:
+        """Expert e's weight `role` (w1/w2/w3/b1/b2/b3) in canonical layout ([out, in]);
+        `e="shared"` is the layer's shared expert."""
 
     @abc.abstractmethod
     def expert_dtype(self, site: FFNSite, role: str) -> torch.dtype:
@@ -75,8 +76,11 @@ class ModelTensors(TensorSource):
     def plain_dtype(self, name: str) -> torch.dtype:
         return _cast_dtype(self.state[name].dtype, self.dtype)
 
-    def expert(self, site: FFNSite, role: str, e: int) -> torch.Tensor:
-        return getattr(self.model.get_submodule(site.path).experts, role)[e].detach()
+    def expert(self, site: FFNSite, role: str, e: int | str) -> torch.Tensor:
+        moe = self.model.get_submodule(site.path)
+        if e == "shared":
+            return getattr(moe.shared, role).detach()
+        return getattr(moe.experts, role)[e].detach()
 
     def expert_dtype(self, site: FFNSite, role: str) -> torch.dtype:
         return _cast_dtype(getattr(self.model.get_submodule(site.path).experts, role).dtype, self.dtype)
@@ -86,23 +90,27 @@ class ModelTensors(TensorSource):
 
 
 class SourceTensors(TensorSource):
-    """Tensors produced from a dense checkpoint and the plan, optionally cast to `dtype`."""
+    """Tensors produced from dense checkpoints and the plan, optionally cast to `dtype`.
 
-    def __init__(self, checkpoint: Checkpoint, plan: UpcyclePlan, model: nn.Module, dtype: torch.dtype | None = None):
+    `checkpoint` is the base; `sources` maps the plan's other expert sources to theirs. Each
+    expert tensor is made by `sparsify.init.expert_weight` from the one dense buffer last read,
+    so writing all of a role's experts reads the source weight once."""
+
+    def __init__(self, checkpoint: Checkpoint, plan: UpcyclePlan, model: nn.Module, dtype: torch.dtype | None = None,
+                 sources: dict[str, Checkpoint] | None = None):
         self.ckpt, self.plan, self.dtype = checkpoint, plan, dtype
+        self.checkpoints = {"base": checkpoint, **(sources or {})}
         self.aliases = alias_groups(model)
         self.prefix = getattr(model, "base_model_prefix", "") or ""
-        init = plan.init
-        self.noise, self.seed = float(init.get("noise", 0.0)), int(init.get("seed", 0))
-        self.std = float(init.get("router_init_std", 0.02))
-        self._cached: tuple[str, torch.Tensor] | None = None
+        self._cached: tuple[tuple[str, str], torch.Tensor] | None = None
 
-    def _source_name(self, name: str) -> str:
+    def _source_name(self, name: str, ckpt: Checkpoint | None = None) -> str:
+        ckpt = ckpt or self.ckpt
         for candidate in self.aliases.get(name, [name]):
             for n in (candidate, f"{self.prefix}.{candidate}", candidate.removeprefix(f"{self.prefix}.")):
-                if n in self.ckpt:
+                if n in ckpt:
                     return n
-        raise SourceError(f"checkpoint '{self.ckpt.path}' lacks tensor '{name}' that the config requires")
+        raise SourceError(f"checkpoint '{ckpt.path}' lacks tensor '{name}' that the config requires")
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
@@ -113,23 +121,28 @@ class SourceTensors(TensorSource):
     def plain_dtype(self, name: str) -> torch.dtype:
         return _cast_dtype(self.ckpt.dtype(self._source_name(name)), self.dtype)
 
-    def _canonical(self, site: FFNSite, role: str) -> torch.Tensor:
+    def _checkpoint(self, source: str) -> Checkpoint:
+        try:
+            return self.checkpoints[source]
+        except KeyError:
+            raise SourceError(f"the plan reads experts from '{source}', which was not given") from None
+
+    def _dense(self, site: FFNSite, role: str, source: str) -> torch.Tensor:
         # One source buffer serves all E experts: keep the last one read.
-        name = site.weights[role]
-        if self._cached is None or self._cached[0] != name:
+        ckpt = self._checkpoint(source)
+        key = (source, self._source_name(site.weights[role], ckpt))
+        if self._cached is None or self._cached[0] != key:
             self._cached = None  # release the previous buffer before reading the next
-            value = canonical_weight(site, role, self.ckpt.read(name)).contiguous()
-            self._cached = (name, self._cast(value))
+            self._cached = (key, self._cast(canonical_weight(site, role, ckpt.read(key[1])).contiguous()))
         return self._cached[1]
 
-    def expert(self, site: FFNSite, role: str, e: int) -> torch.Tensor:
-        value = self._canonical(site, role)
-        if self.noise > 0 and role.startswith("w"):
-            return noisy_copy(value, site, role, e, self.noise, self.seed)
-        return value
+    def expert(self, site: FFNSite, role: str, e: int | str) -> torch.Tensor:
+        layer = self.plan.layer(site)
+        init = layer.shared if e == "shared" else layer.experts[e]
+        return expert_weight(site, layer, e, role, self._dense(site, role, init.source), self.plan.seed)
 
     def expert_dtype(self, site: FFNSite, role: str) -> torch.dtype:
-        return _cast_dtype(self.ckpt.dtype(site.weights[role]), self.dtype)
+        return _cast_dtype(self.ckpt.dtype(self._source_name(site.weights[role])), self.dtype)
 
     def router(self, site: FFNSite) -> torch.Tensor:
-        return router_weight(site.path, self.plan.moe.num_experts, site.hidden_size, self.std, self.seed)
+        return router_init_weight(self.plan, site)

@@ -1,17 +1,67 @@
 """A source checkpoint directory read one tensor at a time (safetensors, or `.bin` via
-`torch.load(weights_only=True, mmap=True)`), with its problems reported up front."""
+`torch.load(weights_only=True, mmap=True)`), with its problems reported up front.
+
+The weight files are exactly those transformers would load: the files an index names
+(`model.safetensors.index.json`, else `pytorch_model.bin.index.json`), else the single
+`model.safetensors`, else `pytorch_model.bin`. Other files beside them (a stray
+`x.safetensors`, an adapter) are never read, so they cannot override a weight.
+"""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import pickle
+from pathlib import Path, PurePosixPath
 
 import torch
 
 from ..errors import SourceError
+from .paths import regular_file
 from .safetensors_io import SafetensorsFile
 
-__all__ = ["Checkpoint"]
+__all__ = ["Checkpoint", "weight_files", "read_index", "SAFETENSORS_INDEX", "SAFETENSORS_SINGLE", "BIN_INDEX", "BIN_SINGLE"]
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+
+def _present(path: Path) -> bool:
+    return path.exists() or path.is_symlink()  # a dangling link is present (and refused later)
+
+
+def read_index(index: Path, spec: str, fix: str = "re-download the model") -> dict[str, str]:
+    """The `weight_map` of an index file (tensor -> file name), each file a plain name inside
+    the checkpoint directory; `fix` ends the error messages."""
+    regular_file(index, "index file")
+    try:
+        data = json.loads(index.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SourceError(f"'{index}' is not valid JSON ({err}); {fix}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise SourceError(f"'{index}' has no 'weight_map' object of tensor names to file names; {fix}")
+    for file in set(weight_map.values()):
+        p = PurePosixPath(file)
+        if not file or p.is_absolute() or ".." in p.parts or "\\" in file:
+            raise SourceError(f"'{index}' names weight file '{file}', which lies outside the model directory; "
+                              "only files inside it are read")
+    return weight_map
+
+
+def weight_files(path: Path, spec: str | None = None) -> tuple[list[Path], dict[str, str] | None]:
+    """The weight files transformers would load from directory `path`, and the index's
+    weight map when there is one. Empty when the directory holds none."""
+    spec = spec or str(path)
+    for index_name, single in ((SAFETENSORS_INDEX, SAFETENSORS_SINGLE), (BIN_INDEX, BIN_SINGLE)):
+        index = path / index_name
+        if _present(index):
+            weight_map = read_index(index, spec)
+            return [path / f for f in sorted(set(weight_map.values()))], weight_map
+        if _present(path / single):
+            return [path / single], None
+    return [], None
 
 
 class Checkpoint:
@@ -22,29 +72,29 @@ class Checkpoint:
         spec = spec or str(path)
         self._st: dict[str, SafetensorsFile] = {}
         self._bin: dict[str, torch.Tensor] = {}
-        files = sorted(self.path.glob("*.safetensors"))
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            listed = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-            missing = [f for f in listed if not (self.path / f).is_file()]
-            if missing:
-                raise SourceError(f"'{spec}': shard '{missing[0]}' is listed in {index.name} but missing; re-download the model")
-            files = [self.path / f for f in listed]
-        if files:
-            for f in files:
-                sf = SafetensorsFile(f)
-                for name in sf.tensors:
-                    self._st[name] = sf
+        files, weight_map = weight_files(self.path, spec)
+        if not files:
+            stray = sorted(p.name for p in self.path.glob("*.safetensors"))
+            hint = f" (found {stray[0]}, which transformers would not load either)" if stray else ""
+            raise SourceError(f"'{spec}' has no weights: no {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} or {BIN_SINGLE}{hint}")
+        for f in files:
+            if not _present(f):  # only an index can name a file that is not there
+                index = SAFETENSORS_INDEX if f.name.endswith(".safetensors") else BIN_INDEX
+                raise SourceError(f"'{spec}': shard '{f.name}' is listed in {index} but missing; re-download the model")
+            regular_file(f, "weights file")
+        self.files = files
+        if files[0].name.endswith(".safetensors"):
+            opened = {f.name: SafetensorsFile(f) for f in files}
+            names = weight_map or {name: files[0].name for name in opened[files[0].name].tensors}
+            for name, file in names.items():
+                sf = opened[file]
+                if name not in sf.tensors:
+                    raise SourceError(f"'{spec}': the index places tensor '{name}' in '{file}', which does not hold it; "
+                                      "re-download the model")
+                self._st[name] = sf
             return
-        bins = sorted(self.path.glob("pytorch_model*.bin"))
-        if not bins:
-            raise SourceError(f"'{spec}' has no weights (*.safetensors or pytorch_model*.bin)")
-        for f in bins:
-            try:
-                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as err:
-                raise SourceError(f"cannot read '{f}' ({type(err).__name__}); the file is truncated or corrupt") from None
-            self._bin.update(state)
+        for f in files:
+            self._bin.update(_load_bin(f))
 
     def __contains__(self, name: str) -> bool:
         return name in self._st or name in self._bin
@@ -61,11 +111,13 @@ class Checkpoint:
         """dtype of tensor `name`."""
         return self._st[name].tensors[name].dtype if name in self._st else self._bin[name].dtype
 
-    def read(self, name: str) -> torch.Tensor:
-        """Tensor `name` in memory (only this one)."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor `name` in memory (only this one), or its rows `rows = (start, stop)` along
+        the first dimension (reading only those, from safetensors)."""
         if name in self._st:
-            return self._st[name].read(name)
-        return self._bin[name].contiguous().clone()
+            return self._st[name].read(name, rows)
+        t = self._bin[name]
+        return (t if rows is None else t[rows[0]:rows[1]]).contiguous().clone()
 
     def check_shapes(self, model: torch.nn.Module, spec: str) -> None:
         """Refuse a checkpoint whose tensors disagree in shape with `model` (meta or real)."""
@@ -79,7 +131,19 @@ class Checkpoint:
                     "the weights do not match config.json"
                 )
 
-    @property
-    def files(self) -> list[Path]:
-        """The weight files."""
-        return sorted({sf.path for sf in self._st.values()}) if self._st else sorted(self.path.glob("pytorch_model*.bin"))
+
+def _load_bin(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():
+            raise SourceError(f"cannot read '{f}' (UnpicklingError); the file is truncated or corrupt") from None
+        why = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                   "it holds objects other than tensors")
+        raise SourceError(f"'{f}': an unsafe pickle was refused: {why.rstrip('.')}; .bin files are loaded only with "
+                          "torch.load(weights_only=True), which runs no code; convert it to safetensors where you trust it") from None
+    except Exception as err:
+        raise SourceError(f"cannot read '{f}' ({type(err).__name__}); the file is truncated or corrupt") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise SourceError(f"'{f}' is not a state dict of tensors; pass a checkpoint saved by save_pretrained")
+    return state

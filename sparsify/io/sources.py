@@ -19,10 +19,13 @@ import torch.nn as nn
 
 from ..errors import SourceError
 from .demo import DEMOS, build_demo
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, weight_files
+from .hub_cache import cached_alias, describe_cache
+from .paths import regular_file
 from .skeleton import build_skeleton, model_class
 
-__all__ = ["Source", "load_source", "resolve_source", "WEIGHT_PATTERNS", "TOKENIZER_FILES", "sha256_files"]
+__all__ = ["Source", "load_source", "resolve_source", "skeleton_of", "read_config", "WEIGHT_PATTERNS", "TOKENIZER_FILES",
+           "sha256_files"]
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = (
@@ -59,8 +62,11 @@ def sha256_files(files: list[Path]) -> dict[str, str]:
 
 
 def _weight_files(path: Path) -> list[Path]:
-    st = sorted(path.glob("*.safetensors"))
-    return st if st else sorted(path.glob("pytorch_model*.bin"))
+    # Resolving reads no weights; a damaged index is reported when the weights are read.
+    try:
+        return weight_files(path)[0]
+    except SourceError:
+        return []
 
 
 def _resolve_hub(repo_id: str) -> Path:
@@ -74,15 +80,20 @@ def _resolve_hub(repo_id: str) -> Path:
         pass
     except Exception as err:  # invalid repo id and the like
         raise SourceError(f"'{repo_id}' is neither a local path nor a valid hub id ({err})") from None
+    alias = cached_alias(repo_id)  # cached under its legacy or its current id
+    if alias is not None:
+        return Path(snapshot_download(alias, allow_patterns=patterns, local_files_only=True))
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     hint = f"download '{repo_id}' where the hub is reachable or pass the path of a local model directory"
     if offline:
-        raise SourceError(f"'{repo_id}' is not a local path and is not in the Hugging Face cache (HF_HUB_OFFLINE is set); {hint}")
+        raise SourceError(f"'{repo_id}' is not a local path and is not in the Hugging Face cache (HF_HUB_OFFLINE is set; "
+                          f"{describe_cache(repo_id)}); {hint}")
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as err:
         reason = type(err).__name__
-        raise SourceError(f"'{repo_id}' is not a local path and could not be fetched from the hub ({reason}); {hint}") from None
+        raise SourceError(f"'{repo_id}' is not a local path and could not be fetched from the hub ({reason}; "
+                          f"{describe_cache(repo_id)}); {hint}") from None
 
 
 def resolve_source(spec: str) -> Source:
@@ -96,8 +107,10 @@ def resolve_source(spec: str) -> Source:
     if path.exists():
         if not path.is_dir():
             raise SourceError(f"'{spec}' is a file; pass a model directory in Hugging Face layout (with config.json)")
-        if not (path / "config.json").is_file():
+        config = path / "config.json"
+        if not (config.exists() or config.is_symlink()):
             raise SourceError(f"'{spec}' has no config.json; pass a model directory in Hugging Face layout")
+        regular_file(config, "config file")  # a pipe would block the reader
         return Source(spec, "dir", path, _weight_files(path))
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
     if looks_like_path or not _HUB_ID.match(spec):
@@ -112,22 +125,43 @@ def is_native(path: Path | None) -> bool:
     """True when `path` is a directory in sparsify's native format (see sparsify.formats.native).
     Outputs in Hugging Face formats carry a sparsify.json too, naming their format."""
     manifest = path / "sparsify.json" if path is not None else None
-    if manifest is None or not manifest.is_file():
+    if manifest is None or not (manifest.exists() or manifest.is_symlink()):
         return False
-    try:
-        return json.loads(manifest.read_text()).get("format") == "sparsify-native"
-    except (json.JSONDecodeError, OSError):
+    if not manifest.is_file():
         return True  # damaged: reading it as native reports the damage
+    try:
+        data = json.loads(manifest.read_text())
+    except (ValueError, OSError):
+        return True  # damaged: reading it as native reports the damage
+    return not isinstance(data, dict) or data.get("format") in ("sparsify-native", None)
+
+
+def read_config(path: Path, spec: str):
+    """The transformers config of the model directory `path` (never remote code)."""
+    import transformers
+
+    try:
+        return transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    except Exception as err:
+        raise SourceError(f"cannot read the config of '{spec}': {str(err).splitlines()[0][:200]}") from None
+
+
+def skeleton_of(src: Source) -> tuple[nn.Module, Checkpoint | None]:
+    """The architecture of a demo, directory or hub source with meta parameters, and its
+    checkpoint (headers read, shapes checked against the architecture; None for a demo): what
+    planning and inspecting need, without the weights."""
+    if src.kind == "demo":
+        return build_skeleton(DEMOS[src.spec[len("demo:"):]]()), None
+    config = read_config(src.path, src.spec)
+    ckpt = Checkpoint(src.path, src.spec)
+    model = build_skeleton(config, model_class(config))
+    ckpt.check_shapes(model, src.spec)
+    return model, ckpt
 
 
 def load_pretrained(path: Path, spec: str) -> nn.Module:
     """A dense transformers model from a local directory, every tensor checked present."""
-    import transformers
-
-    try:
-        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
-    except Exception as err:
-        raise SourceError(f"cannot read the config of '{spec}': {str(err).splitlines()[0][:200]}") from None
+    config = read_config(path, spec)
     cls = model_class(config)
     # Headers, shards and shapes are checked before transformers reads anything, so that a
     # damaged or mismatched checkpoint is named precisely.

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..kernels import moe_ffn
 from .config import MoEConfig
-from .experts import Experts
+from .experts import Experts, SharedExpert
 from .router import Router
 
 __all__ = ["SparseMoE", "aux_losses"]
@@ -19,12 +19,15 @@ class SparseMoE(nn.Module):
 
     `backend` names the kernel backend (see `sparsify.kernels`). `out_dropout` is the dropout
     the replaced module applied to its output (GPT-2's MLP), kept for training fidelity.
+    `shared`, when given, is an always-on expert whose output is added for every token.
     """
 
-    def __init__(self, router: Router, experts: Experts, out_dropout: float = 0.0, backend: str = "reference"):
+    def __init__(self, router: Router, experts: Experts, out_dropout: float = 0.0, backend: str = "reference",
+                 shared: SharedExpert | None = None):
         super().__init__()
         self.router = router
         self.experts = experts
+        self.shared = shared
         self.out_dropout = out_dropout
         self.backend = backend
 
@@ -38,6 +41,8 @@ class SparseMoE(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         r = self.router(x)
         y = moe_ffn(x, r.token_idx, r.expert_idx, r.weight, self.experts, backend=self.backend)
+        if self.shared is not None:
+            y = y + self.shared(x)
         if self.out_dropout > 0.0 and self.training:
             y = F.dropout(y, self.out_dropout, training=True)
         return y.reshape(shape)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..kernels.reference import expert_counts
 from .config import MoEConfig
 
-__all__ = ["Router", "Routing"]
+__all__ = ["Router", "Routing", "RouterForward"]
 
 
 @dataclass
@@ -24,6 +24,17 @@ class Routing:
     weight: torch.Tensor
 
 
+@dataclass
+class RouterForward:
+    """What one forward of a router saw and chose: logits and probabilities [T, E] (with grad in
+    training) and the routing, over `tokens` tokens."""
+
+    logits: torch.Tensor
+    probs: torch.Tensor
+    routing: Routing
+    tokens: int
+
+
 class Router(nn.Module):
     """A linear gate over the hidden state; `forward(x [T, H]) -> Routing`.
 
@@ -32,7 +43,8 @@ class Router(nn.Module):
     ST-MoE z-loss `mean(logsumexp(logits)^2)`, both differentiable. They are computed when `aux`
     is first read after a forward, so inference that never reads them does not pay for them, and
     nothing in the forward waits for the GPU (no host synchronisation: the layer can be captured
-    in a CUDA graph).
+    in a CUDA graph). `last_forward` keeps what they are computed from, which is also what the
+    router statistics (`sparsify.router_stats`) read, on demand, after the forward.
     """
 
     def __init__(self, hidden_size: int, config: MoEConfig) -> None:
@@ -40,16 +52,21 @@ class Router(nn.Module):
         self.config = config
         # The router weight stays float32 whatever the model's dtype (Switch Transformer, sec. 2.4).
         self.weight = nn.Parameter(torch.zeros(config.num_experts, hidden_size, dtype=torch.float32))
-        self._aux_from: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._aux: dict[str, torch.Tensor] = {}
+        self._last: RouterForward | None = None
+        self._aux: dict[str, torch.Tensor] | None = None
 
     @property
     def aux(self) -> dict[str, torch.Tensor]:
         """{"load_balancing", "z_loss"} of the last forward; {} before any."""
-        if self._aux_from is not None:
-            self._aux = self._losses(*self._aux_from)
-            self._aux_from = None
+        if self._aux is None:
+            last = self._last
+            self._aux = {} if last is None else self._losses(last.logits, last.probs, last.routing.expert_idx)
         return self._aux
+
+    @property
+    def last_forward(self) -> "RouterForward | None":
+        """The logits, probabilities and routing of the last forward (None before any)."""
+        return self._last
 
     def forward(self, x: torch.Tensor) -> Routing:
         cfg = self.config
@@ -63,7 +80,7 @@ class Router(nn.Module):
             routing = self._expert_choice(probs)
         else:
             routing = self._token_choice(probs)
-        self._aux_from = (logits, probs, routing.expert_idx)
+        self._last, self._aux = RouterForward(logits, probs, routing, x.shape[0]), None
         return routing
 
     def _token_choice(self, probs: torch.Tensor) -> Routing:

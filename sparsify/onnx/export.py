@@ -19,6 +19,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import onnx_ir as ir
 import torch
@@ -177,7 +178,7 @@ def capture_graphs(model: nn.Module, opset: int = DEFAULT_OPSET, dynamic: bool =
 
 
 def write_graphs(graphs: list[CapturedGraph], model: nn.Module, out: str | Path, target: str = "ort",
-                 force: bool = False) -> ExportResult:
+                 force: bool = False, sources: Sequence = ()) -> ExportResult:
     """Clean up and (for "ort") fuse captured graphs in place, then write them next to `out`."""
     check_export_options(target, DEFAULT_OPSET, 1, 1)
     paths = graph_paths(model, out)
@@ -189,7 +190,7 @@ def write_graphs(graphs: list[CapturedGraph], model: nn.Module, out: str | Path,
         g.model.metadata_props[METADATA_KEY] = json.dumps(_metadata(model, g.role, target, opset, report))
         exported[paths[g.role]] = g.model
         written.append(ExportedGraph(g.role, paths[g.role], [v.name for v in g.model.graph.inputs], g.outputs, report))
-    files = write_onnx(exported, force=force)
+    files = write_onnx(exported, force=force, sources=sources)
     return ExportResult(written, files, target, opset)
 
 
@@ -202,17 +203,19 @@ def export_onnx(
     batch: int = 2,
     seq: int = 8,
     force: bool = False,
+    sources: Sequence = (),
 ) -> ExportResult:
     """Export `model` (a transformers model, dense or upcycled) to ONNX file(s) at `out`.
 
     `target` "ort" fuses every MoE layer ONNX Runtime supports into `com.microsoft.MoE`;
     "standard" keeps portable standard ops. `dynamic` makes batch and sequence axes dynamic;
     `batch`/`seq` are the shapes of a static export (and of the example inputs otherwise).
+    `sources`: the paths the model was read from, never written over.
     """
     check_export_options(target, opset, batch, seq)
     for p in graph_paths(model, out).values():  # before the slow capture
-        check_output(p, force)
-    return write_graphs(capture_graphs(model, opset, dynamic, batch, seq), model, out, target, force)
+        check_output(p, force, sources, kind="file")
+    return write_graphs(capture_graphs(model, opset, dynamic, batch, seq), model, out, target, force, sources)
 
 
 def _set_attention(model: nn.Module, implementation: str | None) -> str | None:

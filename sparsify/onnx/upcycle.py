@@ -17,13 +17,12 @@ import onnx_ir as ir
 
 from .. import __version__
 from ..errors import NoFFNFoundError, OptionError, SourceError
-from ..formats.onnx import METADATA_KEY, read_onnx, write_onnx
+from ..formats.onnx import METADATA_KEY, external_files, read_onnx, write_onnx
 from ..io.atomic import check_output
+from ..model_recipe import Recipe
 from ..passes.onnx.find_ffn import FindFFNOnnx
 from ..passes.onnx.fuse_moe_ort import FusionReport
 from ..passes.onnx.upcycle_ffn import UpcycleFFNOnnx
-from ..passes.select_layers import SelectLayers, select_layers
-from ..passes.upcycle_ffn import UpcycleFFN
 from ..plan import UpcyclePlan
 from .export import DEFAULT_OPSET, check_export_options, lower_onnx
 
@@ -42,6 +41,8 @@ class OnnxUpcycleResult:
     path: Path
     dense_params: int
     total_params: int
+    weight_bytes: int = 0  # of the upcycled graph's initializers
+    dry_run: bool = False  # nothing was written
 
 
 def _count(model: ir.Model) -> int:
@@ -61,28 +62,36 @@ def _check_opset(model: ir.Model, source: str) -> None:
 def upcycle_onnx(
     source: str | Path,
     out: str | Path,
-    experts: int = 8,
-    every: int | None = 2,
+    experts: int | None = None,
+    every: int | None = None,
     layers: Sequence[int] | None = None,
     target: str = "ort",
     force: bool = False,
+    dry_run: bool = False,
+    recipe: Any = None,
     **options: Any,
 ) -> OnnxUpcycleResult:
     """Upcycle the FFNs of the ONNX model at `source` and write the result to `out`.
 
-    `experts`, `every`, `layers` and `options` (top_k, router, normalize, capacity_factor,
-    noise, router_init_std, seed) mean what they mean for `sparsify.upcycle`. `target` "ort"
-    then fuses each MoE layer ONNX Runtime supports into `com.microsoft.MoE`; "standard"
-    keeps standard ops.
+    `experts`, `every`, `layers`, `recipe` and `options` (top_k, router, normalize,
+    capacity_factor, noise, router_init_std, seed, ...) mean what they mean for
+    `sparsify.upcycle`. `target` "ort" then fuses each MoE layer ONNX Runtime supports into
+    `com.microsoft.MoE`; "standard" keeps standard ops. `dry_run` does all of it in memory and
+    writes nothing.
     """
-    convert = UpcycleFFN(experts=experts, **options)  # validates the MoE options
-    if convert.config.router == "expert-choice":
+    if every is not None and layers is not None:
+        raise OptionError("give either --every or --layers, not both")
+    recipe = Recipe.build(recipe, experts=experts, every=every, layers=list(layers) if layers is not None else None,
+                          **options)  # validates the MoE options
+    if any(f > 0 for f in recipe.given("shared_fraction")):
+        raise OptionError("ONNX-native upcycling has no shared experts (--shared-fraction); upcycle the checkpoint instead")
+    if "expert-choice" in recipe.given("router"):
         raise OptionError("--router expert-choice needs to know which layers are causal, which an ONNX graph "
                           "does not say; use topk or switch, or upcycle the checkpoint instead")
-    select = SelectLayers(every=every if layers is None else None, layers=layers)
     check_export_options(target, DEFAULT_OPSET, 1, 1)
-    check_output(out, force)
+    check_output(out, force, [source], kind="file")
     model = read_onnx(source)
+    check_output(out, force, [source, *external_files(model)], kind="file")  # its weights may live beside it
     _check_opset(model, str(source))
     dense_params = _count(model)
 
@@ -90,13 +99,13 @@ def upcycle_onnx(
     find(model)
     if not find.found:
         raise NoFFNFoundError(_no_ffn_message(str(source), find.rejected))
-    plan = UpcyclePlan(sites=[f.site for f in find.found], rejected=find.rejected, moe=convert.config,
-                       init={"noise": convert.noise, "router_init_std": convert.router_init_std, "seed": convert.seed,
-                             "every": select.every, "layers": list(layers) if layers is not None else None})
-    plan.selected = select_layers(plan.sites, select.every, select.layers)
+    plan = UpcyclePlan(sites=[f.site for f in find.found], rejected=find.rejected, seed=recipe.seed)
+    plan.selected, plan.selection = recipe.select(plan.sites)
     if not plan.selected:
         raise OptionError(f"no FFN layer was selected among the graph's {len(plan.sites)} FFNs; "
                           "lower --every or pass --layers")
+    plan.layers = recipe.layer_plans(plan.sites, plan.selected)
+    plan.recipe = recipe.to_dict(for_json=True)
     plan.source = {"spec": str(source), "kind": "onnx"}
 
     UpcycleFFNOnnx(find.found, plan)(model)
@@ -106,8 +115,11 @@ def upcycle_onnx(
          "plan": plan.to_dict(), "fusion": report.to_dict()}
     )
     total = _count(model)
-    (path,) = write_onnx({Path(out): model}, force=force)[:1]
-    return OnnxUpcycleResult(plan, report, path, dense_params, total)
+    nbytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if dry_run:
+        return OnnxUpcycleResult(plan, report, Path(out), dense_params, total, nbytes, dry_run=True)
+    (path,) = write_onnx({Path(out): model}, force=force, sources=[source])[:1]
+    return OnnxUpcycleResult(plan, report, path, dense_params, total, nbytes)
 
 
 def _no_ffn_message(source: str, rejected) -> str:

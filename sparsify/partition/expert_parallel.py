@@ -69,8 +69,9 @@ class ExpertParallelMoE(SparseMoE):
         group: dist.ProcessGroup,
         out_dropout: float = 0.0,
         backend: str = "reference",
+        shared: nn.Module | None = None,
     ):
-        super().__init__(router, experts, out_dropout=out_dropout, backend=backend)
+        super().__init__(router, experts, out_dropout=out_dropout, backend=backend, shared=shared)
         self.group = group
         self.rank = dist.get_rank(group)
         self.global_ids = list(global_ids)
@@ -91,6 +92,8 @@ class ExpertParallelMoE(SparseMoE):
         r = self.router(x)
         y = exchange_and_compute(x, r.token_idx, r.expert_idx, r.weight, self.expert_rank.to(x.device),
                                  self.expert_local.to(x.device), self.slots, self.experts, self.group, self.backend)
+        if self.shared is not None:  # replicated on every rank, like the router
+            y = y + self.shared(x)
         if self.out_dropout > 0.0 and self.training:
             y = F.dropout(y, self.out_dropout, training=True)
         return y.reshape(shape)
@@ -108,7 +111,7 @@ def expert_parallel_layer(moe: SparseMoE, ranks: Sequence[int], group: dist.Proc
     if copy_weights:
         for name, param in local.named_parameters():
             param.copy_(getattr(moe.experts, name)[ids])
-    ep = ExpertParallelMoE(moe.router, local, ids, ranks, group, moe.out_dropout, moe.backend)
+    ep = ExpertParallelMoE(moe.router, local, ids, ranks, group, moe.out_dropout, moe.backend, shared=moe.shared)
     return ep.train(moe.training)
 
 

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch.nn as nn
 
 from ..errors import OptionError, SourceError
+from ..units import format_bytes  # noqa: F401  (re-exported: the planner's messages use it)
 
 __all__ = ["Footprint", "parse_memory", "format_bytes", "footprint_of_module", "footprint_of_checkpoint", "is_expert_tensor"]
 
@@ -34,15 +35,6 @@ def parse_memory(text: str | int) -> int:
     if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
         raise OptionError(f"--memory-per-rank takes a size like 80GB, 24GiB or 512MB, got {text!r}")
     return int(float(m.group(1)) * _UNITS[unit])
-
-
-def format_bytes(n: float) -> str:
-    """1.5e9 -> '1.50 GB'."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
 
 
 def is_expert_tensor(name: str, layers: Sequence[str]) -> str | None:

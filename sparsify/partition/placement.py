@@ -13,10 +13,11 @@ from typing import Any, Sequence
 
 from ..errors import PlanError
 from ..io.atomic import atomic_file
+from ..moe.config import MoEConfig
 from ..plan import UpcyclePlan
 from .jsonfile import read_json
 
-__all__ = ["ExpertPlacement", "PLACEMENT_FORMAT", "contiguous_ranks"]
+__all__ = ["ExpertPlacement", "PLACEMENT_FORMAT", "contiguous_ranks", "uniform_moe"]
 
 PLACEMENT_FORMAT = "sparsify-expert-placement"
 
@@ -29,6 +30,16 @@ def contiguous_ranks(num_experts: int, world_size: int) -> list[int]:
     for r in range(world_size):
         ranks += [r] * (base + (r < extra))
     return ranks
+
+
+def uniform_moe(plan: UpcyclePlan) -> MoEConfig:
+    """The expert count and routing every MoE layer of `plan` shares, which placement needs."""
+    if not plan.selected:
+        raise PlanError("the model has no MoE layers; nothing to place")
+    if plan.moe is None:
+        raise PlanError("expert placement needs one expert count and routing for every MoE layer, and this model "
+                        "sets them per layer")
+    return plan.moe
 
 
 @dataclass
@@ -85,11 +96,10 @@ class ExpertPlacement:
     def check_matches(self, plan: UpcyclePlan, world_size: int | None = None, where: str = "the placement") -> None:
         """Raise `PlanError` unless this placement covers exactly the MoE layers of `plan`
         (and, if given, was made for `world_size` ranks)."""
-        if plan.moe is None:
-            raise PlanError("the model has no MoE layers; nothing to place")
-        if self.num_experts != plan.moe.num_experts:
+        moe = uniform_moe(plan)
+        if self.num_experts != moe.num_experts:
             raise PlanError(f"{where} places {self.num_experts} experts per layer but the model has "
-                            f"{plan.moe.num_experts}; it was made for another model")
+                            f"{moe.num_experts}; it was made for another model")
         selected = set(plan.selected)
         for path in self.layers:
             if path not in selected:
@@ -136,8 +146,8 @@ class ExpertPlacement:
         data = read_json(source, f"no such placement file: '{source}'", "pass a plan.json written by sparsify partition")
         return cls.from_dict(data, where=f"'{source}'")
 
-    def save(self, path: str | Path, force: bool = False) -> Path:
-        """Write plan.json atomically."""
-        with atomic_file(path, force=force) as tmp:
+    def save(self, path: str | Path, force: bool = False, sources: Sequence = ()) -> Path:
+        """Write plan.json atomically (never over one of `sources`, the paths it was made from)."""
+        with atomic_file(path, force=force, sources=sources) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=2))
         return Path(path)

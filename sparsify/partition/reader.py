@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import SourceError
+from ..io.paths import regular_file
 
 __all__ = ["ReadRecord", "CheckpointReader", "runs"]
 
@@ -58,8 +59,9 @@ class CheckpointReader:
     def _open(self, file: str) -> Any:
         if file not in self._files:
             path = self.root / file
-            if not path.is_file():
+            if not (path.exists() or path.is_symlink()):
                 raise SourceError(f"'{file}' is missing from '{self.root}'; the checkpoint is incomplete")
+            regular_file(path, "weights file")
             try:
                 self._files[file] = safe_open(path, framework="pt")
             except (SafetensorError, OSError) as err:
@@ -69,6 +71,15 @@ class CheckpointReader:
     def keys(self, file: str) -> list[str]:
         """The tensor names stored in `file`."""
         return list(self._open(file).keys())
+
+    def info(self, file: str, name: str) -> tuple[str, tuple[int, ...]]:
+        """The safetensors dtype code ("F32", ...) and shape of tensor `name` in `file`, read
+        from the header only."""
+        try:
+            sl = self._open(file).get_slice(name)
+            return sl.get_dtype(), tuple(sl.get_shape())
+        except (SafetensorError, OSError) as err:
+            raise SourceError(f"cannot read tensor '{name}' of '{self.root / file}' ({err}); the file is corrupt") from None
 
     def metadata(self, file: str) -> dict[str, str]:
         """The string metadata of `file`'s header."""

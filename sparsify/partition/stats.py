@@ -67,8 +67,9 @@ class RoutingStats:
 
     def check_matches(self, plan: UpcyclePlan, where: str = "the stats") -> None:
         """Raise `PlanError` unless these stats describe the MoE layers of `plan`."""
-        if plan.moe is None or self.num_experts != plan.moe.num_experts:
-            have = plan.moe.num_experts if plan.moe else "no"
+        counts = {plan.layer(p).moe.num_experts for p in plan.selected if p in plan.layers}
+        if counts != {self.num_experts}:
+            have = "/".join(map(str, sorted(counts))) or "no"
             raise PlanError(f"{where} count {self.num_experts} experts per layer but the model has {have}; "
                             "profile this model with sparsify profile")
         missing = [p for p in plan.selected if p not in self.layers]

@@ -33,6 +33,9 @@ CASES = {
     "layers out of range": (lambda t, d: ["demo:t5", "--experts", "4", "--layers", "1,7"], "out of range"),
     "expert choice on decoder": (lambda t, d: ["demo:llama", "--experts", "4", "--router", "expert-choice"], "causal"),
     "bad router": (lambda t, d: ["demo:t5", "--experts", "4", "--router", "nope"], "--router"),
+    **{f"shard size {v}": (lambda t, d, v=v: ["demo:t5", "--experts", "4", "--shard-size", v], "shard size must be")
+       for v in ("nan", "inf", "1e400", "-inf", "-1GB", "0", "0.5B")},
+    "shard size unreadable": (lambda t, d: ["demo:t5", "--experts", "4", "--shard-size", "lots"], "cannot read shard size"),
 }
 
 

@@ -15,7 +15,7 @@ def test_upcycle_then_verify(tmp_path, sparsify_cli, name, extra):
     out = tmp_path / "moe"
     code, stdout, _ = sparsify_cli("upcycle", f"demo:{name}", "--experts", "8", "-o", out, *extra)
     assert code == 0
-    assert "layers converted" in stdout and "active per token" in stdout and str(out) in stdout
+    assert "converted" in stdout and "FFNs into MoE layers" in stdout and "active per token" in stdout and str(out) in stdout
     code, stdout, _ = sparsify_cli("verify", f"demo:{name}", out)
     assert code == 0, stdout
     assert "max abs diff" in stdout and "match" in stdout
@@ -36,7 +36,8 @@ def test_switch_summary_says_not_preserving_and_verify_fails(tmp_path, sparsify_
     assert "differ from the dense model" in stdout and "p * FFN(x)" in stdout
     code, stdout, _ = sparsify_cli("verify", "demo:t5", out)
     assert code == 1 and "MISMATCH" in stdout
-    assert json.loads((out / "sparsify.json").read_text())["plan"]["moe"]["top_k"] == 1
+    layers = json.loads((out / "sparsify.json").read_text())["plan"]["layers"]
+    assert {v["moe"]["top_k"] for v in layers.values()} == {1}
 
 
 def test_no_normalize_summary(tmp_path, sparsify_cli):

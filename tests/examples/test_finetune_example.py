@@ -21,5 +21,6 @@ def test_short_finetune_run() -> None:
     assert summary["loss_fell"], summary
     assert abs(summary["loss_upcycled"] - summary["loss_dense"]) < 1e-3, summary
     assert len(summary["expert_drift"]) == 4 and min(summary["expert_drift"].values()) > 0.05, summary
-    assert 1.0 <= summary["balance_loss"] < 1.5, summary
+    # E * sum_i f_i P_i is 1 when balanced; it dips a little below when f and P anti-correlate
+    assert 0.9 <= summary["balance_loss"] < 1.5, summary
     assert summary["backends"] == ["cpu"], summary

@@ -98,7 +98,7 @@ def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def set_moe(**changes):
     """An `alter(plan, config)` replacing some MoE settings of the plan (validated again)."""
-    return lambda plan, config: setattr(plan, "moe", MoEConfig(**{**plan.moe.to_dict(), **changes}))
+    return lambda plan, config: plan.set_routing(MoEConfig(**{**plan.moe.to_dict(), **changes}))
 
 
 def assert_refuses(fmt_name: str, moe: torch.nn.Module, alter, reason: str) -> None:

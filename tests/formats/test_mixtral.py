@@ -54,6 +54,7 @@ def _refusal_cases():
         for s in plan.sites:
             s.path = s.path.removeprefix("model.")
         plan.selected = [p.removeprefix("model.") for p in plan.selected]
+        plan.layers = {p.removeprefix("model."): layer for p, layer in plan.layers.items()}
 
     return [
         ("llama", no_last_layer, "every layer is an MoE layer, but this plan converts layers 0,1,2 of 4"),

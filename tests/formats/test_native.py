@@ -20,7 +20,7 @@ def test_load_reproduces_saved_model_exactly(tmp_path, name):
     assert {"config.json", "sparsify.json", "model.safetensors.index.json"} <= set(files)
     assert any(f.startswith("model-00001-of-") for f in files)
     manifest = json.loads((out / "sparsify.json").read_text())
-    assert manifest["plan"]["moe"]["num_experts"] == 4
+    assert {v["moe"]["num_experts"] for v in manifest["plan"]["layers"].values()} == {4}
     assert manifest["source"]["spec"] == f"demo:{name}"
     assert manifest["sparsify_version"] == sparsify.__version__
 
@@ -55,7 +55,7 @@ def test_load_reports_damaged_outputs(tmp_path):
     out = sparsify.save(sparsify.upcycle("demo:llama", experts=2), tmp_path / "o")
     shard = next(out.glob("model-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:1000])
-    with pytest.raises(SourceError, match="truncated or corrupt"):
+    with pytest.raises(SourceError, match="damaged \\(truncated"):
         sparsify.load(out)
     shard.unlink()
     with pytest.raises(SourceError, match="missing"):

@@ -80,9 +80,9 @@ def test_switch_refuses_other_sources():
 def test_unnormalised_top1_is_switch_routing_and_capacity_is_approximated():
     moe = upcycled("t5", every=2, router="switch")
     plan = copy.deepcopy(moe.sparsify_plan)
-    plan.moe = MoEConfig(num_experts=EXPERTS, top_k=1, router="topk", normalize=False)
+    plan.set_routing(MoEConfig(num_experts=EXPERTS, top_k=1, router="topk", normalize=False))
     assert SWITCH.explain(plan, moe.config) is None and SWITCH.keeps_meaning(plan, moe.config) is None
-    plan.moe = MoEConfig(num_experts=EXPERTS, top_k=1, router="switch", capacity_factor=1.25)
+    plan.set_routing(MoEConfig(num_experts=EXPERTS, top_k=1, router="switch", capacity_factor=1.25))
     assert SWITCH.explain(plan, moe.config) is None
     assert "only approximated" in SWITCH.keeps_meaning(plan, moe.config)
     capacity = SWITCH.config_dict(plan, moe.config)["expert_capacity"]

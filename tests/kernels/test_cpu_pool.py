@@ -70,3 +70,21 @@ def test_packed_weights_follow_in_place_updates(two_threads) -> None:
         with torch.no_grad():
             experts.w1.mul_(1.5)  # what an optimizer step or load_state_dict does
             experts.w2.data = experts.w2.data.flip(0).contiguous()  # or a new tensor behind the parameter
+
+
+@pytest.mark.parametrize("optimizer", [
+    lambda params: torch.optim.AdamW(params, lr=1e-3, fused=True),  # transformers.Trainer's default
+    lambda params: torch.optim.AdamW(params, lr=1e-3, foreach=True),
+    lambda params: torch.optim.SGD(params, lr=0.1),
+], ids=["adamw-fused", "adamw-foreach", "sgd"])
+def test_packed_weights_follow_optimizer_steps(two_threads, optimizer) -> None:
+    """A fused optimizer updates the weights in place without bumping their version counters:
+    inference after its step must still use the new weights, not the copies packed before it."""
+    experts = make_experts(BIG, device="cpu")
+    pairs = make_pairs(BIG, device="cpu")
+    opt = optimizer(experts.parameters())
+    for step in range(3):
+        assert_inference_matches_reference("cpu", experts, *pairs)
+        for p in experts.parameters():
+            p.grad = 0.01 * torch.randn_like(p)
+        opt.step()

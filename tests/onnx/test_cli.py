@@ -22,7 +22,7 @@ def test_export_command_on_upcycled_directory(cli, tmp_path):
     proto = onnx.load(str(out))
     assert proto.opset_import[0].version == 20 and [o.name for o in proto.graph.output] == ["logits"]
     assert count_ops(proto, "MoE", "com.microsoft") == 2
-    assert json.loads({p.key: p.value for p in proto.metadata_props}["sparsify"])["plan"]["moe"]["num_experts"] == 4
+    assert json.loads({p.key: p.value for p in proto.metadata_props}["sparsify"])["plan"]["layers"]["transformer.h.1.mlp"]["moe"]["num_experts"] == 4
 
 
 def test_upcycle_command_on_onnx(cli, dense_onnx, tmp_path):

@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = ["Linear", "ENGINES", "linear_engine", "packed_experts", "cached_packing", "clear_packed"]
 
@@ -115,6 +116,21 @@ def cached_packing(kind: str, w: torch.Tensor, build: Callable[[], object]) -> o
             weakref.finalize(w, _packed.pop, key, None)
         _packed[key] = (weakref.ref(w), _identity(w), packing)
         return packing
+
+
+def _forget_stepped(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    # Fused optimizers (torch.optim.AdamW(fused=True), transformers.Trainer's default) update the
+    # parameters in place without bumping their version counters, so `_identity` cannot see the
+    # change: drop the packings of every parameter an optimizer has just stepped.
+    if not _packed:
+        return
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    with _lock:
+        for key in [k for k in _packed if k[1] in stepped]:
+            _packed.pop(key, None)
+
+
+register_optimizer_step_post_hook(_forget_stepped)
 
 
 def packed_experts(engine: Linear, w: torch.Tensor, rows: int) -> torch.Tensor | list[torch.Tensor]:

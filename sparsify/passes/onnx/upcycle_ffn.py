@@ -1,8 +1,8 @@
 """`upcycle-ffn-onnx`: replace each selected FFN of an ONNX graph by an MoE of its copies.
 
 The MoE is the standard-ops form of `sparsify.onnx.moe_graph` (run `fuse-moe-ort` after it for
-ONNX Runtime's fused operator). Experts start as copies of the FFN (plus the plan's noise) and
-the router from `sparsify.init`, the same deterministic initial values as the PyTorch path.
+ONNX Runtime's fused operator). Experts and routers start as the plan's layer plans say, by the
+formulas of `sparsify.init`: the same deterministic initial values as the PyTorch path.
 """
 
 from __future__ import annotations
@@ -10,7 +10,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ...init import expert_noise, router_weight
+import torch
+
+from ...errors import OptionError
+from ...init import expert_weight, router_init_weight
 from ...onnx.builder import GraphBuilder
 from ...onnx.moe_graph import MoEGraphSpec, MoEWeights, emit_moe
 from ...plan import UpcyclePlan
@@ -30,7 +33,7 @@ class UpcycleFFNOnnx(ir.passes.InPlacePass):
         self.found, self.plan = found, plan
 
     def requires(self, model: ir.Model) -> None:
-        if self.plan.moe is None:
+        if not self.plan.layers:
             raise ir.passes.PreconditionError("upcycle-ffn-onnx needs the plan's MoE settings")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -42,22 +45,20 @@ class UpcycleFFNOnnx(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(chosen))
 
     def _replace(self, graph: ir.Graph, ffn: OnnxFFN) -> None:
-        site, cfg, init = ffn.site, self.plan.moe, self.plan.init
-        e, h = cfg.num_experts, site.hidden_size
-        noise, seed = float(init.get("noise", 0.0)), int(init.get("seed", 0))
-        std = float(init.get("router_init_std", 0.02))
+        site = ffn.site
+        layer = self.plan.layer(site)
+        cfg = layer.moe
+        e = cfg.num_experts
+        if layer.shared is not None:
+            raise OptionError("ONNX-native upcycling has no shared experts; upcycle the checkpoint instead")
         dtype = ir.DataType(ir.convenience.get_const_tensor(ffn.trace.gate.weight).dtype)
 
-        def stacked(role: str, matrix: np.ndarray) -> np.ndarray:
-            # expert copies in MatMul layout [E, in, out]; noise is drawn in the [out, in] layout
-            # of `Experts`, as the PyTorch executor draws it
-            copies = []
-            for k in range(e):
-                m = matrix.astype(np.float32)
-                if noise > 0:
-                    m = m + expert_noise(site.path, role, k, matrix.T.shape, noise, seed).numpy().T
-                copies.append(m)
-            return np.stack(copies).astype(dtype.numpy())
+        def stacked(role: str, dense: np.ndarray) -> np.ndarray:
+            # each expert by the formula every executor uses, on the canonical [out, in] layout
+            canonical = torch.from_numpy(np.ascontiguousarray(dense.T if role.startswith("w") else dense)).float()
+            copies = [expert_weight(site, layer, k, role, canonical, self.plan.seed).numpy() for k in range(e)]
+            stack = np.stack([c.T if role.startswith("w") else c for c in copies])
+            return stack.astype(dtype.numpy())
 
         values: dict[str, ir.Value] = {}
 
@@ -71,12 +72,13 @@ class UpcycleFFNOnnx(ir.passes.InPlacePass):
         for role, p in ffn.projections().items():
             initializer(f"experts.{role}", stacked(role, p.matrix()))
             if p.bias is not None:
-                b = ir.convenience.get_const_tensor(p.bias).numpy()
-                initializer(f"experts.b{role[1]}", np.broadcast_to(b, (e, 1, b.shape[-1])).copy())
-        initializer("router.weight", router_weight(site.path, e, h, std, seed).numpy().T.copy())
+                b = ir.convenience.get_const_tensor(p.bias).numpy().reshape(-1)
+                bias = f"b{role[1]}"
+                initializer(f"experts.{bias}", stacked(bias, b)[:, None, :].copy())
+        initializer("router.weight", router_init_weight(self.plan, site).numpy().T.copy())
 
         op = GraphBuilder(metadata={SITE_KEY: site.path})
-        spec = MoEGraphSpec.from_config(cfg, site.activation, site.form, h, dtype)
+        spec = MoEGraphSpec.from_config(cfg, site.activation, site.form, site.hidden_size, dtype)
         get = values.get
         out = emit_moe(op, ffn.input, spec, MoEWeights(get("router.weight"), get("experts.w1"), get("experts.w2"),
                                                         get("experts.w3"), get("experts.b1"), get("experts.b2"),
