@@ -1,23 +1,42 @@
-"""Capture a model as an ATen graph with torch.export, using example inputs made from its config.
+"""Capture a model as an ATen graph with torch.export, without its weights.
 
 transformers 5 removed its torch.fx tracer, while `torch.export.export(..., strict=False)`
 captures Hugging Face models whole and tags every node with `nn_module_stack`, the path of the
 module that owns it. That tag is what FFN discovery maps matches back to modules with.
+
+The weights are never needed: capture swaps every parameter for a fake tensor (shape, dtype and
+device, no storage; `torch._subclasses.fake_tensor`) of one fake mode, which torch.export then
+traces with. A model built with its parameters on the meta device (`sparsify.io.skeleton`)
+captures exactly like a loaded one: its fakes are CPU tensors, so the position tables, masks and
+ranges that forward computes from buffers or creates on the CPU meet weights of the same device
+(with meta parameters they met meta tensors and failed). Buffers are faked from their values
+(they are small and computed from the config), which the second trace below propagates.
+
+Forward may branch on the values of its inputs ("if padding_mask.any()": FSMT, LED), which a
+symbolic trace cannot decide ("Could not guard on data-dependent expression"). Capture then
+traces once more, propagating the real values of the example inputs and buffers alongside the
+fakes (torch's `fake_tensor_propagate_real_tensors`, which `torch.export.draft_export` uses), so
+that the branch those inputs take is the one captured. Only ops on inputs and buffers compute
+for real there (masks, positions: small); every op that touches a weight stays fake, since the
+weights have no values to propagate. The first trace does without: propagation makes a trace
+several times slower.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 
 from .errors import CaptureError
+from .inputs import DEFAULT_BATCH, DEFAULT_SEQ, example_inputs_for, model_device
 
-__all__ = ["Captured", "capture", "example_inputs_for"]
-
-DEFAULT_BATCH, DEFAULT_SEQ = 2, 8
+__all__ = ["Captured", "capture", "example_inputs_for", "DEFAULT_BATCH", "DEFAULT_SEQ"]
 
 
 @dataclass
@@ -39,33 +58,87 @@ class Captured:
         return sig.inputs_to_parameters.get(node.name) or sig.inputs_to_buffers.get(node.name)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+def _fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    # what torch.export makes for itself (non_strict_utils.make_fake_inputs), so that it can use this one
+    return FakeTensorMode(shape_env=ShapeEnv(tracked_fakes=[]), allow_non_fake_inputs=True, export=True)
 
 
-def example_inputs_for(
-    model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ, seed: int = 0
-) -> dict[str, Any]:
-    """Keyword inputs for a Hugging Face model made from its config: token ids of shape
-    [batch, seq] (and decoder ids for encoder-decoder models), `use_cache=False`."""
-    config = getattr(model, "config", None)
-    vocab = getattr(config, "vocab_size", None) if config is not None else None
-    if not vocab:
-        raise CaptureError(
-            f"cannot make example inputs for {type(model).__name__}: it has no Hugging Face config "
-            "with vocab_size; pass example_inputs=(x,)"
-        )
-    g = torch.Generator().manual_seed(seed)
-    device = _model_device(model)
-    ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
-    kwargs: dict[str, Any] = {"input_ids": ids}
-    if getattr(config, "is_encoder_decoder", False):
-        kwargs["decoder_input_ids"] = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
-    if hasattr(config, "use_cache"):
-        kwargs["use_cache"] = False
-    return kwargs
+@contextlib.contextmanager
+def _fake_weights(model: nn.Module, mode, device: torch.device) -> Iterator[None]:
+    """Inside the block every parameter of `model` is a fake tensor of `mode` (meta ones on
+    `device`) and every buffer a fake of its own value (meta ones on `device`, without one).
+    Tied tensors stay tied. The model's own tensors are put back on exit."""
+    # the swap torch.export itself makes to trace with its fakes (torch.func.functional_call's too)
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    fakes: dict[int, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, t in named:
+        if id(t) not in fakes:
+            if isinstance(t, nn.Parameter) or t.device.type == "meta":
+                # made from a fresh meta tensor, so that no real tensor stands behind it even when
+                # the mode propagates real values (a factory call in the mode would allocate one)
+                meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+                fake = mode.fake_tensor_converter.from_meta_and_device(
+                    mode, meta, device if t.device.type == "meta" else t.device)
+            else:
+                fake = mode.from_tensor(t, static_shapes=True)
+            fakes[id(t)] = nn.Parameter(fake, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else fake
+        state[name] = fakes[id(t)]
+    with _reparametrize_module(model, state, tie_weights=True):
+        yield
+
+
+def _real(value: Any, device: torch.device) -> Any:
+    """Example inputs given on the meta device, as real zeros on `device` (inputs are small)."""
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        return torch.zeros(value.shape, dtype=value.dtype, device=device)
+    return value
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, device: torch.device, real_values: bool):
+    from torch._guards import TracingContext, tracing
+
+    # the fake mode reads the flag when it is made
+    with torch._functorch.config.patch(fake_tensor_propagate_real_tensors=real_values):
+        mode = _fake_mode()
+        # torch.export takes the fake mode of an enclosing tracing context instead of making its own
+        with _fake_weights(model, mode, device), tracing(TracingContext(mode)):
+            return torch.export.export(model, args, kwargs, strict=False)
+
+
+def _data_dependent(err: BaseException) -> bool:
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    return isinstance(err, GuardOnDataDependentSymNode) or "data-dependent" in str(err)
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """No stack trace per node (discovery reads nn_module_stack only, and recording traces is a
+    large share of export time on big models), and nothing written by a failing trace: torch.export
+    prints the partial graph to stderr and logs warnings, and capture reports failures itself."""
+    import torch.fx.config as fx_config
+
+    emit = getattr(fx_config, "do_not_emit_stack_traces", None)
+    if emit is not None:
+        fx_config.do_not_emit_stack_traces = True
+    loggers = [logging.getLogger(n) for n in ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        if emit is not None:
+            fx_config.do_not_emit_stack_traces = emit
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def capture(
@@ -73,22 +146,25 @@ def capture(
     example_inputs: tuple | None = None,
     example_kwargs: dict[str, Any] | None = None,
 ) -> Captured:
-    """Export `model` in eval mode (dropout as identity) with the given or config-made inputs."""
+    """Export `model` in eval mode (dropout as identity) with the given or config-made inputs,
+    its weights faked (see the module docstring): no weight memory, on any device."""
     if example_inputs is None and example_kwargs is None:
         args, kwargs = (), example_inputs_for(model)
     else:
         args, kwargs = tuple(example_inputs or ()), dict(example_kwargs or {})
+    device = model_device(model)
+    args = tuple(_real(a, device) for a in args)
+    kwargs = {k: _real(v, device) for k, v in kwargs.items()}
     was_training = model.training
     model.eval()
-    # Discovery reads nn_module_stack, never stack traces; recording one per node is a large
-    # share of export time on big models.
-    import torch.fx.config as fx_config
-
-    emit_traces = getattr(fx_config, "do_not_emit_stack_traces", None)
-    if emit_traces is not None:
-        fx_config.do_not_emit_stack_traces = True
     try:
-        program = torch.export.export(model, args, kwargs, strict=False)
+        with _quiet_export():
+            try:
+                program = _export(model, args, kwargs, device, real_values=False)
+            except Exception as err:
+                if not _data_dependent(err):
+                    raise
+                program = _export(model, args, kwargs, device, real_values=True)
     except Exception as err:  # torch.export raises many types; all mean "could not capture"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CaptureError(
@@ -97,6 +173,4 @@ def capture(
         ) from err
     finally:
         model.train(was_training)
-        if emit_traces is not None:
-            fx_config.do_not_emit_stack_traces = emit_traces
     return Captured(program, args, kwargs)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .capture import example_inputs_for
+from .inputs import example_inputs_for
 
 __all__ = ["Comparison", "compare", "main_output"]
 
@@ -31,12 +31,16 @@ class Comparison:
 
 
 def main_output(out) -> torch.Tensor:
-    """The first tensor of a model output (logits, or the last hidden state)."""
+    """The first tensor of a model output (logits, or the last hidden state; a backbone's first
+    feature map, inside the tuple it returns)."""
     if isinstance(out, torch.Tensor):
         return out
-    if isinstance(out, dict):
-        out = list(out.values())
-    return next(o for o in out if isinstance(o, torch.Tensor))
+    for o in out.values() if isinstance(out, dict) else out:
+        if isinstance(o, torch.Tensor):
+            return o
+        if isinstance(o, (tuple, list, dict)) and o:
+            return main_output(o)
+    raise ValueError(f"the model returned no tensor ({type(out).__name__})")
 
 
 @torch.no_grad()

@@ -150,6 +150,7 @@ class SafetensorsFile:
             row = nbytes // shape[0] if shape[0] else 0
             shape, begin, nbytes = (stop - start, *shape[1:]), begin + start * row, (stop - start) * row
         out = torch.empty(shape, dtype=info.dtype)
+        # flat first: a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
         try:
             with open(self.path, "rb", buffering=0) as fh:

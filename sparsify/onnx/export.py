@@ -4,16 +4,18 @@
           -> torch.onnx.export (the op written as standard-ops MoE)
           -> fold-constants, [fuse-moe-ort], dead-node removal -> onnx.checker -> files
 
-Decoder-only and encoder-only models give one graph (`input_ids`, `attention_mask` ->
-`logits` or `last_hidden_state`); encoder-decoder models give `STEM-encoder.onnx`
+Decoder-only and encoder-only models give one graph (the model's inputs, named as its forward
+names them: `input_ids` and `attention_mask`, or `pixel_values`, `input_features`, `input_values`
+-> `logits` or `last_hidden_state`); encoder-decoder models give `STEM-encoder.onnx`
 (-> `last_hidden_state`) and `STEM-decoder.onnx` (`decoder_input_ids`, `encoder_hidden_states`,
-`encoder_attention_mask` -> `logits`).
+and `encoder_attention_mask` after a token encoder -> `logits`). See `signatures`.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ import torch.nn as nn
 from .. import __version__
 from ..errors import CaptureError, OptionError, SparsifyError
 from ..formats.onnx import METADATA_KEY, write_onnx
+from ..inputs import main_input_name
 from ..io.atomic import check_output
 from ..passes.onnx.cleanup import cleanup
 from ..passes.onnx.fuse_moe_ort import SITE_KEY, FuseMoEOrt, FusionReport
@@ -83,7 +86,7 @@ def capture_onnx(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None, o
     attention = _set_attention(inner, "eager")
     try:
         with export_friendly(module):
-            program = torch.export.export(module, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            program = _export_program(module, kwargs, dynamic_shapes)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=TRANSLATIONS,
@@ -99,6 +102,25 @@ def capture_onnx(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None, o
         _set_attention(inner, attention)
     _tag_scopes(onnx_program.model)
     return onnx_program.model
+
+
+def _export_program(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None) -> torch.export.ExportedProgram:
+    """torch.export with dynamic axes. A model that fixes the size of an axis asked dynamic, or
+    ties it to another (xLSTM, CPM-Ant: a fixed sequence length; Reformer: its chunking), makes
+    torch.export fail with "Constraints violated (L['input_ids'].size()[1])"; that is refused in
+    one line naming the axes. (Dim.AUTO would export such models, but as graphs that only run at
+    the traced sizes while their inputs read as dynamic: ONNX Runtime then fails at other sizes.)"""
+    try:
+        return torch.export.export(module, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        if not dynamic_shapes or "Constraints violated" not in first:
+            raise
+        axes = re.findall(r"L\['(\w+)'\]\.size\(\)\[(\d+)\]", first)
+        named = ", ".join(dict.fromkeys(f"{name} axis {axis}" for name, axis in axes)) or "an input axis"
+        model = type(getattr(module, WRAPPER, module)).__name__
+        raise CaptureError(f"could not export {model} to ONNX with dynamic shapes: the model fixes the size of {named} "
+                           "(or ties it to another); export with static shapes (--static, or dynamic=False)") from err
 
 
 def _tag_scopes(model: ir.Model) -> None:
@@ -138,17 +160,18 @@ def capture_graphs(model: nn.Module, opset: int = DEFAULT_OPSET, dynamic: bool =
                    seq: int = 8) -> list[CapturedGraph]:
     """Every graph of `model` (one, or encoder and decoder) in standard ops."""
     check_export_options("standard", opset, batch, seq)
-    if getattr(getattr(model, "config", None), "vocab_size", None) is None:
-        raise OptionError(f"cannot export {type(model).__name__}: only transformers models (with a vocab_size) export")
+    if getattr(model, "config", None) is None or main_input_name(model) is None:
+        raise OptionError(f"cannot export {type(model).__name__}: only transformers models (token, image or audio "
+                          "inputs) export")
     if dynamic:  # size-1 example dims would be specialised to 1
         batch, seq = max(batch, 2), max(seq, 3)
     was_training = model.training
     model.eval()
     graphs = []
     try:
-        for role, wrapper, kwargs, shapes in model_graphs(model, batch, seq, dynamic):
+        for role, wrapper, kwargs, shapes, output in model_graphs(model, batch, seq, dynamic):
             onnx_model = capture_onnx(wrapper, kwargs, shapes if dynamic else None, opset)
-            outputs = [{"encoder": "last_hidden_state", "decoder": "logits"}.get(role) or wrapper.output_name(kwargs)]
+            outputs = [output]
             name_io(onnx_model, outputs)
             graphs.append(CapturedGraph(role, onnx_model, outputs))
     finally:

@@ -1,12 +1,15 @@
 """Which graphs a model exports, with which inputs and outputs.
 
-    decoder-only / encoder-only   input_ids, attention_mask -> logits | last_hidden_state
-    encoder-decoder               STEM-encoder: input_ids, attention_mask -> last_hidden_state
-                                  STEM-decoder: decoder_input_ids, encoder_hidden_states,
-                                                encoder_attention_mask -> logits
+    decoder-only / encoder-only   MAIN [, attention_mask] -> logits | last_hidden_state | ...
+    encoder-decoder               STEM-encoder: MAIN [, attention_mask] -> last_hidden_state
+                                  STEM-decoder: decoder_input_ids, encoder_hidden_states
+                                                [, encoder_attention_mask] -> logits
 
-Each graph is a small wrapper module around the model (held as attribute `WRAPPER`), traced
-with example inputs and, by default, dynamic batch and sequence axes.
+MAIN is the model's own input (`sparsify.inputs`): `input_ids` (with `attention_mask`),
+`pixel_values`, `input_features` or `input_values`, so a graph's inputs carry the names the
+model's forward gives them. Each graph is a small wrapper module around the model (held as
+attribute `WRAPPER`), traced with example inputs and, by default, dynamic axes: batch and
+sequence for token inputs, batch for images and audio (their other sizes are the configured ones).
 """
 
 from __future__ import annotations
@@ -18,68 +21,102 @@ import onnx_ir as ir
 import torch
 import torch.nn as nn
 
+from ..inputs import input_specs, main_input_name
 from ..verify import main_output
 
-__all__ = ["WRAPPER", "ModelGraph", "EncoderGraph", "DecoderGraph", "graph_paths", "model_graphs", "name_io"]
+__all__ = ["WRAPPER", "ModelGraph", "PixelGraph", "FeaturesGraph", "AudioGraph", "EncoderGraph", "DecoderGraph",
+           "graph_paths", "model_graphs", "name_io", "output_name"]
 
 WRAPPER = "model"  # attribute under which the wrappers hold the model
 
 
 class ModelGraph(nn.Module):
-    """input_ids, attention_mask -> the model's first output (logits or last hidden state)."""
+    """input_ids, attention_mask -> the model's first output (logits or last hidden state); with
+    `encoder=True`, the encoder's last hidden state. Subclasses take the other kinds of input."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, encoder: bool = False) -> None:
         super().__init__()
         setattr(self, WRAPPER, model)
+        self.encoder = encoder
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return main_output(self._run(input_ids, attention_mask))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # no mask for models whose forward takes none (FNet, xLSTM): model_graphs then passes none
+        mask = {} if attention_mask is None else {"attention_mask": attention_mask}
+        return self._run(input_ids=input_ids, **mask)
 
-    def _run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+    def _run(self, **inputs: torch.Tensor) -> torch.Tensor:
         model = getattr(self, WRAPPER)
+        if self.encoder:
+            return model.get_encoder()(**inputs).last_hidden_state
         extra = {"use_cache": False} if hasattr(model.config, "use_cache") else {}
-        return model(input_ids=input_ids, attention_mask=attention_mask, **extra)
-
-    @torch.no_grad()
-    def output_name(self, inputs: dict[str, torch.Tensor] | None = None) -> str:
-        """"logits" or "last_hidden_state": what the model returns first (one forward of
-        `inputs`, else of 2 tokens; torch.export does not let the traced forward record it).
-        The export passes its example inputs: some models (Funnel) run only at their shapes."""
-        model = getattr(self, WRAPPER)
-        if inputs is None:
-            ids = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device)
-            inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
-        out = self._run(inputs["input_ids"], inputs["attention_mask"])
-        return "logits" if getattr(out, "logits", None) is not None else "last_hidden_state"
+        return main_output(model(**inputs, **extra))
 
 
-class EncoderGraph(nn.Module):
+class PixelGraph(ModelGraph):
+    """pixel_values -> the model's first output (or the encoder's last hidden state)."""
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._run(pixel_values=pixel_values)
+
+
+class FeaturesGraph(ModelGraph):
+    """input_features (mel or filter-bank features) -> the first output (or the encoder's)."""
+
+    def forward(self, input_features: torch.Tensor) -> torch.Tensor:
+        return self._run(input_features=input_features)
+
+
+class AudioGraph(ModelGraph):
+    """input_values (raw audio or a spectrogram) -> the first output (or the encoder's)."""
+
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+        return self._run(input_values=input_values)
+
+
+class EncoderGraph(ModelGraph):
     """input_ids, attention_mask -> the encoder's last hidden state."""
 
     def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        setattr(self, WRAPPER, model)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        encoder = getattr(self, WRAPPER).get_encoder()
-        return encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        super().__init__(model, encoder=True)
 
 
 class DecoderGraph(nn.Module):
-    """decoder_input_ids, encoder_hidden_states, encoder_attention_mask -> logits."""
+    """decoder_input_ids, encoder_hidden_states[, encoder_attention_mask] -> logits (the mask
+    only for encoders that read token ids)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         setattr(self, WRAPPER, model)
 
     def forward(self, decoder_input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                encoder_attention_mask: torch.Tensor) -> torch.Tensor:
+                encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         from transformers.modeling_outputs import BaseModelOutput
 
         encoded = BaseModelOutput(last_hidden_state=encoder_hidden_states)
-        out = getattr(self, WRAPPER)(encoder_outputs=encoded, attention_mask=encoder_attention_mask,
-                                     decoder_input_ids=decoder_input_ids, use_cache=False)
+        mask = {} if encoder_attention_mask is None else {"attention_mask": encoder_attention_mask}
+        out = getattr(self, WRAPPER)(encoder_outputs=encoded, decoder_input_ids=decoder_input_ids, use_cache=False,
+                                     **mask)
         return out.logits
+
+
+_GRAPHS = {"input_ids": ModelGraph, "pixel_values": PixelGraph, "input_features": FeaturesGraph,
+           "input_values": AudioGraph}
+
+
+@torch.no_grad()
+@torch.no_grad()
+def output_name(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> str:
+    """What the model returns first ("logits", "last_hidden_state", ...), from one forward of
+    `inputs`, else of batch-1 inputs (torch.export does not let the traced forward record it).
+    The export passes its example inputs: some models (Funnel) run only at their shapes."""
+    from ..inputs import example_inputs_for
+
+    extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+    out = model(**(inputs if inputs is not None else example_inputs_for(model, batch=1, seq=2)), **extra)
+    if isinstance(out, dict):  # the key of what main_output returns
+        return next((k for k, v in out.items() if isinstance(v, torch.Tensor) or isinstance(v, (tuple, list)) and v),
+                    "output")
+    return "output"
 
 
 def graph_paths(model_or_config: Any, out: str | Path) -> dict[str, Path]:
@@ -91,27 +128,39 @@ def graph_paths(model_or_config: Any, out: str | Path) -> dict[str, Path]:
     return {"model": out}
 
 
-def model_graphs(model: nn.Module, batch: int, seq: int, dynamic: bool) -> list[tuple[str, nn.Module, dict, dict]]:
-    """(role, wrapper, example kwargs, dynamic shapes) for each graph of `model`."""
+def _dims(spec, dynamic: bool) -> dict[int, Any] | None:
+    return {axis: torch.export.Dim.DYNAMIC for axis in spec.dynamic} if dynamic else None
+
+
+def model_graphs(model: nn.Module, batch: int, seq: int, dynamic: bool) -> list[tuple[str, nn.Module, dict, dict, str]]:
+    """(role, wrapper, example kwargs, dynamic shapes, output name) for each graph of `model`."""
+    from ..inputs import example_inputs_for
+
     config = model.config
+    main = main_input_name(model)
+    wrapper = _GRAPHS[main]
+    specs = {s.name: s for s in input_specs(model, batch, seq)}
+    inputs = {k: v for k, v in example_inputs_for(model, batch, seq).items() if k in specs}
+    own = {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
+    shapes = {k: _dims(specs[k], dynamic) for k in own}
+    if not getattr(config, "is_encoder_decoder", False):
+        return [("model", wrapper(model), own, shapes, output_name(model, own))]
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
-    mask = torch.ones(batch, seq, dtype=torch.long)
+    width = getattr(config, "d_model", None) or getattr(config, "hidden_size", 0)
+    hidden = torch.randn(batch, seq, width, generator=g).to(inputs[main].dtype if main != "input_ids" else torch.float32)
+    # a dynamic export traces unequal decoder and encoder lengths so that they stay distinct
+    dec_spec = specs["decoder_input_ids"]
+    dec = torch.randint(0, dec_spec.high, (batch, max(2, seq - 1) if dynamic else seq), generator=g)
     d = torch.export.Dim.DYNAMIC
     tokens = {0: d, 1: d} if dynamic else None
-    if not getattr(config, "is_encoder_decoder", False):
-        return [("model", ModelGraph(model), dict(input_ids=ids, attention_mask=mask),
-                 dict(input_ids=tokens, attention_mask=tokens))]
-    hidden = torch.randn(batch, seq, getattr(config, "d_model", getattr(config, "hidden_size", 0)), generator=g)
-    # a dynamic export traces unequal decoder and encoder lengths so that they stay distinct
-    dec = torch.randint(0, config.vocab_size, (batch, max(2, seq - 1) if dynamic else seq), generator=g)
-    states = {0: d, 1: d} if dynamic else None
+    decoder = dict(decoder_input_ids=dec, encoder_hidden_states=hidden)
+    decoder_shapes = dict(decoder_input_ids=tokens, encoder_hidden_states=tokens)
+    if "attention_mask" in own:
+        decoder["encoder_attention_mask"] = own["attention_mask"]
+        decoder_shapes["encoder_attention_mask"] = tokens
     return [
-        ("encoder", EncoderGraph(model), dict(input_ids=ids, attention_mask=mask),
-         dict(input_ids=tokens, attention_mask=tokens)),
-        ("decoder", DecoderGraph(model),
-         dict(decoder_input_ids=dec, encoder_hidden_states=hidden, encoder_attention_mask=mask),
-         dict(decoder_input_ids=tokens, encoder_hidden_states=states, encoder_attention_mask=tokens)),
+        ("encoder", wrapper(model, encoder=True), own, shapes, "last_hidden_state"),
+        ("decoder", DecoderGraph(model), decoder, decoder_shapes, "logits"),
     ]
 
 

@@ -1,0 +1,227 @@
+"""Example inputs for a model, made from its forward signature and its config.
+
+A Hugging Face model names its main input (`main_input_name`) and its config holds the sizes
+that input must have. One rule per kind of input, keyed by the input's name:
+
+    input_ids        token ids [batch, seq] below the vocabulary size; with attention_mask
+                     (ones) when forward takes one, and decoder ids for encoder-decoder models
+    pixel_values     [batch, num_channels, image_size, image_size] (224 when none is configured);
+                     [batch, num_frames, num_channels, image_size, image_size] for video
+    input_features   mel features: [batch, num_mel_bins, frames] when the config has num_mel_bins
+                     (Whisper: exactly the frames its encoder's convolutions reduce to
+                     max_source_positions), else [batch, frames, feature size] (Speech2Text,
+                     SeamlessM4T, wav2vec2-BERT)
+    input_values     a spectrogram [batch, max_length, num_mel_bins] when the config has both
+                     (audio spectrogram transformer), else raw audio [batch, samples], as many
+                     samples as the convolutional feature encoder turns into `seq` frames
+                     ([batch, audio_channels, samples] for codecs that configure channels)
+
+`input_specs` gives the shapes (and which axes may vary, for exports with dynamic shapes);
+`example_inputs_for` gives seeded tensors. A model that fits none of the rules, or whose
+forward requires more than these (image grids, bounding boxes, past values), raises
+`CaptureError` naming what is missing, so the user can pass `example_inputs=(x,)`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import CaptureError
+
+__all__ = ["InputSpec", "input_specs", "example_inputs_for", "main_input_name", "model_device",
+           "DEFAULT_BATCH", "DEFAULT_SEQ"]
+
+DEFAULT_BATCH, DEFAULT_SEQ = 2, 8
+_DEFAULT_IMAGE = 224
+_DEFAULT_SAMPLES = 16000  # one second of 16 kHz audio, when nothing says how the model reads it
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input tensor: its forward argument name, shape, dtype, and for token ids the bound.
+
+    `dynamic` lists the axes that may change between calls (batch; the sequence of tokens, of
+    raw audio and of feature frames where the model takes any length); an export with dynamic
+    shapes marks those."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    high: int = 0  # token ids are drawn from [0, high); 0: a float input drawn from N(0, 1)
+    dynamic: tuple[int, ...] = (0,)
+
+    def make(self, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """A seeded tensor of this spec on `device`."""
+        if self.name.endswith("attention_mask"):
+            t = torch.ones(self.shape, dtype=self.dtype)
+        elif self.high:
+            t = torch.randint(0, self.high, self.shape, generator=generator, dtype=self.dtype)
+        else:
+            t = torch.randn(self.shape, generator=generator).to(self.dtype)
+        return t.to(device)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where inputs for `model` go: its parameters' device, the CPU for a model on the meta
+    device (capture fakes the weights; the inputs stay real, see sparsify.capture)."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _forward_params(model: nn.Module) -> tuple[set[str], bool]:
+    """The names forward takes, and whether it also takes **kwargs."""
+    params = inspect.signature(model.forward).parameters.values()
+    return {p.name for p in params}, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def main_input_name(model: nn.Module) -> str | None:
+    """The input a model is fed: its `main_input_name` when forward takes it, else the first
+    of the known kinds that forward takes."""
+    names, _ = _forward_params(model)
+    declared = getattr(model, "main_input_name", None)
+    if declared in names:
+        return declared
+    return next((n for n in ("input_ids", "pixel_values", "input_features", "input_values") if n in names), None)
+
+
+def _vocab(config, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _conv_stride(module: nn.Module | None) -> int:
+    """How many input frames one output position of `module`'s 1-d convolutions covers."""
+    if module is None:
+        return 1
+    return math.prod(m.stride[0] for m in module.modules() if isinstance(m, nn.Conv1d))
+
+
+def _encoder(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_encoder", None)
+    try:
+        return get() if callable(get) else None
+    except Exception:  # models whose get_encoder needs arguments or has none to give
+        return None
+
+
+def _image(config, batch: int, dtype: torch.dtype) -> InputSpec:
+    size = getattr(config, "image_size", None) or _DEFAULT_IMAGE
+    h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
+    channels = getattr(config, "num_channels", None) or 3
+    frames = getattr(config, "num_frames", None)
+    if isinstance(frames, int) and frames > 0:  # a video: VideoMAE, TimeSformer, ViViT
+        return InputSpec("pixel_values", (batch, frames, channels, h, w), dtype)
+    return InputSpec("pixel_values", (batch, channels, h, w), dtype)
+
+
+def _features(model: nn.Module, config, batch: int, seq: int, dtype: torch.dtype) -> InputSpec:
+    mel = getattr(config, "num_mel_bins", None)
+    if mel:
+        stride = _conv_stride(_encoder(model) or model)
+        positions = getattr(config, "max_source_positions", None)
+        if positions:  # Whisper's encoder checks that it got exactly these frames
+            return InputSpec("input_features", (batch, mel, positions * stride), dtype)
+        return InputSpec("input_features", (batch, mel, seq * stride), dtype, dynamic=(0, 2))
+    width = getattr(config, "feature_projection_input_dim", None) or (
+        (getattr(config, "input_feat_per_channel", 0) or 0) * (getattr(config, "input_channels", None) or 1))
+    if not width:
+        raise CaptureError(f"cannot make input_features for {type(model).__name__}: its config names neither "
+                           "num_mel_bins nor a feature size; pass example_inputs=(x,)")
+    stride = _conv_stride(_encoder(model) or model)
+    return InputSpec("input_features", (batch, seq * max(stride, 1), width), dtype, dynamic=(0, 1))
+
+
+def _values(model: nn.Module, config, batch: int, seq: int, dtype: torch.dtype) -> InputSpec:
+    mel, frames = getattr(config, "num_mel_bins", None), getattr(config, "max_length", None)
+    kernels, strides = getattr(config, "conv_kernel", None), getattr(config, "conv_stride", None)
+    if mel and frames and not kernels:
+        return InputSpec("input_values", (batch, frames, mel), dtype)
+    if kernels and strides:
+        # samples the feature encoder turns into `seq` frames: its receptive field, then one hop per frame
+        receptive, hop = 1, 1
+        for k, s in zip(kernels, strides):
+            receptive += (k - 1) * hop
+            hop *= s
+        return InputSpec("input_values", (batch, receptive + (seq - 1) * hop), dtype, dynamic=(0, 1))
+    channels = getattr(config, "audio_channels", None)
+    if isinstance(channels, int) and channels > 0:  # audio codecs read [batch, channels, samples]
+        return InputSpec("input_values", (batch, channels, _DEFAULT_SAMPLES), dtype, dynamic=(0, 2))
+    return InputSpec("input_values", (batch, _DEFAULT_SAMPLES), dtype, dynamic=(0, 1))
+
+
+def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ) -> list[InputSpec]:
+    """The inputs to feed `model` (see the module docstring), main input first."""
+    config = getattr(model, "config", None)
+    main = main_input_name(model) if config is not None else None
+    if main is None:
+        raise CaptureError(
+            f"cannot make example inputs for {type(model).__name__}: it has no Hugging Face config naming its "
+            "inputs (token ids, pixel values or audio); pass example_inputs=(x,)"
+        )
+    names, _ = _forward_params(model)
+    dtype = _float_dtype(model)
+    specs: list[InputSpec] = []
+    if main == "input_ids":
+        vocab = _vocab(config, "vocab_size", "src_vocab_size")
+        if vocab is None:
+            raise CaptureError(f"cannot make input_ids for {type(model).__name__}: its config has no vocab_size; "
+                               "pass example_inputs=(x,)")
+        specs.append(InputSpec("input_ids", (batch, seq), torch.long, high=vocab, dynamic=(0, 1)))
+        if "attention_mask" in names:
+            specs.append(InputSpec("attention_mask", (batch, seq), torch.long, dynamic=(0, 1)))
+    elif main == "pixel_values":
+        specs.append(_image(config, batch, dtype))
+    elif main == "input_features":
+        specs.append(_features(model, config, batch, seq, dtype))
+    else:
+        specs.append(_values(model, config, batch, seq, dtype))
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in names:
+        vocab = _vocab(config, "tgt_vocab_size", "vocab_size")
+        specs.append(InputSpec("decoder_input_ids", (batch, seq), torch.long, high=vocab or 2, dynamic=(0, 1)))
+    missing = _required(model) - {s.name for s in specs}
+    if missing:
+        raise CaptureError(
+            f"cannot make example inputs for {type(model).__name__}: its forward also requires "
+            f"{', '.join(sorted(missing))}, which its config does not describe; pass example_inputs=(x,)"
+        )
+    return specs
+
+
+def _required(model: nn.Module) -> set[str]:
+    """The arguments forward cannot do without (no default)."""
+    params = inspect.signature(model.forward).parameters.values()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty}
+
+
+def example_inputs_for(
+    model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ, seed: int = 0
+) -> dict[str, Any]:
+    """Seeded keyword inputs for `model` (see `input_specs`), plus `use_cache=False` where the
+    model takes it, on the model's device (the CPU for a model on the meta device)."""
+    specs = input_specs(model, batch, seq)
+    g = torch.Generator().manual_seed(seed)
+    device = model_device(model)
+    kwargs: dict[str, Any] = {s.name: s.make(g, device) for s in specs}
+    names, any_kwarg = _forward_params(model)
+    if hasattr(model.config, "use_cache") and ("use_cache" in names or any_kwarg):
+        kwargs["use_cache"] = False
+    return kwargs

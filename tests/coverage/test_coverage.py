@@ -1,0 +1,86 @@
+"""The coverage sweep's fast slice, and the consistency of what the sweep records.
+
+CI runs a few representative families through the whole sweep (build tiny, save, upcycle twice
+through the CLI, load and compare, export to ONNX and run it); `python -m tests.coverage.sweep`
+runs every family (see README.md, "Coverage"). The recorded results, the expected-pass list and
+the README's table must agree with each other and with the installed registry."""
+
+from __future__ import annotations
+
+import pytest
+import transformers
+
+from tests.coverage.check import check_family, classify
+from tests.coverage.ffn_like import has_ffn_like_chain
+from tests.coverage.registry import families
+from tests.coverage.report import BEGIN, DETAILS, END, README, render, render_details
+from tests.coverage.sweep import RESULTS, expected_pass, load_results, regressions
+from tests.coverage.tiny import tiny_config
+
+# a decoder-only LM, an encoder-decoder (two ONNX graphs), a speech encoder (raw audio inputs)
+FAST = ["llama", "t5", "wav2vec2"]
+
+_recorded = load_results()
+_same_transformers = RESULTS.is_file() and f'"transformers": "{transformers.__version__}"' in RESULTS.read_text()
+
+
+@pytest.mark.parametrize("model_type", FAST)
+def test_fast_slice_passes(model_type, tmp_path):
+    assert model_type in expected_pass()
+    result = check_family(model_type, tmp_path)
+    assert result.result == "pass", f"{result.stage}: {result.reason}"
+    assert set(result.max_rel) == {"top2-every2", "top1-every1", "onnx"}
+
+
+@pytest.mark.parametrize("model_type,kind", [("clip", "composite"), ("mixtral", "moe"), ("doge", None), ("bert", None)])
+def test_classification_from_the_config(model_type, kind):
+    result = classify(model_type)
+    assert (result.kind if result else None) == kind
+    if result:
+        assert result.result == "skip" and result.reason
+
+
+@pytest.mark.parametrize("model_type,expected", [("mamba", False), ("resnet", False), ("bert", True), ("whisper", True),
+                                                 ("bitnet", True)])
+def test_ffn_like_chains(model_type, expected):
+    """Mamba's gate multiplies a state-space scan, not a projection; ResNet's 1x1 convolutions are
+    separated by 3x3 ones; BitNet's FFN normalises between its projections."""
+    from sparsify.capture import capture
+    from sparsify.io.skeleton import build_skeleton
+    from tests.coverage.registry import family
+
+    config = tiny_config(model_type, [family(model_type).class_name])
+    assert has_ffn_like_chain(capture(build_skeleton(config))) is expected
+
+
+@pytest.mark.parametrize("model_type", ["llama", "t5", "vit", "swin", "wav2vec2", "whisper"])
+def test_tiny_configs_are_tiny(model_type):
+    from tests.coverage.registry import family
+
+    config = tiny_config(model_type, [family(model_type).class_name])
+    model = getattr(transformers, family(model_type).class_name)(config)
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+    vocab = getattr(config, "vocab_size", None)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+        value = getattr(config, name, None)
+        assert not isinstance(value, int) or vocab is None or value < vocab
+
+
+@pytest.mark.skipif(not _same_transformers, reason="results.json was recorded with another transformers")
+def test_results_cover_the_whole_registry():
+    assert {f.model_type for f in families()} <= set(_recorded)
+
+
+@pytest.mark.skipif(not _same_transformers, reason="results.json was recorded with another transformers")
+def test_expected_families_passed_when_recorded():
+    assert not regressions(_recorded, expected_pass())
+    assert set(expected_pass()) <= {f.model_type for f in families()}
+
+
+def test_readme_and_details_are_the_recorded_results():
+    from tests.coverage.report import _versions
+
+    text = README.read_text()
+    section = BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END
+    assert section == render(_recorded, _versions(RESULTS))
+    assert DETAILS.read_text() == render_details(_recorded, _versions(RESULTS))

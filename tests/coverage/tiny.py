@@ -1,0 +1,163 @@
+"""Tiny configs for any family: the known size fields of its default config, shrunk.
+
+`tiny_config(model_type)` builds the family's default config with every size field it has
+(width, FFN width, depth, heads, vocabulary, positions, image and audio sizes) set small, token
+ids moved inside the small vocabulary, and the family's own overrides (`OVERRIDES`) last. Only
+fields the config has are set, and only downwards, so a family with unusual fields still gets a
+valid (if larger) config instead of a broken one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["tiny_config", "SIZES", "OVERRIDES", "VOCAB"]
+
+VOCAB = 128
+_HIDDEN, _FFN, _LAYERS, _HEADS, _KV_HEADS, _HEAD_DIM = 32, 64, 2, 4, 2, 8
+
+SIZES: dict[str, int] = {
+    **dict.fromkeys(("hidden_size", "d_model", "n_embd", "embed_dim", "embedding_size", "word_embed_proj_dim",
+                     "dim", "projection_dim", "classifier_proj_size", "text_hidden_size", "encoder_hidden_size",
+                     "decoder_hidden_size", "hidden_size_global"), _HIDDEN),
+    **dict.fromkeys(("intermediate_size", "d_ff", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "n_inner",
+                     "mlp_dim", "hidden_dim", "d_inner", "decoder_intermediate_size", "encoder_feedforward_dim",
+                     "dim_feedforward", "encoder_hidden_dim"), _FFN),
+    **dict.fromkeys(("num_hidden_layers", "num_layers", "n_layer", "n_layers", "num_decoder_layers",
+                     "encoder_layers", "decoder_layers", "num_encoder_layers", "depth", "decoder_num_hidden_layers"),
+                    _LAYERS),
+    **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads",
+                     "decoder_attention_heads", "attention_heads", "decoder_num_attention_heads"), _HEADS),
+    **dict.fromkeys(("num_key_value_heads",), _KV_HEADS),
+    **dict.fromkeys(("head_dim", "d_kv", "d_head", "kv_channels", "attention_head_size"), _HEAD_DIM),
+    **dict.fromkeys(("rotary_dim",), _HEAD_DIM // 2),
+    **dict.fromkeys(("vocab_size", "src_vocab_size", "tgt_vocab_size"), VOCAB),
+    **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_target_positions"), 512),
+    # Whisper's encoder takes exactly 2 x max_source_positions mel frames
+    **dict.fromkeys(("max_source_positions",), 64),
+    **dict.fromkeys(("image_size",), 32),
+    **dict.fromkeys(("patch_size",), 8),
+    **dict.fromkeys(("num_mel_bins",), 16),
+    # the audio spectrogram transformer reads max_length frames
+    **dict.fromkeys(("max_length",), 64),
+    # Mamba-2 mixers of hybrid models (Bamba, ...): heads x head width = expand x hidden
+    **dict.fromkeys(("mamba_n_heads",), 4),
+    **dict.fromkeys(("mamba_d_head",), 16),
+}
+
+# Per-stage lists of vision models (Swin, ConvNeXt, PVT, ...): one block per stage, narrow stages.
+_STAGE_LISTS = {
+    "depths": lambda n: [1] * n,
+    "hidden_sizes": lambda n: [16 * 2**i for i in range(n)],
+    "embed_dims": lambda n: [16 * 2**i for i in range(n)],
+    # one head per stage divides any stage width (Swin2SR keeps one width for every stage)
+    "num_heads": lambda n: [1] * n,
+    "num_attention_heads": lambda n: [1] * n,
+    # the convolutional feature encoder of wav2vec2 and its kin
+    "conv_dim": lambda n: [32] * n,
+}
+# depth fields that a stage list sets (ConvNeXt's num_hidden_layers is its number of stages)
+_DEPTH = {"num_hidden_layers", "num_layers", "num_stages", "depth"}
+
+# Family fixes, only where a field depends on another that the generic shrink changed.
+OVERRIDES: dict[str, dict[str, Any]] = {
+    # attention_types expands to one entry per layer and must match num_layers
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
+    # the depth is block_sizes (num_hidden_layers is their sum and cannot be set)
+    "funnel": {"block_sizes": [1, 1]},
+    # ESM's default config has no vocabulary (each checkpoint sets its own: 33 amino-acid tokens)
+    "esm": {"vocab_size": 33, "pad_token_id": 1, "mask_token_id": 32},
+    # Swin's last stage must still hold a whole 2x2 window: 64 px / patch 4 / 2^3 = 2
+    **dict.fromkeys(("swin", "donut-swin", "swinv2"), {"image_size": 64}),
+    # the axial position factors must sum to the hidden size
+    "reformer": {"axial_pos_embds_dim": [16, 16]},
+    # time-series models have no default forecast horizon
+    **dict.fromkeys(("autoformer", "informer", "time_series_transformer"), {"prediction_length": 4}),
+    # Mamba-2's heads x head width must equal expand (2) x hidden
+    "mamba2": {"num_heads": 8, "head_dim": 8},
+}
+
+
+def _field(config, name: str) -> Any:
+    """The config's value of `name`, None where it has none or it is derived (a property without
+    a setter: Falcon's head_dim) or only per layer (Gemma 4's head_dim)."""
+    if isinstance(getattr(type(config), name, None), property):
+        return None
+    try:
+        return getattr(config, name, None)
+    except Exception:  # transformers' per-layer attributes raise on the global read
+        return None
+
+
+def _shrunk(default) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, small in SIZES.items():
+        if isinstance(getattr(type(default), name, None), property):
+            continue
+        value = _field(default, name)
+        if name == "head_dim" and value is None and isinstance(_field(default, "num_attention_heads"), int):
+            out[name] = small  # a head_dim left None, which some attention layers read as is
+            continue
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int) and value > small:
+            out[name] = small
+        elif name == "image_size" and isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+            out[name] = type(value)(min(v, small) for v in value)
+    if isinstance(getattr(default, "window_size", None), int) and getattr(default, "image_size", None):
+        # Swin's attention windows: tiny images have 2x2 patch grids in their deepest stages
+        out["window_size"] = min(default.window_size, 2)
+    rope = _field(default, "rope_parameters")
+    heads = out.get("num_attention_heads", _field(default, "num_attention_heads"))
+    head_dim = out.get("head_dim") or (out.get("hidden_size", 0) // heads if isinstance(heads, int) else 0)
+    sections = rope.get("mrope_section") if isinstance(rope, dict) else None
+    if sections is None and "mrope_section" in getattr(type(default), "ignore_keys_at_rope_validation", ()):
+        sections = [0, 0, 0]  # the modeling code's default has three, sized for a full head
+    if isinstance(sections, (list, tuple)) and head_dim:
+        # multimodal rotary sections (Qwen2-VL, GLM-4V, ...) must sum to half the head dimension
+        n, total = len(sections), head_dim // 2
+        out["rope_parameters"] = {**rope, "mrope_section": [total // n + (i < total % n) for i in range(n)]}
+    for name, make in _STAGE_LISTS.items():
+        value = _field(default, name)
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value):
+            out[name] = [min(a, b) for a, b in zip(value, make(len(value)))]
+            if name == "depths":  # the stages set the depth, and the width of the last one
+                out = {k: v for k, v in out.items() if k not in _DEPTH | {"hidden_size"}}
+    depth = _field(default, "num_hidden_layers")
+    layers = out.get("num_hidden_layers")
+    if isinstance(depth, int) and isinstance(layers, int) and depth > layers:
+        for name, value in vars(default).items():  # per-layer lists (Zamba's layers_block_type, ...)
+            if isinstance(value, list) and len(value) == depth and not name.startswith("_") and name not in out:
+                out[name] = value[:layers]
+    return out
+
+
+def _token_ids(config, vocab: int) -> dict[str, Any]:
+    """Every *_token_id / *_token_index inside the vocabulary (distinct ids from the top down)."""
+    out: dict[str, Any] = {}
+    free = vocab - 1
+    for name in sorted(vars(config)):
+        if not name.endswith(("_token_id", "_token_index")):
+            continue
+        value = getattr(config, name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= vocab:
+            out[name], free = free, free - 1
+        elif isinstance(value, list) and any(isinstance(v, int) and v >= vocab for v in value):
+            out[name] = [v for v in value if isinstance(v, int) and v < vocab] or [free]
+            free -= 1
+    return out
+
+
+def tiny_config(model_type: str, architectures: list[str] | None = None):
+    """The default config of `model_type`, shrunk (see the module docstring)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    overrides = {**_shrunk(cls()), **OVERRIDES.get(model_type, {})}
+    config = cls(**overrides)
+    vocab = getattr(config, "vocab_size", None) or VOCAB
+    for name, value in _token_ids(config, vocab).items():
+        setattr(config, name, value)
+    if architectures:
+        config.architectures = architectures
+    return config
