@@ -95,6 +95,7 @@ def convert(
     progress: Callable[[str, int, int], None] | None = None,
     example_inputs: tuple | None = None,
     dry_run: bool = False,
+    allow_nonfinite: bool = False,
     **scheme: Any,
 ) -> ConversionReport:
     """Upcycle `source` and write it to `out` in `format`; returns what was done.
@@ -102,7 +103,8 @@ def convert(
     `scheme` holds the initialisation options of `sparsify.recipe.LayerRecipe` (drop_ratio,
     granularity, shared_fraction, split, router_init). `progress(stage, done, total)` is called
     as work advances (stage "write": bytes). `dry_run` plans, chooses the format and sizes the
-    output, and writes nothing."""
+    output, and writes nothing. A source tensor holding NaN or Inf is refused by name unless
+    `allow_nonfinite`, and a `dtype` that a weight overflows is refused by name."""
     if every is not None and layers is not None:
         raise OptionError("give either --every or --layers, not both")
     if dtype is not None and dtype not in DTYPE_NAMES:
@@ -161,7 +163,8 @@ def convert(
 
     out_dtype = DTYPE_NAMES[dtype] if dtype else None
     tensors_from: TensorSource = (
-        SourceTensors(ckpt, plan, model, out_dtype) if ckpt is not None else ModelTensors(model, out_dtype)
+        SourceTensors(ckpt, plan, model, out_dtype, allow_nonfinite=allow_nonfinite) if ckpt is not None
+        else ModelTensors(model, out_dtype)
     )
     tensors = fmt.tensors(model, plan, tensors_from)
     total = sum(t.nbytes for t in tensors)
@@ -181,6 +184,9 @@ def convert(
 
     fmt.write(out, model, plan, tensors_from, manifest, source_dir=src.path, shard_size=shard_size,
               force=force, progress=on_bytes, tensors=tensors)
-    return ConversionReport(out, plan, fmt.name, reason, ckpt is not None, dense_params, total, why)
+    nonfinite = getattr(tensors_from, "nonfinite", [])
+    notes = [f"source tensors holding NaN or Inf, converted as they are: {', '.join(nonfinite[:5])}"
+             + (f" and {len(nonfinite) - 5} more" if len(nonfinite) > 5 else "")] if nonfinite else []
+    return ConversionReport(out, plan, fmt.name, reason, ckpt is not None, dense_params, total, why, notes)
 
 

@@ -20,6 +20,7 @@ import torch.nn as nn
 from ..errors import SourceError
 from ..init import expert_weight, router_init_weight
 from ..io.checkpoint import Checkpoint
+from ..io.finite import cast_checked, check_finite
 from ..plan import FFNSite, UpcyclePlan
 from ..rewrite import canonical_weight
 
@@ -97,8 +98,9 @@ class SourceTensors(TensorSource):
     so writing all of a role's experts reads the source weight once."""
 
     def __init__(self, checkpoint: Checkpoint, plan: UpcyclePlan, model: nn.Module, dtype: torch.dtype | None = None,
-                 sources: dict[str, Checkpoint] | None = None):
-        self.ckpt, self.plan, self.dtype = checkpoint, plan, dtype
+                 sources: dict[str, Checkpoint] | None = None, allow_nonfinite: bool = False):
+        self.ckpt, self.plan, self.dtype, self.allow_nonfinite = checkpoint, plan, dtype, allow_nonfinite
+        self.nonfinite: list[str] = []  # names of source tensors with NaN/Inf (converted when allowed)
         self.checkpoints = {"base": checkpoint, **(sources or {})}
         self.aliases = alias_groups(model)
         self.prefix = getattr(model, "base_model_prefix", "") or ""
@@ -112,11 +114,21 @@ class SourceTensors(TensorSource):
                     return n
         raise SourceError(f"checkpoint '{ckpt.path}' lacks tensor '{name}' that the config requires")
 
-    def _cast(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
+    def _read(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
+        """Tensor `name` of `ckpt`, checked for NaN/Inf once, as it is read."""
+        t = ckpt.read(name)
+        if not self.allow_nonfinite:
+            check_finite(t, name, ckpt.spec)
+        elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            self.nonfinite.append(name)
+        return t
+
+    def _cast(self, t: torch.Tensor, name: str) -> torch.Tensor:
+        return cast_checked(t, self.dtype, name) if self.dtype is not None and t.is_floating_point() else t
 
     def plain(self, name: str) -> torch.Tensor:
-        return self._cast(self.ckpt.read(self._source_name(name)))
+        source = self._source_name(name)
+        return self._cast(self._read(self.ckpt, source), source)
 
     def plain_dtype(self, name: str) -> torch.dtype:
         return _cast_dtype(self.ckpt.dtype(self._source_name(name)), self.dtype)
@@ -133,7 +145,8 @@ class SourceTensors(TensorSource):
         key = (source, self._source_name(site.weights[role], ckpt))
         if self._cached is None or self._cached[0] != key:
             self._cached = None  # release the previous buffer before reading the next
-            self._cached = (key, self._cast(canonical_weight(site, role, ckpt.read(key[1])).contiguous()))
+            dense = canonical_weight(site, role, self._read(ckpt, key[1])).contiguous()
+            self._cached = (key, self._cast(dense, key[1]))
         return self._cached[1]
 
     def expert(self, site: FFNSite, role: str, e: int | str) -> torch.Tensor:
