@@ -128,6 +128,9 @@ def convert(
     else:
         src = resolve_source(source)
         check_output(out, force, [src.path], kind="dir")  # never onto, around or into the source
+        if src.path is not None and ((src.path / "sparsify.json").exists() or (src.path / "sparsify.json").is_symlink()):
+            raise SourceError(f"'{src.spec}' is already an MoE model written by sparsify (it has a sparsify.json); "
+                              "upcycle its dense source instead, or load it with sparsify.load")
         if src.kind == "demo":
             model, src = load_source(src)
         else:

@@ -1,6 +1,8 @@
 """The native format: the source config, the plan, and sharded safetensors.
 
-    OUT/config.json                      the source model's config, unchanged
+    OUT/config.json                      the source model's config, its model_type replaced by a
+                                         marker that plain transformers refuses (naming sparsify.load),
+                                         the source's kept under "sparsify_source_model_type"
     OUT/sparsify.json                    plan, options, provenance (source, sha256, version)
     OUT/model-0000i-of-0000n.safetensors the converted model's state dict (experts stacked)
     OUT/model.safetensors.index.json     tensor -> shard
@@ -33,10 +35,14 @@ from .base import OutputFormat
 from .manifest import MANIFEST, plan_of, read_output_manifest
 from .tensors import TensorSource, alias_groups
 
-__all__ = ["NativeFormat", "load_native", "assign_tensors", "read_manifest", "read_config", "apply_stored_plan", "MANIFEST", "INDEX", "FORMAT_NAME"]
+__all__ = ["NativeFormat", "load_native", "assign_tensors", "read_manifest", "read_config", "apply_stored_plan", "MANIFEST", "INDEX", "FORMAT_NAME",
+           "NATIVE_MODEL_TYPE", "SOURCE_MODEL_TYPE"]
 
 INDEX = "model.safetensors.index.json"
 FORMAT_NAME = "sparsify-native"
+# What plain transformers prints: "has model type `<this>` but Transformers does not recognize it".
+NATIVE_MODEL_TYPE = "sparsify-native: load it with sparsify.load"
+SOURCE_MODEL_TYPE = "sparsify_source_model_type"
 
 
 class NativeFormat(OutputFormat):
@@ -46,7 +52,13 @@ class NativeFormat(OutputFormat):
     description = "native (source config + plan + stacked experts; sparsify.load reads it)"
 
     def config_dict(self, plan: UpcyclePlan, config: Any) -> dict[str, Any]:
-        return config.to_dict()
+        # transformers would otherwise load this directory as the dense source, with the converted
+        # FFNs freshly initialised and only its load report to say so; the marker makes
+        # AutoConfig/AutoModel refuse it with a message that names sparsify.load.
+        d = config.to_dict()
+        d[SOURCE_MODEL_TYPE] = d.get("model_type", getattr(config, "model_type", ""))
+        d["model_type"] = NATIVE_MODEL_TYPE
+        return d
 
     def tensors(self, model: nn.Module, plan: UpcyclePlan, source: TensorSource) -> list[OutputTensor]:
         moe_tensors: dict[str, tuple] = {}
@@ -175,12 +187,21 @@ def apply_stored_plan(model: nn.Module, plan: UpcyclePlan, path: Path) -> nn.Mod
 
 
 def read_config(path: Path) -> Any:
-    """The transformers config of an output directory, or a one-line error."""
-    import transformers
+    """The transformers config of an output directory (any format; a native one's model_type
+    marker undone), or a one-line error. Every reader of an output's config.json calls this."""
+    from transformers import PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    path = Path(path)
     regular_file(path / "config.json", "config file")
     try:
-        return transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+        data, _ = PretrainedConfig.get_config_dict(path, local_files_only=True)
+        if data.get("model_type") == NATIVE_MODEL_TYPE:
+            data = {**data, "model_type": data.pop(SOURCE_MODEL_TYPE, None)}
+        model_type = data.get("model_type")
+        if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+            raise ValueError(f"model type {model_type!r} is not one transformers knows")
+        return CONFIG_MAPPING[model_type].from_dict(data)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise SourceError(f"cannot read the config of '{path}': {first}; the output is damaged, write it again") from None
