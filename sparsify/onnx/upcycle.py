@@ -27,7 +27,7 @@ from ..passes.upcycle_ffn import UpcycleFFN
 from ..plan import UpcyclePlan
 from .export import DEFAULT_OPSET, check_export_options, lower_onnx
 
-__all__ = ["upcycle_onnx", "OnnxUpcycleResult", "MIN_OPSET"]
+__all__ = ["upcycle_onnx", "OnnxUpcycleResult", "MIN_OPSET", "estimate_memory"]
 
 # The standard-ops MoE uses ReduceSum and Unsqueeze with axes as inputs (opset 13).
 MIN_OPSET = 13
@@ -105,6 +105,8 @@ def upcycle_onnx(
     plan.layers = {s.path: convert.recipe.build(s) for s in plan.selected_sites}
     plan.recipe = convert.recipe.to_dict()
     plan.source = {"spec": str(source), "kind": "onnx"}
+    if not dry_run:
+        _check_memory(model, plan, dense_params, str(source))
 
     UpcycleFFNOnnx(find.found, plan)(model)
     report = lower_onnx(model, target)
@@ -118,6 +120,36 @@ def upcycle_onnx(
         return OnnxUpcycleResult(plan, report, Path(out), dense_params, total, nbytes, dry_run=True)
     (path,) = write_onnx({Path(out): model}, force=force, sources=[source])[:1]
     return OnnxUpcycleResult(plan, report, path, dense_params, total, nbytes)
+
+
+# Peak memory over the upcycled graph's weights, measured: the graph is built in memory and then
+# serialised (a 4.9 GB output peaked at 9.2 GB resident).
+PEAK_FACTOR = 2.0
+# What upcycling loads besides the weights (onnx's checker, the rewriter's rules), measured on demos.
+FIXED_BYTES = 256 << 20
+
+
+def estimate_memory(model: ir.Model, plan: UpcyclePlan, dense_params: int) -> tuple[int, int]:
+    """(bytes of the upcycled graph's weights, estimated peak memory of upcycling it in memory)."""
+    dense_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    total, _ = plan.param_counts(dense_params)
+    out_bytes = int(total * dense_bytes / max(dense_params, 1))
+    return out_bytes, int(PEAK_FACTOR * out_bytes) + FIXED_BYTES
+
+
+def _check_memory(model: ir.Model, plan: UpcyclePlan, dense_params: int, source: str) -> None:
+    # ONNX protobufs are built whole before they are written (onnx and onnx_ir have no streaming
+    # writer), so a graph that cannot fit is refused before any of it is built.
+    from ..io.memory import available_memory
+    from ..units import format_bytes
+
+    out_bytes, peak = estimate_memory(model, plan, dense_params)
+    room = available_memory()
+    if peak > room:
+        raise OptionError(f"upcycling '{source}' as an ONNX graph needs about {format_bytes(peak)} of memory (its "
+                          f"{format_bytes(out_bytes)} of weights are built in memory, then serialised) but "
+                          f"{format_bytes(room)} is available; upcycle the checkpoint instead (streamed, bounded "
+                          "memory) and export it, or use fewer experts or layers")
 
 
 def _no_ffn_message(source: str, rejected) -> str:
