@@ -18,14 +18,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import OptionError, SourceError
+from .errors import OptionError
 from .formats.native import NativeFormat
 from .formats.registry import choose_format, format_defaults
 from .formats.tensors import ModelTensors, SourceTensors, TensorSource
 from .io.atomic import check_output
 from .io.checkpoint import Checkpoint
-from .io.skeleton import build_skeleton, model_class
-from .io.sources import Source, load_source, resolve_source, sha256_files
+from .io.sources import Source, load_source, resolve_source, sha256_files, skeleton_of
 from .recipe import LayerRecipe
 from .api import upcycle_passes
 from .passes import PassManager
@@ -134,15 +133,7 @@ def convert(
         if src.kind == "demo":
             model, src = load_source(src)
         else:
-            import transformers
-
-            try:
-                config = transformers.AutoConfig.from_pretrained(src.path, trust_remote_code=False, local_files_only=True)
-            except Exception as err:
-                raise SourceError(f"cannot read the config of '{src.spec}': {str(err).splitlines()[0][:200]}") from None
-            ckpt = Checkpoint(src.path, src.spec)
-            model = build_skeleton(config, model_class(config))
-            ckpt.check_shapes(model, src.spec)
+            model, ckpt = skeleton_of(src)
     hasher = _Hasher([] if dry_run else src.files)
     hasher.start()
     dense_params = _dense_param_count(model)

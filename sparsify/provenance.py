@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import OptionError
 from .io.sources import Source, sha256_files
 
-__all__ = ["SourceCheck", "check_source"]
+__all__ = ["SourceCheck", "check_source", "check_architecture"]
 
 
 @dataclass(frozen=True)
@@ -43,3 +44,25 @@ def check_source(recorded: Any, dense: Source) -> SourceCheck:
                                  "that sparsify.json records)")
     return SourceCheck(False, f"DENSE is not the recorded source {spec}: the sha256 of its weight files differ "
                               "from those sparsify.json records")
+
+
+def check_architecture(dense: Any, plan: Any, spec: str, source_model_type: str | None = None) -> None:
+    """An `OptionError` when `dense` is of another model type than `source_model_type` (what a
+    native output's config records), or lacks a module, or has another width, than the plan's
+    sites name: it is another architecture (or size) than the output was made from."""
+    model_type = getattr(getattr(dense, "config", None), "model_type", None)
+    if source_model_type and model_type and model_type != source_model_type:
+        raise OptionError(f"DENSE '{spec}' is a {model_type} model but the output was made from a "
+                          f"{source_model_type} model; pass the dense model it was upcycled from")
+    for site in plan.selected_sites:
+        try:
+            dense.get_submodule(site.path)
+        except AttributeError:
+            raise OptionError(f"DENSE '{spec}' ({type(dense).__name__}) has no module '{site.path}' that the output's "
+                              "plan converts: it is another architecture than the output was made from; pass the "
+                              "dense model it was upcycled from") from None
+        hidden = getattr(site, "hidden_size", None)
+        width = getattr(getattr(dense, "config", None), "hidden_size", None)
+        if hidden is not None and width is not None and hidden != width:
+            raise OptionError(f"DENSE '{spec}' has hidden size {width} but the output's plan was made for {hidden}; "
+                              "pass the dense model it was upcycled from")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -11,7 +12,7 @@ import torch.nn as nn
 from .capture import example_inputs_for
 from .errors import OptionError
 
-__all__ = ["Comparison", "compare", "main_output", "RTOL", "rtol_for", "weights_dtype", "check_atol"]
+__all__ = ["Comparison", "compare", "main_output", "RTOL", "rtol_for", "weights_dtype", "lowest_precision", "check_atol"]
 
 # Default tolerance relative to the largest reference output, by the lowest precision among the
 # weights compared. float32 differs only by summation order; bfloat16 (8-bit mantissa) and
@@ -39,10 +40,14 @@ class Comparison:
         return self.max_abs <= bound
 
 
+def lowest_precision(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The floating dtype of least precision among `dtypes` (float32 if none is floating)."""
+    return max(set(dtypes) & set(RTOL), key=RTOL.__getitem__, default=torch.float32)
+
+
 def weights_dtype(*models: nn.Module) -> torch.dtype:
     """The floating dtype of least precision among the parameters of `models` (float32 if none)."""
-    dtypes = {p.dtype for m in models for p in m.parameters() if p.is_floating_point()} & set(RTOL)
-    return max(dtypes, key=RTOL.__getitem__, default=torch.float32)
+    return lowest_precision(p.dtype for m in models for p in m.parameters())
 
 
 def rtol_for(dtype: torch.dtype | str | None) -> float:

@@ -58,18 +58,34 @@ def _doc(path: str, kind: str, fmt: str | None, plan: Any, params: dict[str, int
 
 
 def _inspect_model(path: str) -> dict[str, Any]:
-    from ..formats.registry import output_format
-    from ..passes import FindFFN, PassManager
-    from ..plan import UpcyclePlan
-    from .common import count_params, load_any
+    """Configs, plans and tensor headers only: no weight is read, at any size."""
+    import math
 
-    model, src = load_any(path)
-    total = count_params(model)
+    from ..formats.registry import output_format
+    from ..io.sources import resolve_source
+
+    src = resolve_source(path)
     fmt = output_format(src.path) if src.path is not None else None
     if fmt is not None:
-        plan = UpcyclePlan.from_dict(json.loads((src.path / "sparsify.json").read_text())["plan"])
+        from ..streaming.output import UpcycledOutput
+
+        out = UpcycledOutput.open(src.path)
+        ckpt = out.checkpoint
+        # every stored tensor is a parameter (the architectures sparsify converts keep no
+        # persistent buffers) and tied tensors are stored once: the parameter count of the model
+        total = sum(math.prod(ckpt.shape(n)) for n in ckpt.names())
         name = "native" if fmt == "sparsify-native" else fmt
-        return _doc(path, "upcycled", name, plan, params_from_total(plan, total))
+        return _doc(path, "upcycled", name, out.plan, params_from_total(out.plan, total))
+    from ..io.sources import is_native, skeleton_of
+    from ..passes import FindFFN, PassManager
+    from .common import count_params
+
+    if is_native(src.path):  # a damaged sparsify.json: reading it says what is wrong
+        from ..formats.native import read_manifest
+
+        read_manifest(src.path)
+    model, _ = skeleton_of(src)  # meta parameters; the checkpoint's headers checked against them
+    total = count_params(model)
     plan = PassManager([FindFFN()]).run(model).plan
     return _doc(path, "dense", None, plan, {"total": total, "active_per_token": total, "dense": total})
 

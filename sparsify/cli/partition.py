@@ -40,7 +40,7 @@ def partition(
     uneven: Annotated[bool, typer.Option("--uneven", help="Let ranks hold different numbers of experts.")] = False,
     tolerance: Annotated[float, typer.Option(
         "--tolerance", metavar="T",
-        help="Load above the balanced maximum allowed to keep co-chosen experts together (0.05 = 5%).")] = 0.0,
+        help="Load above the best balanced maximum allowed to keep co-chosen experts together (0.05 = 5%).")] = 0.01,
     force: Force = False,
 ) -> None:
     """Place each MoE layer's experts on N ranks.

@@ -32,24 +32,35 @@ def profile(
     """Record how the routers use the experts on calibration text.
 
     Per MoE layer: the tokens each expert receives and how often each pair of experts is chosen
-    for the same token (the input of sparsify partition)."""
+    for the same token (the input of sparsify partition). The model runs with its dense parts in
+    memory and one MoE layer's experts at a time, read for each batch; reading stops at
+    --max-tokens."""
     import json
 
+    from ..errors import SourceError
+    from ..formats.registry import output_format
     from ..io.atomic import atomic_file, check_output
-    from ..partition.calibration import calibration_batches, load_tokenizer, read_calibration, token_ids
+    from ..io.sources import resolve_source
+    from ..partition.calibration import calibration_batches, calibration_ids, load_tokenizer
     from ..partition.profile import profile_routing
-    from .common import load_any
+    from ..streaming.output import load_streamed
 
-    text, where = read_calibration(calibration, demo_text)
+    if (calibration is None) == (not demo_text):
+        from ..errors import OptionError
+
+        raise OptionError("give either --calibration FILE or --demo-text (exactly one)")
     check_output(out, force, [moe, calibration], kind="file")
+    src = resolve_source(moe)
+    if src.path is None or not output_format(src.path):
+        raise SourceError(f"'{moe}' has no MoE layer: it is not an upcycled model directory; make one with sparsify upcycle")
     o.step(f"loading {moe}")
-    model, src = load_any(moe)
+    model = load_streamed(src.path)  # the dense parts; each MoE layer reads its experts when it runs
     o.step("tokenizing the calibration text")
     tokenizer = load_tokenizer(src.path)
-    ids = token_ids(text, tokenizer, model.config.vocab_size)
+    ids, where = calibration_ids(calibration, demo_text, tokenizer, model.config.vocab_size, max_tokens)
     batches = calibration_batches(model, ids, seq_len, batch_size, max_tokens)
     info = {"source": where, "model": moe, "tokenizer": "model" if tokenizer is not None else "utf-8 bytes"}
-    o.step("running the model and counting the routers' choices")
+    o.step("running the model and counting the routers' choices, one MoE layer's experts at a time")
     stats = profile_routing(model, batches, info)
     with atomic_file(out, force=force, sources=[src.path, calibration]) as tmp:
         tmp.write_text(json.dumps(stats.to_dict(), indent=2))

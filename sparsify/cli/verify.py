@@ -27,9 +27,11 @@ def verify(
 ) -> None:
     """Check that two models give the same outputs on the same inputs.
 
-    Exits 0 within the tolerance, 1 outside it. Two .onnx files are run in ONNX Runtime (CPU);
-    anything else is loaded as a model. Given only an output directory (sparsify verify OUT):
-    checks every file against the size and sha256 its manifest records."""
+    Exits 0 within the tolerance, 1 outside it. An upcycled directory is compared one MoE layer
+    at a time, in the memory of the dense model and one layer, and each of its tensors with what
+    the plan makes of the dense model. Two .onnx files are run in ONNX Runtime (CPU). Given only
+    an output directory (sparsify verify OUT): checks every file against the size and sha256 its
+    manifest records."""
     if moe is None:
         from ..formats.manifest import verify_output
 
@@ -55,41 +57,98 @@ def verify(
         raise OptionError("verify compares two models or two ONNX graphs; export the model to ONNX first "
                           "(sparsify export) or pass the checkpoint of the graph")
     else:
-        from ..provenance import check_source
-        from ..verify import compare, rtol_for, weights_dtype
+        from ..formats.registry import output_format
+        from ..io.sources import resolve_source
+        from ..provenance import check_architecture, check_source
+        from ..verify import lowest_precision, rtol_for, weights_dtype
         from .common import cache_note, load_any
 
         for note in filter(None, map(cache_note, (dense, moe))):
             o.detail(note)
+        moe_src = resolve_source(moe)
         o.step(f"loading {dense}")
         ref, dense_src = load_any(dense)
-        o.step(f"loading {moe}")
-        cand, _ = load_any(moe)
-        plan = getattr(cand, "sparsify_plan", None)
-        if plan is not None:
-            source = check_source(getattr(cand, "sparsify_source", None), dense_src)
+        if moe_src.path is not None and output_format(moe_src.path):
+            from ..streaming.output import UpcycledOutput
+            from ..streaming.verify import compare_streamed
+
+            recorded = UpcycledOutput.open(moe_src.path)
+            plan = recorded.plan
+            source = check_source(recorded.manifest.get("source"), dense_src)
             o.detail(source.line)
-        o.step("running both models")
-        c, runtime = compare(ref, cand, seed=seed), "torch"
-        rtol = rtol_for(weights_dtype(ref, cand))
+            check_architecture(ref, plan, dense, _source_model_type(recorded))
+            ckpt = recorded.checkpoint  # stored dtypes, from the headers (the output is streamed, not loaded)
+            dtype = lowest_precision([weights_dtype(ref), *(ckpt.dtype(n) for n in ckpt.names())])
+            # one MoE layer's experts in memory at a time, beside the dense model
+            c, runtime = compare_streamed(ref, moe_src.path, seed=seed, progress=o.step), "torch"
+        else:
+            from ..verify import compare
+
+            o.step(f"loading {moe}")
+            cand, _ = load_any(moe)
+            o.step("running both models")
+            c, runtime = compare(ref, cand, seed=seed), "torch"
+            dtype = weights_dtype(ref, cand)
+        rtol = rtol_for(dtype)
     bound = atol if atol is not None else rtol * c.max_ref
-    ok = c.max_abs <= bound
+    problems = list(getattr(c, "problems", []))
+    within = c.max_abs <= bound
+    ok = within and not problems
     finite = math.isfinite(c.max_abs)
-    why = _why_different(plan, source, rtol) if not ok else None
-    o.emit({"command": "verify", "dense": dense, "moe": moe, "runtime": runtime, "seed": seed,
-            "max_abs": c.max_abs if finite else None, "max_rel": c.max_rel if finite else None,
-            "max_ref": c.max_ref, "tolerance": bound, "rtol": None if atol is not None else rtol, "match": ok,
-            "same_source": None if source is None else source.same, "explanation": why,
-            "note": c.note})
+    why = None if ok else _why_different(plan, source, rtol)
+    doc = {"command": "verify", "dense": dense, "moe": moe, "runtime": runtime, "seed": seed,
+           "max_abs": c.max_abs if finite else None, "max_rel": c.max_rel if finite else None,
+           "max_ref": c.max_ref, "tolerance": bound, "rtol": None if atol is not None else rtol, "match": ok,
+           "same_source": None if source is None else source.same, "explanation": why,
+           "note": c.note}
+    if hasattr(c, "layers"):  # streamed: per layer, and the tensor and config checks
+        doc.update(_streamed_doc(c))
+    o.emit(doc)
     if finite:
         o.detail(f"max abs diff {c.max_abs:.3e}   max rel diff {c.max_rel:.3e}   (tolerance {bound:.3e})")
     else:
         o.detail(c.note or "the outputs differ without bound")
+    if hasattr(c, "layers"):
+        _streamed_details(o, c)
     if ok:
         o.result("match", style="bold green")
-    else:
+    elif not within:
         o.result(f"MISMATCH: outputs differ beyond the tolerance; {why}", style="bold red")
+    else:
+        o.result(f"MISMATCH: {problems[0]}; {why}", style="bold red")
+    if not ok:
         raise typer.Exit(1)
+
+
+def _streamed_doc(c) -> dict:
+    return {
+        "layers": [{"module": d.module, "max_abs": d.max_abs, "max_rel": d.max_rel, "max_ref": d.max_ref} for d in c.layers],
+        "tensors": {"checked": c.tensors_checked, "unchecked": c.tensors_unchecked,
+                    "differing": [{"name": t.name, "max_abs": t.max_abs, "max_ref": t.max_ref} for t in c.tensors_differing]},
+        "config_differing": c.config_differing,
+        "problems": c.problems,
+    }
+
+
+def _streamed_details(o: Output, c) -> None:
+    if c.layers:
+        worst = max(c.layers, key=lambda d: d.max_rel)
+        o.detail(f"{len(c.layers)} MoE layers compared with their dense FFNs one at a time; largest difference at "
+                 f"{worst.module}: max abs {worst.max_abs:.3e}, max rel {worst.max_rel:.3e}")
+    unchecked = f", {len(c.tensors_unchecked)} not determined by the dense model and the plan" if c.tensors_unchecked else ""
+    o.detail(f"{c.tensors_checked} tensors compared with what the plan makes of the dense model{unchecked}; "
+             f"{len(c.tensors_differing)} differ")
+    for line in c.problems:
+        o.detail(line, style="red")
+
+
+def _source_model_type(out) -> str | None:
+    """The source model type a native output's config records (None for the Hugging Face formats)."""
+    if not out.native:
+        return None
+    from ..formats.native import read_config
+
+    return read_config(out.path).model_type
 
 
 def _why_different(plan, source, rtol: float) -> str:

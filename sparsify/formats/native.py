@@ -36,7 +36,7 @@ from .manifest import MANIFEST, plan_of, read_output_manifest
 from .tensors import TensorSource, alias_groups
 
 __all__ = ["NativeFormat", "load_native", "assign_tensors", "read_manifest", "read_config", "apply_stored_plan", "MANIFEST", "INDEX", "FORMAT_NAME",
-           "NATIVE_MODEL_TYPE", "SOURCE_MODEL_TYPE"]
+           "NATIVE_MODEL_TYPE", "SOURCE_MODEL_TYPE", "native_config_view"]
 
 INDEX = "model.safetensors.index.json"
 FORMAT_NAME = "sparsify-native"
@@ -186,6 +186,16 @@ def apply_stored_plan(model: nn.Module, plan: UpcyclePlan, path: Path) -> nn.Mod
                         "the output is damaged, write it again") from None
 
 
+def native_config_view(data: dict[str, Any]) -> dict[str, Any]:
+    """A config.json dict as the source model's: a native output's model_type marker undone
+    (older outputs, written without it, read the same)."""
+    if data.get("model_type") != NATIVE_MODEL_TYPE:
+        return data
+    data = dict(data)
+    data["model_type"] = data.pop(SOURCE_MODEL_TYPE, None)
+    return data
+
+
 def read_config(path: Path) -> Any:
     """The transformers config of an output directory (any format; a native one's model_type
     marker undone), or a one-line error. Every reader of an output's config.json calls this."""
@@ -196,8 +206,7 @@ def read_config(path: Path) -> Any:
     regular_file(path / "config.json", "config file")
     try:
         data, _ = PretrainedConfig.get_config_dict(path, local_files_only=True)
-        if data.get("model_type") == NATIVE_MODEL_TYPE:
-            data = {**data, "model_type": data.pop(SOURCE_MODEL_TYPE, None)}
+        data = native_config_view(data)
         model_type = data.get("model_type")
         if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
             raise ValueError(f"model type {model_type!r} is not one transformers knows")

@@ -118,7 +118,7 @@ class SourceTensors(TensorSource):
         """Tensor `name` of `ckpt`, checked for NaN/Inf once, as it is read."""
         t = ckpt.read(name)
         if not self.allow_nonfinite:
-            check_finite(t, name, ckpt.spec)
+            check_finite(t, name, getattr(ckpt, "spec", None) or str(getattr(ckpt, "path", "the dense model")))
         elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
             self.nonfinite.append(name)
         return t

@@ -111,11 +111,13 @@ class Checkpoint:
         """dtype of tensor `name`."""
         return self._st[name].tensors[name].dtype if name in self._st else self._bin[name].dtype
 
-    def read(self, name: str) -> torch.Tensor:
-        """Tensor `name` in memory (only this one)."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor `name` in memory (only this one), or its rows `rows = (start, stop)` along
+        the first dimension (reading only those, from safetensors)."""
         if name in self._st:
-            return self._st[name].read(name)
-        return self._bin[name].contiguous().clone()
+            return self._st[name].read(name, rows)
+        t = self._bin[name]
+        return (t if rows is None else t[rows[0]:rows[1]]).contiguous().clone()
 
     def check_shapes(self, model: torch.nn.Module, spec: str) -> None:
         """Refuse a checkpoint whose tensors disagree in shape with `model` (meta or real)."""

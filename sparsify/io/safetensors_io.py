@@ -31,7 +31,7 @@ from .integrity import OutputFiles
 from .paths import regular_file
 
 __all__ = ["DTYPES", "TensorInfo", "SafetensorsFile", "OutputTensor", "plan_shards", "write_shards",
-           "write_file", "parse_size"]
+           "write_file", "library_order", "parse_size"]
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -137,16 +137,26 @@ class SafetensorsFile:
             raise self._damaged("its tensors do not cover its data exactly")
         return metadata, tensors
 
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor `name`, read into fresh (64-byte aligned) memory."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor `name`, or its rows `rows = (start, stop)` along the first dimension (an
+        expert range of a stacked tensor, reading only those bytes), into fresh (64-byte
+        aligned) memory. pread, not a memory map: mapped pages would stay resident (and count
+        in the process's memory) after the tensor is gone."""
         info = self.tensors[name]
-        out = torch.empty(info.shape, dtype=info.dtype)
-        view = memoryview(out.view(torch.uint8).reshape(-1).numpy()) if info.nbytes else memoryview(b"")
+        shape, begin, nbytes = info.shape, info.begin, info.nbytes
+        if rows is not None:
+            start, stop = rows
+            if not shape or not 0 <= start <= stop <= shape[0]:
+                raise SourceError(f"'{self.path}': tensor '{name}' of shape {shape} has no rows {start}:{stop}")
+            row = nbytes // shape[0] if shape[0] else 0
+            shape, begin, nbytes = (stop - start, *shape[1:]), begin + start * row, (stop - start) * row
+        out = torch.empty(shape, dtype=info.dtype)
+        view = memoryview(out.view(torch.uint8).reshape(-1).numpy()) if nbytes else memoryview(b"")
         try:
             with open(self.path, "rb", buffering=0) as fh:
                 got = 0
-                while got < info.nbytes:
-                    n = os.preadv(fh.fileno(), [view[got:]], info.begin + got)
+                while got < nbytes:
+                    n = os.preadv(fh.fileno(), [view[got:]], begin + got)
                     if n <= 0:
                         raise self._damaged("it ended while reading")
                     got += n
@@ -209,7 +219,8 @@ def plan_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[list[O
 
 
 def _header(tensors: list[OutputTensor], metadata: dict[str, str] | None = None) -> bytes:
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    # keys sorted: safetensors itself writes them in hash order, different from run to run
+    header: dict[str, Any] = {"__metadata__": dict(sorted({"format": "pt", **(metadata or {})}.items()))}
     offset = 0
     for t in tensors:
         header[t.name] = {"dtype": _CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
@@ -261,19 +272,34 @@ def write_shards(
     tensors: list[OutputTensor],
     max_shard_size: int | str = "5GB",
     progress: Callable[[int], None] | None = None,
-    index_name: str = "model.safetensors.index.json",
+    index_name: str | None = "model.safetensors.index.json",
     pattern: str = "model-{i:05d}-of-{n:05d}.safetensors",
     files: OutputFiles | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """Write `tensors` into shards under `out_dir` plus the index; returns tensor -> shard.
-    `progress(nbytes)` is called as data is written; `files` records what was written."""
+    """Write `tensors` into shards under `out_dir` plus the index (none when `index_name` is
+    None); returns tensor -> shard. `progress(nbytes)` is called as data is written; `files`
+    records what was written; every shard's header carries `metadata` beside "format": "pt"."""
     files = files if files is not None else OutputFiles(out_dir)
     shards = plan_shards(tensors, parse_size(max_shard_size))
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards):
         fname = pattern.format(i=i + 1, n=len(shards))
-        write_file(files, fname, shard, progress=progress)
+        write_file(files, fname, shard, metadata=metadata, progress=progress)
         weight_map.update({t.name: fname for t in shard})
     total = sum(t.nbytes for t in tensors)
-    files.write_text(index_name, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    if index_name is not None:
+        files.write_text(index_name, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return weight_map
+
+
+# safetensors' Dtype enum, in its order: `save_file` writes tensors by dtype, descending in this
+# order, then by name. Writing in the same order makes a streamed file byte-identical to one
+# written by the library from a state dict in memory.
+_LIBRARY_DTYPE_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")
+
+
+def library_order(tensors: list[OutputTensor]) -> list[OutputTensor]:
+    """`tensors` in the order `safetensors.torch.save_file` writes them."""
+    rank = {DTYPES[code]: i for i, code in enumerate(_LIBRARY_DTYPE_ORDER)}
+    return sorted(tensors, key=lambda t: (-rank[t.dtype], t.name))

@@ -24,7 +24,8 @@ from .hub_cache import cached_alias, describe_cache
 from .paths import regular_file
 from .skeleton import build_skeleton, model_class
 
-__all__ = ["Source", "load_source", "resolve_source", "WEIGHT_PATTERNS", "TOKENIZER_FILES", "sha256_files"]
+__all__ = ["Source", "load_source", "resolve_source", "skeleton_of", "read_config", "WEIGHT_PATTERNS", "TOKENIZER_FILES",
+           "sha256_files"]
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = (
@@ -135,14 +136,32 @@ def is_native(path: Path | None) -> bool:
     return not isinstance(data, dict) or data.get("format") in ("sparsify-native", None)
 
 
-def load_pretrained(path: Path, spec: str) -> nn.Module:
-    """A dense transformers model from a local directory, every tensor checked present."""
+def read_config(path: Path, spec: str):
+    """The transformers config of the model directory `path` (never remote code)."""
     import transformers
 
     try:
-        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+        return transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     except Exception as err:
         raise SourceError(f"cannot read the config of '{spec}': {str(err).splitlines()[0][:200]}") from None
+
+
+def skeleton_of(src: Source) -> tuple[nn.Module, Checkpoint | None]:
+    """The architecture of a demo, directory or hub source with meta parameters, and its
+    checkpoint (headers read, shapes checked against the architecture; None for a demo): what
+    planning and inspecting need, without the weights."""
+    if src.kind == "demo":
+        return build_skeleton(DEMOS[src.spec[len("demo:"):]]()), None
+    config = read_config(src.path, src.spec)
+    ckpt = Checkpoint(src.path, src.spec)
+    model = build_skeleton(config, model_class(config))
+    ckpt.check_shapes(model, src.spec)
+    return model, ckpt
+
+
+def load_pretrained(path: Path, spec: str) -> nn.Module:
+    """A dense transformers model from a local directory, every tensor checked present."""
+    config = read_config(path, spec)
     cls = model_class(config)
     # Headers, shards and shapes are checked before transformers reads anything, so that a
     # damaged or mismatched checkpoint is named precisely.

@@ -7,6 +7,7 @@ keeps the statistics reproducible though not linguistically meaningful.
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -15,7 +16,7 @@ import torch.nn as nn
 
 from ..errors import OptionError, SourceError
 
-__all__ = ["DEMO_TEXT", "read_calibration", "load_tokenizer", "token_ids", "calibration_batches"]
+__all__ = ["DEMO_TEXT", "calibration_ids", "load_tokenizer", "token_ids", "calibration_batches"]
 
 DEMO_TEXT = """\
 Mixture-of-Experts models replace a dense feed-forward block with many experts and a router
@@ -33,21 +34,45 @@ holds every other rank back, because each layer waits for the slowest rank's all
 """
 
 
-def read_calibration(path: str | Path | None, demo_text: bool) -> tuple[str, str]:
-    """The calibration text and a description of where it came from."""
+_MARGIN = 64  # tokens read past the limit, so that the cut does not change the last ones kept
+_READ = 1 << 16
+
+
+def calibration_ids(path: str | Path | None, demo_text: bool, tokenizer: Any | None, vocab_size: int,
+                    max_tokens: int) -> tuple[list[int], str]:
+    """The first `max_tokens` token ids of the calibration text (`path`, or the demo text) and a
+    description of where it came from. A file is read only as far as those tokens need: a
+    prefix, cut after whitespace, is tokenized once it may hold them, and read further if not."""
     if (path is None) == (not demo_text):
         raise OptionError("give either --calibration FILE or --demo-text (exactly one)")
+    if max_tokens < 1:
+        raise OptionError("--seq-len, --batch-size and --max-tokens must be positive")
     if path is None:
-        return DEMO_TEXT, "demo-text"
+        return token_ids(DEMO_TEXT, tokenizer, vocab_size)[:max_tokens], "demo-text"
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        raw = open(path, "rb")
     except FileNotFoundError:
         raise SourceError(f"no such calibration file: '{path}'") from None
     except IsADirectoryError:
         raise SourceError(f"'{path}' is a directory; --calibration takes a text file") from None
+    need, guess = max_tokens + _MARGIN, max_tokens + _MARGIN  # characters: a token has one or more
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text, ids = "", []
+    with raw:
+        while True:
+            data = raw.read1(_READ)  # what is there, without waiting for more (pipes too)
+            end = not data
+            text += decoder.decode(data, final=end)
+            if not end and len(text) < guess:
+                continue
+            cut = len(text) if end else max(text.rfind(" "), text.rfind("\n")) + 1
+            ids = token_ids(text[:cut], tokenizer, vocab_size) if cut else []
+            if end or len(ids) >= need:
+                break
+            guess = int(len(text) * need / max(1, len(ids)) * 1.1) + 1
     if not text.strip():
         raise SourceError(f"calibration file '{path}' is empty")
-    return text, str(path)
+    return ids[:max_tokens], str(path)
 
 
 def load_tokenizer(model_dir: Path | None) -> Any | None:

@@ -13,14 +13,15 @@ import torch.nn as nn
 
 from ..errors import PlanError
 from ..moe import SparseMoE
+from ..streaming.layers import StreamedMoE
 from .stats import LayerStats, RoutingStats
 
 __all__ = ["moe_layers", "profile_routing"]
 
 
-def moe_layers(model: nn.Module) -> dict[str, SparseMoE]:
-    """The MoE layers of `model` by module path; `PlanError` when there is none."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, SparseMoE)}
+def moe_layers(model: nn.Module) -> dict[str, SparseMoE | StreamedMoE]:
+    """The MoE layers of `model` by module path (streamed ones too); `PlanError` when there is none."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (SparseMoE, StreamedMoE))}
     if not layers:
         raise PlanError(f"{type(model).__name__} has no MoE layer; upcycle it first (sparsify upcycle)")
     return layers

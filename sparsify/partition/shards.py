@@ -8,35 +8,43 @@
                                           its experts stacked in ascending expert order
     OUT/tokenizer files                   copied when the model has them
 
-A rank opens the replicated file and its own file only, never another rank's. The experts
-are read from the native checkpoint one rank at a time, so the writer's memory peaks at the
-replicated tensors plus one rank's experts.
+A rank opens the replicated file and its own file only, never another rank's. The writer
+streams: each file is written as its tensors are read from the native checkpoint, a range of
+rows at a time (a rank's experts are row ranges of the stacked expert tensors), with the
+project's streaming safetensors writer, so memory stays at a few buffers whatever the size.
+The files are byte for byte what `safetensors.torch.save_file` writes for the same tensors,
+but for the order of the header's metadata keys: the library writes them in hash order, which
+changes from run to run; here they are sorted.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
+
+import torch
 
 from ..errors import SourceError
 from ..formats.base import tokenizer_files
 from ..formats.manifest import plan_of
 from ..formats.native import INDEX, read_manifest
 from ..io.atomic import atomic_directory, check_output, check_space
-from ..io.checkpoint import read_index
+from ..io.checkpoint import Checkpoint, read_index
 from ..io.integrity import OutputFiles, check_files, files_of
-from ..io.safetensors_io import DTYPES, OutputTensor, write_file
+from ..io.safetensors_io import OutputTensor, library_order, write_file
 from .memory import is_expert_tensor
 from .jsonfile import read_json
 from .placement import ExpertPlacement
-from .reader import CheckpointReader
+from .reader import runs
 
 __all__ = ["write_shards", "read_shard_manifest", "is_shard_dir", "rank_file", "SHARDS_MANIFEST", "REPLICATED"]
 
 SHARDS_MANIFEST = "shards.json"
 SHARDS_FORMAT = "sparsify-shards"
 REPLICATED = "replicated.safetensors"
+_CHUNK = 64 << 20  # bytes read at a time
 
 
 def rank_file(rank: int, world_size: int) -> str:
@@ -74,9 +82,33 @@ def native_weight_map(path: Path) -> dict[str, str]:
     return read_index(index, str(path), fix="write the model again")
 
 
+def _rows(ckpt: Checkpoint, name: str, ranges: Sequence[tuple[int, int]] | None) -> Iterator[torch.Tensor]:
+    """The rows `ranges` of tensor `name` (None: all of it), read at most `_CHUNK` bytes at a time."""
+    shape = tuple(ckpt.shape(name))
+    if not shape:
+        yield ckpt.read(name)
+        return
+    row = max(1, math.prod(shape[1:]) * torch.empty((), dtype=ckpt.dtype(name)).element_size())
+    step = max(1, _CHUNK // row)
+    for a, b in ranges if ranges is not None else [(0, shape[0])]:
+        for start in range(a, b, step):
+            yield ckpt.read(name, (start, min(b, start + step)))
+
+
+def _tensor(ckpt: Checkpoint, name: str, experts: Sequence[int] | None = None) -> OutputTensor:
+    """Tensor `name` of the checkpoint (or rows `experts` of it), to be read when written."""
+    shape = tuple(ckpt.shape(name))
+    if experts is None:
+        return OutputTensor(name, ckpt.dtype(name), shape, lambda: _rows(ckpt, name, None))
+    if not shape or any(not 0 <= e < shape[0] for e in experts):
+        raise SourceError(f"'{ckpt.path}': tensor '{name}' of shape {shape} has no experts {list(experts)}; "
+                          "the placement does not fit the checkpoint")
+    return OutputTensor(name, ckpt.dtype(name), (len(experts), *shape[1:]), lambda: _rows(ckpt, name, runs(experts)))
+
+
 def write_shards(model_dir: str | Path, placement: ExpertPlacement | str | dict, out: str | Path, force: bool = False) -> Path:
-    """Cut the native checkpoint `model_dir` into per-rank files by `placement` (atomically;
-    `shards.json` lists the size and sha256 of every file written)."""
+    """Cut the native checkpoint `model_dir` into per-rank files by `placement` (atomically,
+    streaming; `shards.json` lists the size and sha256 of every file written)."""
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)  # also checks the sizes of its files
     plan = plan_of(manifest, model_dir / "sparsify.json")
@@ -85,32 +117,26 @@ def write_shards(model_dir: str | Path, placement: ExpertPlacement | str | dict,
     placement.check_matches(plan)
     check_output(out, force, sources, kind="dir")
     weight_map = native_weight_map(model_dir)
+    ckpt = Checkpoint(model_dir, str(model_dir))
     layers = list(placement.layers)
     n = placement.world_size
     tokenizer = tokenizer_files(model_dir)
     weights = sum((model_dir / f).stat().st_size for f in set(weight_map.values()))
     check_space(out, weights + sum(f.stat().st_size for f in tokenizer) + (1 << 20))
     ranks_info = []
-    with atomic_directory(out, force=force, sources=sources) as tmp, CheckpointReader(model_dir) as reader:
+    with atomic_directory(out, force=force, sources=sources) as tmp:
         files = OutputFiles(tmp)
         files.copy(model_dir / "config.json", "config.json")
         for f in tokenizer:
             files.copy(f, f.name)
-
-        def planned(name: str, file: str, ids: list[int] | None = None) -> OutputTensor:
-            dtype, shape = reader.info(file, name)
-            if ids is None:
-                return OutputTensor(name, DTYPES[dtype], shape, lambda: [reader.tensor(file, name)])
-            return OutputTensor(name, DTYPES[dtype], (len(ids), *shape[1:]), lambda: [reader.experts(file, name, ids)])
-
-        replicated = [planned(k, f) for k, f in weight_map.items() if is_expert_tensor(k, layers) is None]
-        write_file(files, REPLICATED, replicated)
+        replicated = [_tensor(ckpt, k) for k in weight_map if is_expert_tensor(k, layers) is None]
+        write_file(files, REPLICATED, library_order(replicated))
         for rank in range(n):
             owned = {p: placement.local_experts(p, rank) for p in layers}
-            tensors = [planned(k, f, owned[layer]) for k, f in weight_map.items()
+            tensors = [_tensor(ckpt, k, owned[layer]) for k in weight_map
                        if (layer := is_expert_tensor(k, layers)) is not None]
             meta = {"rank": str(rank), "world_size": str(n), "experts": json.dumps(owned)}
-            write_file(files, rank_file(rank, n), tensors, metadata=meta)
+            write_file(files, rank_file(rank, n), library_order(tensors), metadata=meta)
             ranks_info.append({"file": rank_file(rank, n), "experts": owned, "bytes": sum(t.nbytes for t in tensors)})
         data = {
             "format": SHARDS_FORMAT,

@@ -24,7 +24,8 @@ class PartitionExperts(Pass):
     `stats`: a `RoutingStats` or the path of a stats.json (uniform load without it);
     `memory_per_rank`: bytes or a size like "80GB"; `equal_experts`: every rank holds E/N
     experts per layer (False: counts may differ, to balance skewed load better); `tolerance`:
-    how far above the balanced maximum a rank's load may go to keep co-chosen experts together.
+    how far above the best balanced maximum a rank's load may go to keep co-chosen experts
+    together (None: the planner's `DEFAULT_TOLERANCE`, 1%).
     """
 
     name = "partition-experts"
@@ -35,13 +36,17 @@ class PartitionExperts(Pass):
         stats: Any = None,
         memory_per_rank: int | str | None = None,
         equal_experts: bool = True,
-        tolerance: float = 0.0,
+        tolerance: float | None = None,
     ):
         from ..partition.memory import parse_memory
         from ..partition.stats import RoutingStats
 
         if not isinstance(world_size, int) or world_size < 1:
             raise OptionError(f"--world-size must be 1 or more, got {world_size}")
+        if tolerance is None:
+            from ..partition.planner import DEFAULT_TOLERANCE
+
+            tolerance = DEFAULT_TOLERANCE
         if tolerance < 0:
             raise OptionError(f"--tolerance must be non-negative, got {tolerance}")
         self.world_size, self.equal_experts, self.tolerance = world_size, equal_experts, tolerance

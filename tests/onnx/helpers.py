@@ -55,11 +55,12 @@ def random_moe(config: MoEConfig, form: str, activation: str, bias: bool, hidden
     return SparseMoE(router, experts).eval()
 
 
-def graph_of(moe) -> ir.Model:
-    """The layer as a standalone ONNX model built with GraphBuilder: x [B, S, H] -> y."""
+def graph_of(moe, batch: int | str = "batch", seq: int | str = "sequence") -> ir.Model:
+    """The layer as a standalone ONNX model built with GraphBuilder: x [B, S, H] -> y, with
+    dynamic axes by default, static ones where `batch` and `seq` are numbers."""
     e = moe.experts
     h = e.hidden_size
-    x = ir.val("x", dtype=ir.DataType.FLOAT, shape=ir.Shape(["batch", "sequence", h]))
+    x = ir.val("x", dtype=ir.DataType.FLOAT, shape=ir.Shape([batch, seq, h]))
     graph = ir.Graph([x], [], nodes=[], opset_imports={"": 18}, name="moe")
 
     def init(name, t, layout):
@@ -82,6 +83,22 @@ def graph_of(moe) -> ir.Model:
     y.name, y.dtype, y.shape = "y", ir.DataType.FLOAT, x.shape
     graph.outputs.append(y)
     return ir.Model(graph, ir_version=10)
+
+
+def as_exported(model: ir.Model, fold_zeros: bool = False) -> ir.Model:
+    """`model` as the exporter hands it to fusion: every value's shape inferred (static where
+    the inputs are), then sparsify's clean-up (constant folding). With `fold_zeros`
+    ConstantOfShape is folded too, into an initializer, as folders without onnxscript's
+    exception for it (onnxsim, older onnxscript) write it."""
+    import onnxscript.optimizer
+
+    from sparsify.passes.onnx.cleanup import cleanup
+
+    ir.passes.common.ShapeInferencePass()(model)
+    if fold_zeros:
+        onnxscript.optimizer.fold_constants(model, should_fold=lambda n: True if n.op_type == "ConstantOfShape" else None)
+    cleanup()(model)
+    return model
 
 
 def ffn_graph(path: Path, activation: str = "Relu", opset: int = 18, leak: bool = False) -> Path:

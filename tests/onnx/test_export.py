@@ -1,6 +1,7 @@
 """`export_onnx` of upcycled demo models: checker-valid graphs that ONNX Runtime runs on CPU with
 torch's outputs, for both targets, at a batch and sequence length other than the exported ones;
-with --target ort every MoE layer of demo:llama and demo:t5 is one com.microsoft.MoE node."""
+with --target ort every MoE layer of demo:llama and demo:t5 is one com.microsoft.MoE node. Static
+exports (batch 1, sequence 1, ...) fuse exactly the layers the dynamic export fuses."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ import transformers
 import sparsify
 from sparsify.errors import OptionError
 from sparsify.capture import example_inputs_for
-from sparsify.onnx.export import CapturedGraph, capture_graphs, export_onnx, write_graphs
+from sparsify.onnx.export import TARGETS, CapturedGraph, capture_graphs, export_onnx, write_graphs
 from tests.onnx.helpers import count_ops, rel, session
 
 # (demo, MoE layers per graph, fused with --target ort)
 DEMOS = {"llama": ({"model": 2}, True), "t5": ({"encoder": 2, "decoder": 2}, True),
-         "gpt2": ({"model": 2}, True), "bert": ({"model": 2}, False)}
+         "gpt2": ({"model": 2}, True), "bert": ({"model": 2}, False), "qwen2": ({"model": 2}, True)}
+# (demo, batch, seq) of static exports: batch 1 and sequence 1 in several families, and neither
+STATIC = [("llama", 1, 128), ("t5", 1, 1), ("gpt2", 2, 1), ("bert", 1, 5), ("qwen2", 3, 4)]
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +105,39 @@ def test_export_matches_torch(name, target, captured, tmp_path):
     assert rel(onnx_outputs(result, inputs), torch_outputs(model, inputs)) < 1e-4
 
 
-def test_static_export_has_fixed_shapes(upcycled, tmp_path):
-    result = export_onnx(upcycled("bert"), tmp_path / "bert.onnx", target="standard", dynamic=False, batch=1, seq=6)
-    proto = onnx.load(str(result.files[0]))
-    dims = [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input]
-    assert dims == [[1, 6], [1, 6]]
+def static_inputs(model, batch: int, seq: int) -> dict:
+    """Inputs of the static shape, with padding in the first row where there is room for it."""
+    inputs = example_inputs_for(model, batch=batch, seq=seq, seed=5)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    if seq > 1:
+        inputs["attention_mask"][0, -1:] = 0
+    return inputs
+
+
+@pytest.mark.parametrize("name,batch,seq", STATIC)
+def test_static_export_fuses_as_the_dynamic_one(name, batch, seq, captured, tmp_path):
+    """Constant folding rewrites a static graph's routing (its shapes are constants); the same
+    layers fuse as in the dynamic export, with the same reasons for the rest, and both targets
+    give torch's outputs."""
+    model, dynamic_graphs = captured(name)
+    dynamic = write_graphs(dynamic_graphs, model, tmp_path / "dynamic.onnx", target="ort")
+    layers, _ = DEMOS[name]
+    static = [(g.role, ir.to_proto(g.model), g.outputs) for g in capture_graphs(model, dynamic=False, batch=batch, seq=seq)]
+    inputs = static_inputs(model, batch, seq)
+    for target in TARGETS:
+        graphs = [CapturedGraph(r, ir.from_proto(p), o) for r, p, o in static]
+        result = write_graphs(graphs, model, tmp_path / f"{target}.onnx", target=target)
+        for g, d in zip(result.graphs, dynamic.graphs, strict=True):
+            proto = onnx.load(str(g.path))
+            dims = {i.name: [x.dim_value for x in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+            assert all(d[:2] == [batch, seq] for d in dims.values()), dims
+            if target == "ort":
+                assert g.report.to_dict() == d.report.to_dict()
+                assert count_ops(proto, "MoE", "com.microsoft") == len(d.report.fused)
+                assert count_ops(proto, "TopK") == layers[g.role] - len(d.report.fused)
+            else:
+                assert count_ops(proto, "TopK") == layers[g.role] and count_ops(proto, "MoE") == 0
+        assert rel(onnx_outputs(result, inputs), torch_outputs(model, inputs)) < 1e-4
 
 
 HF_MOE = {

@@ -161,3 +161,26 @@ def check_load(rank: int, n: int, native: str, shards: str, plan_path: str, out_
             "bytes": sum(r.nbytes for r in log),
         }
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def paired_router_weight(num_experts: int, hidden: int, seed: int = 0, noise: float = 1e-3) -> torch.Tensor:
+    """Router weights [E, H] that choose experts in pairs: expert i and expert i + E/2 (split by
+    every contiguous placement) share one random direction, so their logits are nearly equal
+    and top-2 routing picks both for almost every token; the pairs' popularity is whatever the
+    hidden states make it."""
+    g = torch.Generator().manual_seed(seed)
+    half = num_experts // 2
+    shared = torch.randn(half, hidden, generator=g) / hidden**0.5
+    weight = torch.cat([shared, shared]) + noise * torch.randn(num_experts, hidden, generator=g) / hidden**0.5
+    return weight * 4.0  # decisive routing, as a trained router's
+
+
+def pair_routers(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every MoE layer of `model` routers that co-select expert pairs (`paired_router_weight`)."""
+    from sparsify.moe import SparseMoE
+
+    with torch.no_grad():
+        for i, m in enumerate(x for x in model.modules() if isinstance(x, SparseMoE)):
+            e, h = m.router.weight.shape
+            m.router.weight.copy_(paired_router_weight(e, h, seed + i))
+    return model

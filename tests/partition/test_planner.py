@@ -1,4 +1,5 @@
-"""The placement planner: balance, co-activation, memory and world-size rules, the pass."""
+"""The placement planner: balance, co-activation, memory and world-size rules, the pass; on a real
+model whose routers co-select expert pairs, less traffic than the contiguous placement."""
 
 from __future__ import annotations
 
@@ -86,6 +87,33 @@ def test_co_chosen_experts_share_a_rank_when_load_allows():
     assert layer["coactivation_kept"] == 1.0 and layer["contiguous"]["coactivation_kept"] == 0.0
     assert layer["ranks_per_token"] == 1.0 and layer["contiguous"]["ranks_per_token"] == 2.0
     assert placement.report["a2a_bytes_per_token"] < placement.report["contiguous_a2a_bytes_per_token"]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_routers_that_co_select_pairs_get_less_traffic(plans, world_size):
+    """demo:t5 upcycled, its routers choosing experts i and i + 4 together (pairs the contiguous
+    placement splits), profiled on the demo text as `sparsify profile` does."""
+    from partition_workers import pair_routers
+
+    from sparsify.io.demo import build_demo
+    from sparsify.partition.calibration import DEMO_TEXT, calibration_batches, token_ids
+    from sparsify.partition.profile import profile_routing
+    from sparsify.rewrite import apply_plan
+
+    plan = UpcyclePlan.from_dict(plans["t5"])
+    model = pair_routers(apply_plan(build_demo("t5"), plan)).eval()
+    ids = token_ids(DEMO_TEXT, None, model.config.vocab_size)
+    stats = profile_routing(model, calibration_batches(model, ids, seq_len=64), {"source": "demo-text"})
+    for s in stats.layers.values():  # the routing really is by pairs
+        assert sum(s.coactivation[i][i + 4] for i in range(4)) >= 0.95 * s.tokens
+    fp = Footprint(1000, {p: 100 for p in plan.selected}, 4)
+    rep = plan_placement(plan, world_size, fp, stats).report
+    assert rep["a2a_bytes_per_token"] < rep["contiguous_a2a_bytes_per_token"]
+    for layer in rep["layers"].values():
+        bound = layer["best_imbalance"] * 1.01 + 1e-6  # the default tolerance
+        assert layer["imbalance"] <= bound
+        if layer["contiguous"]["imbalance"] <= bound:
+            assert layer["a2a_bytes_per_token"] <= layer["contiguous"]["a2a_bytes_per_token"]
 
 
 def test_without_stats_the_contiguous_placement_is_kept():

@@ -4,6 +4,10 @@ The pattern is the token-choice MoE of `sparsify.onnx.moe_graph` (softmax router
 optional renormalisation, scatter of the k weights, every expert, weighted sum). The expert
 FFN between the first and the output projection is traced and its activation named by value
 (`sparsify.passes.onnx.trace`), so the rule does not depend on how the activation is spelled.
+The routing is checked by `sparsify.passes.onnx.moe_routing`, which also accepts the forms a
+static-shape export folds it into (the zeros the weights are scattered into, written as
+`ConstantOfShape(Shape(probs))`, become `ConstantOfShape` of a constant shape, or an
+initializer), each only when it is zeros of exactly the probabilities' shape.
 
 What ONNX Runtime's CPU kernel computes, and so what can be fused (checked numerically):
 router_probs are logits (it applies softmax itself), then top-k, then renormalises with
@@ -25,6 +29,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from ...onnx.builder import const
+from .moe_routing import FLOAT64_ROUTER, is_float64, is_router, routing_problem, unfused_reason
 from .trace import FFNTrace, trace_ffn
 
 __all__ = ["FuseMoEOrt", "FusionReport", "moe_layout_problem", "site_of", "SITE_KEY", "ORT_DOMAIN"]
@@ -80,13 +85,17 @@ class _MoEFusion(pattern.RewriteRuleClassBase):
         super().__init__(name)
         self._normalize, self._out_bias, self._report = normalize, out_bias, report
 
-    def pattern(self, op, x2, router, k, sum_axes, a, w2, b2, unsqueeze_axes, reduce_axes, out_shape):
+    def pattern(self, op, x2, router, k, sum_axes, a, w2, b2, unsqueeze_axes, reduce_axes, out_shape, folded):
         xr = pattern.OrValue([op.Cast(x2, to=int(ir.DataType.FLOAT)), x2])
-        probs = op.Softmax(op.MatMul(xr, router), axis=-1)
+        probs = op.Softmax(op.MatMul(xr, router), axis=-1, _outputs=["probs"])
         top, idx = op.TopK(probs, k, axis=-1, _outputs=["top", "idx"])
         if self._normalize:
             top = op.Div(top, op.ReduceSum(top, sum_axes, keepdims=1))
-        gates = op.ScatterElements(op.ConstantOfShape(op.Shape(probs)), idx, top, axis=1)
+        # With static shapes constant folding turns Shape(probs) into a constant, and small
+        # zeros into an initializer: `folded` stands for either, and `check` verifies it is
+        # zeros of exactly the probabilities' shape
+        zeros = pattern.OrValue([op.ConstantOfShape(op.Shape(probs)), folded], name="zeros")
+        gates = op.ScatterElements(zeros, idx, top, axis=1)
         gates = pattern.OrValue([op.Cast(gates), gates])
         combine = op.Unsqueeze(op.Transpose(gates, perm=[1, 0]), unsqueeze_axes)
         y = op.MatMul(a, w2)
@@ -94,11 +103,12 @@ class _MoEFusion(pattern.RewriteRuleClassBase):
             y = op.Add(y, b2)
         return op.Reshape(op.ReduceSum(op.Mul(y, combine), reduce_axes, keepdims=0), out_shape)
 
-    def check(self, context, x2, router, k, a, w2, idx, reduce_axes, unsqueeze_axes, b2=None, sum_axes=None,
-              **_) -> pattern.MatchResult:
+    def check(self, context, x2, router, k, a, w2, probs, idx, zeros, reduce_axes, unsqueeze_axes, b2=None,
+              sum_axes=None, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
         site = site_of(idx.producer())
-        why = _layout_of_routing(idx, sum_axes, unsqueeze_axes, reduce_axes) or self._why_not(x2, router, k, a, w2, b2)
+        why = (routing_problem(probs, idx, zeros, sum_axes, unsqueeze_axes, reduce_axes)
+               or self._why_not(x2, router, k, a, w2, b2))
         if why:
             self._report.left[site] = why
             return result.fail(why)
@@ -106,8 +116,8 @@ class _MoEFusion(pattern.RewriteRuleClassBase):
         return result
 
     def _why_not(self, x2, router, k, a, w2, b2) -> str | None:
-        if _is_float64_cast(router):
-            return _FLOAT64_ROUTER
+        if is_float64(router):
+            return FLOAT64_ROUTER
         found = trace_ffn(a, rank=3)
         if not isinstance(found, FFNTrace):
             return found or "the expert FFN is not MatMul, activation, MatMul"
@@ -157,31 +167,6 @@ class _MoEFusion(pattern.RewriteRuleClassBase):
         self._report.fused.append(self._site)
         self._report.left.pop(self._site, None)
         return op.Reshape(moe, out_shape)
-
-
-def _ints(value: ir.Value | None) -> list[int] | None:
-    tensor = None if value is None else ir.convenience.get_const_tensor(value)
-    return None if tensor is None else [int(v) for v in np.asarray(tensor.numpy()).reshape(-1)]
-
-
-def _layout_of_routing(idx: ir.Value, sum_axes, unsqueeze_axes, reduce_axes) -> str | None:
-    """Why the matched ops do not compute softmax top-k routing and its weighted sum as the
-    fused operator does (largest k, plain scatter, sums over the right axes), or None."""
-    topk = idx.producer()
-    scatter = next((u for u, _ in idx.uses() if u.op_type == "ScatterElements"), None)
-    zeros = scatter.inputs[0].producer() if scatter is not None else None
-    fill = zeros.attributes.get("value") if zeros is not None else None
-    if topk.attributes.get_int("largest", 1) != 1:
-        return "TopK picks the smallest router probabilities"
-    if scatter is None or scatter.attributes.get_string("reduction", "none") != "none":
-        return "the routing weights are scattered with a reduction"
-    if fill is not None and np.any(fill.as_tensor().numpy() != 0):
-        return "the routing weights are scattered into a non-zero tensor"
-    if sum_axes is not None and _ints(sum_axes) not in ([-1], [1]):
-        return "the top-k weights are not renormalised over the expert axis"
-    if _ints(unsqueeze_axes) not in ([-1], [2]) or _ints(reduce_axes) != [0]:
-        return "the expert outputs are not summed over the expert axis"
-    return None
 
 
 def _array(value: ir.Value) -> np.ndarray:
@@ -257,10 +242,10 @@ class FuseMoEOrt(ir.passes.InPlacePass):
     def _explain_unfused(self, model: ir.Model) -> None:
         """Name every router still in the graph and why its layer was not fused."""
         for node in model.graph:
-            if _is_router(node):
+            if is_router(node):
                 site = site_of(node)
                 if site not in self.report.left and site not in self.report.fused:
-                    self.report.left[site] = _routing_problem(node)
+                    self.report.left[site] = unfused_reason(node)
 
     def ensures(self, model: ir.Model) -> None:
         for node in model.graph:
@@ -268,45 +253,3 @@ class FuseMoEOrt(ir.passes.InPlacePass):
                 problem = moe_layout_problem(node)
                 if problem:
                     raise ir.passes.PostconditionError(f"fuse-moe-ort wrote a bad MoE node {node.name}: {problem}")
-
-
-_FLOAT64_ROUTER = "the router computes in float64; com.microsoft.MoE routes in the input's type"
-
-
-def _is_float64_cast(value: ir.Value | None) -> bool:
-    node = None if value is None else value.producer()
-    return node is not None and node.op_type == "Cast" and node.attributes.get_int("to") == ir.DataType.DOUBLE
-
-
-def _users(value: ir.Value) -> list[ir.Node]:
-    return [user for user, _ in value.uses()]
-
-
-def _is_router(node: ir.Node) -> bool:
-    """A Softmax whose probabilities feed a TopK, directly (tokens choose) or transposed
-    (experts choose): the router of a standard-ops MoE layer."""
-    if node.op_type != "Softmax" or node.domain not in ("", "ai.onnx"):
-        return False
-    def feeds_topk(u: ir.Node) -> bool:
-        if u.op_type == "Transpose":
-            return any(v.op_type == "TopK" for v in _users(u.outputs[0]))
-        return u.op_type == "TopK"
-
-    return any(feeds_topk(u) for u in _users(node.outputs[0]))
-
-
-def _routing_problem(softmax: ir.Node) -> str:
-    matmul = softmax.inputs[0].producer()
-    if softmax.outputs[0].dtype == ir.DataType.DOUBLE or (
-        matmul is not None and any(_is_float64_cast(v) for v in matmul.inputs)
-    ):
-        return _FLOAT64_ROUTER
-    topks = [u for u in _users(softmax.outputs[0]) if u.op_type == "TopK"]
-    if not topks:
-        return "expert-choice routing (experts pick tokens); com.microsoft.MoE routes tokens to experts"
-    # the capacity form one-hot encodes the chosen experts (after a transpose) to queue them
-    near = {w.op_type for t in topks for v in _users(t.outputs[1])
-            for w in [v, *(x for o in v.outputs for x in _users(o))]}
-    if "OneHot" in near:
-        return "a capacity factor drops tokens; com.microsoft.MoE is dropless"
-    return "the routing is not softmax, top-k and scatter as the fused operator computes it"
