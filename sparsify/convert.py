@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import OptionError
+from .errors import OptionError, SourceError
 from .formats.native import NativeFormat
 from .formats.registry import choose_format, format_defaults
 from .formats.tensors import ModelTensors, SourceTensors, TensorSource

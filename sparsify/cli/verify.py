@@ -86,6 +86,12 @@ def verify(
 
             o.step(f"loading {moe}")
             cand, _ = load_any(moe)
+            kinds = [getattr(getattr(m, "config", None), "model_type", None) for m in (ref, cand)]
+            if None not in kinds and kinds[0] != kinds[1] and getattr(cand, "sparsify_plan", None) is None:
+                from ..errors import OptionError
+
+                raise OptionError(f"DENSE is a {kinds[0]} model and MOE a {kinds[1]} model that no sparsify.json says "
+                                  "was upcycled from it; verify compares an upcycled model with its dense source")
             o.step("running both models")
             c, runtime = compare(ref, cand, seed=seed), "torch"
             dtype = weights_dtype(ref, cand)
