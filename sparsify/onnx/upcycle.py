@@ -92,8 +92,14 @@ def upcycle_onnx(
     _check_opset(model, str(source))
     dense_params = _count(model)
 
+    _check_graph(source)
     find = FindFFNOnnx()
-    find(model)
+    try:
+        find(model)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
+        # a graph the checker passes but that is not what its exporter would write (an edited node)
+        detail = f"{type(err).__name__}: {err}".splitlines()[0][:160]
+        raise SourceError(f"cannot read the FFNs of '{source}' ({detail}); the graph is damaged or edited") from None
     if not find.found:
         raise NoFFNFoundError(_no_ffn_message(str(source), find.rejected))
     plan = UpcyclePlan(sites=[f.site for f in find.found], rejected=find.rejected, seed=convert.seed,
@@ -120,6 +126,16 @@ def upcycle_onnx(
         return OnnxUpcycleResult(plan, report, Path(out), dense_params, total, nbytes, dry_run=True)
     (path,) = write_onnx({Path(out): model}, force=force, sources=[source])[:1]
     return OnnxUpcycleResult(plan, report, path, dense_params, total, nbytes)
+
+
+def _check_graph(source: str | Path) -> None:
+    """onnx.checker on the source (op schemas, input counts, types): a damaged or edited graph is
+    one line before any pass reads it."""
+    try:
+        onnx.checker.check_model(str(source))
+    except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.shape_inference.InferenceError, ValueError) as err:
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise SourceError(f"'{source}' is not a valid ONNX model (onnx.checker: {detail})") from None
 
 
 # Peak memory over the upcycled graph's weights, measured: the graph is built in memory and then
