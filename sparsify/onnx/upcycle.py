@@ -131,11 +131,21 @@ def upcycle_onnx(
 def _check_graph(source: str | Path) -> None:
     """onnx.checker on the source (op schemas, input counts, types): a damaged or edited graph is
     one line before any pass reads it."""
+    import math
+
     try:
         onnx.checker.check_model(str(source))
     except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.shape_inference.InferenceError, ValueError) as err:
         detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise SourceError(f"'{source}' is not a valid ONNX model (onnx.checker: {detail})") from None
+    # The checker does not compare an initializer's bytes with its dims (ONNX Runtime does, when
+    # it runs the graph): an upcycled graph would copy the mismatch into every expert.
+    for t in onnx.load(str(source), load_external_data=False).graph.initializer:
+        if t.raw_data and t.data_location != onnx.TensorProto.EXTERNAL:
+            size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * math.prod(t.dims)
+            if size != len(t.raw_data):
+                raise SourceError(f"'{source}': initializer '{t.name}' holds {len(t.raw_data)} bytes but its shape "
+                                  f"{list(t.dims)} needs {size}; the graph is damaged or edited")
 
 
 # Peak memory over the upcycled graph's weights, measured: the graph is built in memory and then

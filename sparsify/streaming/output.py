@@ -29,10 +29,16 @@ from .reader import check_names, read_router, read_site
 __all__ = ["UpcycledOutput", "converted_skeleton", "load_streamed"]
 
 
-def converted_skeleton(config: Any, plan: UpcyclePlan, cls: type | None = None) -> nn.Module:
+def converted_skeleton(config: Any, plan: UpcyclePlan, cls: type | None = None, where: Path | None = None) -> nn.Module:
     """The converted model of `plan` over the architecture of `config`, all parameters on the meta
-    device (what every writer names its tensors by)."""
-    return apply_plan(build_skeleton(config, cls or model_class(config)), plan, copy_weights=False)
+    device (what every writer names its tensors by). `where`: the output the plan was read from,
+    so that a plan that does not fit (an edited sparsify.json) is a one-line error naming it."""
+    model = build_skeleton(config, cls or model_class(config))
+    if where is not None:
+        from ..formats.native import apply_stored_plan
+
+        return apply_stored_plan(model, plan, where)
+    return apply_plan(model, plan, copy_weights=False)
 
 
 @dataclass
@@ -79,7 +85,7 @@ def load_streamed(path: str | Path, backend: str = "reference") -> nn.Module:
         raise SourceError(f"'{path}' is in the {out.format.name} format; this reads sparsify's native format "
                           "(upcycle with --format native)")
     config = read_config(out.path)
-    model = converted_skeleton(config, out.plan)
+    model = converted_skeleton(config, out.plan, where=out.path)
     layout = out.layout(model)
     plan, ckpt = out.plan, out.checkpoint
 

@@ -198,7 +198,7 @@ def compare_streamed(dense: nn.Module, moe: str | Path, seed: int = 0, batch: in
     say("running the dense model")
     ref = main_output(dense(**inputs)).float()
 
-    meta = converted_skeleton(dense.config, plan, type(dense))
+    meta = converted_skeleton(dense.config, plan, type(dense), where=out.path)
     layout = out.layout(meta)
     tensors = _ModuleTensors(dense, plan)
     expected = {t.name: t for t in out.format.tensors(meta, plan, SourceTensors(tensors, plan, meta, allow_nonfinite=True))}
