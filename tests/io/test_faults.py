@@ -22,10 +22,9 @@ import time
 from collections import Counter
 
 import pytest
-import torch
-import transformers
 
 import sparsify
+from tests.io.conftest import save_llama
 from tests.io.promises import assert_one_line_failure, snapshot, temporaries
 from tests.io.test_crash_safety import _bytes_in_temp
 from tests.io.test_disk_full import _fill, small_disk  # noqa: F401  (the fixture)
@@ -38,12 +37,7 @@ COUNTS: Counter = Counter()
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory):
     """A llama whose upcycled form (16 experts, every layer) is about 50 MB: a write that lasts."""
-    d = tmp_path_factory.mktemp("faults") / "dense"
-    config = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"])
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(d)
-    yield d
+    yield save_llama(tmp_path_factory.mktemp("faults") / "dense", 512, 128, 512)
     print(f"\nfault counts ({RUNS} runs): {dict(sorted(COUNTS.items()))}")
 
 
