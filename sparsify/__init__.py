@@ -8,6 +8,9 @@
     from sparsify import PassManager, passes
     pm = PassManager([passes.FindFFN(), passes.SelectLayers(every=2), passes.UpcycleFFN(experts=8)])
     result = pm.run(model)          # result.model, result.plan
+
+    recipe = sparsify.Recipe.load("moe.yaml")     # or sparsify.Recipe(experts=32, decoder={"top_k": 2})
+    moe = sparsify.upcycle("demo:t5", recipe=recipe)
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ __all__ = [
     "SparseMoE",
     "FFNSite",
     "UpcyclePlan",
+    "Recipe",
     "SparsifyError",
 ]
 
@@ -40,6 +44,7 @@ _WHERE = {
     "aux_losses": ".moe", "MoEConfig": ".moe", "SparseMoE": ".moe",
     "PassManager": ".passes",
     "FFNSite": ".plan", "UpcyclePlan": ".plan",
+    "Recipe": ".model_recipe",
     "router_stats": ".training",
     "SparsifyError": ".errors",
 }

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import copy as _copy
-import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch.nn as nn
 
@@ -15,48 +14,42 @@ from .formats.registry import FORMAT_NAMES, choose_format, load_hf_output, outpu
 from .formats.tensors import ModelTensors
 from .io.sources import Source, load_source
 from .keywords import check_keywords, keyword_names, refuse_unknown_keywords
-from .moe import MoEConfig
+from .model_recipe import Recipe
 from .passes import FindFFN, FuseDispatchCombine, PassManager, SelectLayers, UpcycleFFN
 from .plan import UpcyclePlan
-from .recipe import LayerRecipe
+from .recipe_keys import ALL_KEYS
 from .training import include_aux_losses, prepare_for_training
 
 __all__ = ["upcycle", "upcycle_with_plan", "upcycle_passes", "save", "load"]
 
 
-def upcycle_passes(every: int | None, layers: Sequence[int] | None, **upcycle_options: Any) -> list:
-    """The find-ffn / select-layers / upcycle-ffn pipeline for these options (validated now)."""
-    return [FindFFN(), SelectLayers(every=every if layers is None else None, layers=layers),
-            UpcycleFFN(**upcycle_options)]
+def upcycle_passes(recipe: Recipe) -> list:
+    """The find-ffn / select-layers / upcycle-ffn pipeline of `recipe`."""
+    return [FindFFN(), SelectLayers(recipe=recipe), UpcycleFFN(recipe=recipe)]
 
 
 def upcycle_with_plan(
     model: nn.Module | str,
-    experts: int = 8,
-    top_k: int | None = 2,
-    every: int | None = 2,
+    experts: int | None = None,
+    top_k: int | None = None,
+    every: int | None = None,
     layers: Sequence[int] | None = None,
-    router: str = "topk",
-    normalize: bool = True,
-    capacity_factor: float | None = None,
-    noise: float = 0.0,
-    router_init_std: float = 0.02,
-    seed: int = 0,
+    recipe: Any = None,
     example_inputs: tuple | None = None,
     example_kwargs: dict[str, Any] | None = None,
     source: Source | None = None,
     backend: str = "auto",
     copy: bool = True,
-    **moe_options: Any,
+    **options: Any,
 ) -> tuple[nn.Module, UpcyclePlan, Source]:
     """`upcycle`, also returning the plan and the resolved source."""
-    check_keywords("sparsify.upcycle_with_plan", moe_options, _upcycle_keywords())
-    if every is not None and layers is not None and every != 2:
-        raise OptionError("give either --every or --layers, not both")
+    check_keywords("sparsify.upcycle_with_plan", [k for k, v in options.items() if not isinstance(v, Mapping)],
+                   _upcycle_keywords())
+    if every is not None and layers is not None:
+        raise OptionError("give either every or layers, not both")
     # Validate every option before the (possibly slow) load.
-    pipeline = upcycle_passes(every, layers, experts=experts, top_k=top_k, router=router, normalize=normalize,
-                              noise=noise, router_init_std=router_init_std, seed=seed,
-                              capacity_factor=capacity_factor, **moe_options)
+    recipe = Recipe.build(recipe, experts=experts, top_k=top_k, every=every,
+                          layers=list(layers) if layers is not None else None, **options)
     fuse = FuseDispatchCombine(backend)
     if isinstance(model, (str, Path)):
         model, source = load_source(str(model))
@@ -65,7 +58,7 @@ def upcycle_with_plan(
             model = _copy_module(model)
         if source is None:
             source = Source(type(model).__name__, "module")
-    result = PassManager([*pipeline, fuse]).run(
+    result = PassManager([*upcycle_passes(recipe), fuse]).run(
         model, example_inputs=example_inputs, example_kwargs=example_kwargs
     )
     result.plan.source = source.describe()
@@ -74,27 +67,33 @@ def upcycle_with_plan(
     return prepare_for_training(result.model), result.plan, source
 
 
-def upcycle(model: nn.Module | str, experts: int = 8, top_k: int | None = 2, every: int | None = 2, **options: Any) -> nn.Module:
+def upcycle(model: nn.Module | str, experts: int | None = None, top_k: int | None = None, every: int | None = None,
+            recipe: Any = None, **options: Any) -> nn.Module:
     """Turn a dense model into an MoE model whose experts start as copies of its FFNs.
 
     `model` is an `nn.Module` or a source string (a local directory, a hub id, `demo:NAME`).
-    Within each stack, FFN number j becomes MoE when `j % every == every - 1`, or when j is in
+    `experts` (default 8) per MoE layer, `top_k` (default 2; 1 for switch). Within each stack,
+    FFN number j becomes MoE when `j % every == every - 1` (default every=2), or when j is in
     `layers=[...]`. Routing: `router` (topk | switch | expert-choice), `normalize`,
     `capacity_factor`. Initialisation (see `sparsify.recipe`): `noise`, `drop_ratio`
     (Drop-Upcycling), `granularity` (granular upcycling), `shared_fraction` (a shared expert),
-    `split` (parameter-neutral), `router_init_std`, `seed`. `backend` picks the MoE kernels
-    (auto | reference | cpu | triton); `example_inputs=(x,)` serves a module whose inputs cannot
-    be made from a Hugging Face config; the MoE layer's training settings are `jitter`,
-    `aux_loss_coef`, `z_loss_coef`, `router_dtype`. In training mode the loss the model returns
-    includes the routers' weighted balancing and z losses, and its `save_pretrained` writes the
-    native format (see `sparsify.training`).
+    `split` (parameter-neutral), `router_init_std`, `seed`. `recipe` (a `sparsify.Recipe`, its
+    mapping or a YAML recipe file) sets all of these per stack and per layer; keywords given
+    beside it replace its top-level keys, and a keyword holding a mapping is a stack or module
+    section (`decoder={"top_k": 2}`). `backend` picks the MoE kernels (auto | reference | cpu |
+    triton); `example_inputs=(x,)` serves a module whose inputs cannot be made from a Hugging
+    Face config; the MoE layer's training settings are `jitter`, `aux_loss_coef`, `z_loss_coef`,
+    `router_dtype`. In training mode the loss the model returns includes the routers' weighted
+    balancing and z losses, and its `save_pretrained` writes the native format (see
+    `sparsify.training`).
 
     An `nn.Module` is left as it was: the MoE model is a copy (`copy=False` rewrites the module
     in place instead and returns it, which saves holding its non-FFN weights twice). Returns
     the MoE model; its plan is `model.sparsify_plan`. Unknown keywords are refused by name.
     """
-    check_keywords("sparsify.upcycle", options, _upcycle_keywords())
-    return upcycle_with_plan(model, experts=experts, top_k=top_k, every=every, **options)[0]
+    check_keywords("sparsify.upcycle", [k for k, v in options.items() if not isinstance(v, Mapping)],
+                   _upcycle_keywords())
+    return upcycle_with_plan(model, experts=experts, top_k=top_k, every=every, recipe=recipe, **options)[0]
 
 
 def _copy_module(model: nn.Module) -> nn.Module:
@@ -161,10 +160,7 @@ def load(path: str | Path, placement: Any = None, group: Any = None, backend: st
 
 
 def _upcycle_keywords() -> list[str]:
-    """Every keyword `upcycle` takes: its own and `upcycle_with_plan`'s, those it passes on to
-    the upcycle-ffn pass, and the MoE layer's settings that have no argument of their own."""
+    """Every keyword `upcycle` takes: its own and `upcycle_with_plan`'s, and every recipe key
+    (the options of an MoE layer, the selection, the whole conversion's settings)."""
     names = [n for n in keyword_names(upcycle_with_plan) if n != "model"]
-    names += [n for n in keyword_names(UpcycleFFN.__init__) if n != "self" and n not in names]
-    names += [n for n in keyword_names(LayerRecipe.from_options) if n not in names]
-    covered = {"num_experts", "top_k", "router", "normalize", "capacity_factor"}
-    return names + [f.name for f in dataclasses.fields(MoEConfig) if f.name not in covered and f.name not in names]
+    return names + [k for k in ALL_KEYS if k not in names]

@@ -25,7 +25,7 @@ from .formats.tensors import ModelTensors, SourceTensors, TensorSource
 from .io.atomic import check_output
 from .io.checkpoint import Checkpoint
 from .io.sources import Source, load_source, resolve_source, sha256_files, skeleton_of
-from .recipe import LayerRecipe
+from .model_recipe import Recipe
 from .api import upcycle_passes
 from .passes import PassManager
 from .plan import UpcyclePlan
@@ -77,16 +77,16 @@ class _Hasher(threading.Thread):
 def convert(
     source: str | nn.Module,
     out: str | Path,
-    experts: int,
+    experts: int | None = None,
     top_k: int | None = None,
     router: str | None = None,
-    normalize: bool = True,
+    normalize: bool | None = None,
     every: int | None = None,
     layers: Sequence[int] | None = None,
     capacity_factor: float | None = None,
-    noise: float = 0.0,
-    seed: int = 0,
-    router_init_std: float = 0.02,
+    noise: float | None = None,
+    seed: int | None = None,
+    router_init_std: float | None = None,
     format: str = "auto",
     dtype: str | None = None,
     shard_size: int | str = "5GB",
@@ -95,25 +95,26 @@ def convert(
     example_inputs: tuple | None = None,
     dry_run: bool = False,
     allow_nonfinite: bool = False,
+    recipe: Any = None,
     **scheme: Any,
 ) -> ConversionReport:
     """Upcycle `source` and write it to `out` in `format`; returns what was done.
 
-    `scheme` holds the initialisation options of `sparsify.recipe.LayerRecipe` (drop_ratio,
-    granularity, shared_fraction, split, router_init). `progress(stage, done, total)` is called
-    as work advances (stage "write": bytes). `dry_run` plans, chooses the format and sizes the
-    output, and writes nothing. A source tensor holding NaN or Inf is refused by name unless
-    `allow_nonfinite`, and a `dtype` that a weight overflows is refused by name."""
+    The MoE options (experts ... router_init_std, and in `scheme` the other keys of a recipe:
+    drop_ratio, granularity, shared_fraction, split, router_init, ...) replace the top-level
+    keys of `recipe` (a `sparsify.Recipe`, its mapping or a recipe file); None means not given.
+    `progress(stage, done, total)` is called as work advances (stage "write": bytes). `dry_run`
+    plans, chooses the format and sizes the output, and writes nothing. A source tensor holding
+    NaN or Inf is refused by name unless `allow_nonfinite`, and a `dtype` that a weight overflows
+    is refused by name."""
     if every is not None and layers is not None:
         raise OptionError("give either --every or --layers, not both")
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise OptionError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
-    if every is not None and every < 1:
-        raise OptionError(f"--every must be 1 or more, got {every}")
     # Validate the options before any slow work (format defaults may still fill gaps).
-    LayerRecipe.from_options(experts=experts, top_k=top_k if top_k is not None else (1 if router == "switch" else 2),
-                             router=router or "topk", normalize=normalize, capacity_factor=capacity_factor, noise=noise,
-                             router_init_std=router_init_std, **scheme)
+    recipe = Recipe.build(recipe, experts=experts, top_k=top_k, router=router, normalize=normalize, every=every,
+                          layers=list(layers) if layers is not None else None, capacity_factor=capacity_factor,
+                          noise=noise, seed=seed, router_init_std=router_init_std, **scheme)
     from .io.safetensors_io import parse_size
 
     parse_size(shard_size)
@@ -139,18 +140,10 @@ def convert(
     dense_params = _dense_param_count(model)
 
     config = getattr(model, "config", None)
-    implied = format_defaults(format, config)
-    if top_k is None and router is None:
-        top_k, router = implied.get("top_k", top_k), implied.get("router", router)
-    router = router or "topk"
-    top_k = top_k if top_k is not None else (1 if router == "switch" else 2)
-    if every is None and layers is None:
-        every = implied.get("every", 2)
+    recipe = recipe.with_defaults(format_defaults(format, config))
 
     report("plan", 0, 1)
-    passes = upcycle_passes(every, layers, experts=experts, top_k=top_k, router=router, normalize=normalize,
-                            noise=noise, router_init_std=router_init_std, seed=seed, capacity_factor=capacity_factor,
-                            **scheme)
+    passes = upcycle_passes(recipe)
     result = PassManager(passes).run(model, example_inputs=example_inputs)
     plan, model = result.plan, result.model
     fmt, reason = choose_format(format, plan, config)

@@ -11,6 +11,7 @@ __all__ = [
     "CaptureError",
     "NoFFNFoundError",
     "OptionError",
+    "RecipeError",
     "OutputError",
     "PlanError",
     "PassError",
@@ -38,6 +39,11 @@ class NoFFNFoundError(SparsifyError):
 
 class OptionError(SparsifyError):
     """An option is out of range or contradicts another one."""
+
+
+class RecipeError(OptionError):
+    """A recipe (a file, or `sparsify.Recipe` keys) is malformed or does not fit the model; the
+    message names the file, line and key (`moe.yaml:7: decoder.router: ...`) when there is one."""
 
 
 class OutputError(SparsifyError):

@@ -125,8 +125,8 @@ def test_noise_makes_experts_differ_reproducibly(demo):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"experts": 1}, "at least 2"),
-    ({"experts": 4, "top_k": 0}, "top-k"),
-    ({"experts": 4, "top_k": 5}, "top-k"),
+    ({"experts": 4, "top_k": 0}, "top_k"),  # the Python API names arguments, not CLI flags
+    ({"experts": 4, "top_k": 5}, "top_k"),
     ({"experts": 4, "every": 0}, "every"),
     ({"experts": 4, "every": None, "layers": [9]}, "out of range"),
 ])

@@ -70,6 +70,7 @@ def _inspect_model(path: str) -> dict[str, Any]:
         from ..streaming.output import UpcycledOutput
 
         out = UpcycledOutput.open(src.path)
+        out.check_fits()
         ckpt = out.checkpoint
         # every stored tensor is a parameter (the architectures sparsify converts keep no
         # persistent buffers) and tied tensors are stored once: the parameter count of the model

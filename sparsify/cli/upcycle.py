@@ -17,14 +17,26 @@ __all__ = ["upcycle", "summary_lines"]
 
 _STAGES = {"load": "loading {source}", "plan": "capturing the graph, finding FFNs, planning", "write": "writing {out}"}
 
+# The flags that are recipe keys (the parameter name is the key).
+_RECIPE_FLAGS = ("experts", "top_k", "router", "normalize", "every", "layers", "capacity_factor", "noise", "seed",
+                 "drop_ratio", "granularity", "shared_fraction", "split")
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """True when the flag `name` was given (on the command line or by its environment variable)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
 
 @command()
 def upcycle(
     o: Output,
+    ctx: typer.Context,
     source: Annotated[str, argument("SOURCE", SOURCE_HELP)],
-    experts: Annotated[int, typer.Option("--experts", "-e", metavar="N", help="Experts per MoE layer (2 or more).")],
     out: Annotated[Path, typer.Option("--out", "-o", metavar="OUT",
                                       help="Output directory (an .onnx file for an ONNX source), written atomically.")],
+    experts: Annotated[Optional[int], typer.Option("--experts", "-e", metavar="N", show_default="the recipe's",
+                                                   help="Experts per MoE layer (2 or more); required without --recipe.")] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", metavar="K", help="Experts per token.",
                                                  show_default="2; 1 with --router switch")] = None,
     router: Annotated[Optional[str], typer.Option(
@@ -68,23 +80,34 @@ def upcycle(
         "--allow-nonfinite", help="Convert source weights that hold NaN or Inf as they are (refused by default, by name).")] = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Plan, choose the format and size the output (sites, selection, parameters, bytes), write nothing.")] = False,
+    recipe: Annotated[Optional[Path], typer.Option(
+        "--recipe", metavar="FILE", show_default="none",
+        help="A recipe file (YAML): MoE options per stack and per layer; flags given beside it replace its top-level keys.")] = None,
     force: Force = False,
 ) -> None:
     """Convert a dense model into an MoE model.
 
     Each selected FFN becomes a router and N experts that start as copies of it, so the outputs
-    stay those of the dense model (with the default routing). Checkpoints are converted by streaming, one tensor at a time, in bounded memory; ONNX
-    graphs (SOURCE ending in .onnx) are upcycled into an ONNX graph."""
+    stay those of the dense model (with the default routing). Checkpoints are converted by
+    streaming, one tensor at a time, in bounded memory; ONNX graphs (SOURCE ending in .onnx) are
+    upcycled into an ONNX graph. Every option flag is a key of one recipe (--recipe FILE for
+    settings per stack and per layer)."""
+    from ..errors import OptionError
+    from ..model_recipe import Recipe
+
+    # Every path goes through one recipe: the file's, with the flags given on the command line
+    # (not their defaults) replacing its top-level keys.
+    given = {name: ctx.params[name] for name in _RECIPE_FLAGS if _given(ctx, name)}
+    if "layers" in given:
+        given["layers"] = parse_layers(given["layers"])
+    if recipe is None and experts is None:
+        raise OptionError("give the expert count (--experts N) or a recipe (--recipe FILE)")
+    moe_recipe = Recipe.build(Recipe.load(recipe) if recipe is not None else None, flags=True, **given)
     if source.endswith(".onnx"):  # ONNX-native upcycling: ONNX in, ONNX out (sparsify.onnx)
-        doc = _upcycle_onnx(o, source, out, experts, top_k, router, normalize, every, layers, capacity_factor,
-                            noise, seed, force, target, dry_run, drop_ratio=drop_ratio, granularity=granularity,
-                            shared_fraction=shared_fraction, split=split)
+        doc = _upcycle_onnx(o, source, out, moe_recipe, force, target, dry_run)
     else:
-        doc = _upcycle_checkpoint(o, source, out, experts=experts, top_k=top_k, router=router, normalize=normalize,
-                                  every=every, layers=parse_layers(layers), capacity_factor=capacity_factor, noise=noise,
-                                  seed=seed, format=format, dtype=dtype, shard_size=shard_size, force=force,
-                                  dry_run=dry_run, drop_ratio=drop_ratio, granularity=granularity,
-                                  shared_fraction=shared_fraction, split=split, allow_nonfinite=allow_nonfinite)
+        doc = _upcycle_checkpoint(o, source, out, recipe=moe_recipe, format=format, dtype=dtype, shard_size=shard_size,
+                                  force=force, dry_run=dry_run, allow_nonfinite=allow_nonfinite)
     o.emit(doc)
     verb = "dry run (nothing written):" if dry_run else "upcycled"
     o.result(f"{verb} {source} -> {doc['out']}")
@@ -124,24 +147,11 @@ def _upcycle_checkpoint(o: Output, source: str, out: Path, format: str, dry_run:
     return doc
 
 
-def _upcycle_onnx(o: Output, source: str, out: Path, experts: int, top_k: int | None, router: str | None,
-                  normalize: bool, every: int | None, layers: str | None, capacity_factor: float | None, noise: float,
-                  seed: int, force: bool, target: str, dry_run: bool, **scheme: Any) -> dict[str, Any]:
-    from ..errors import OptionError
+def _upcycle_onnx(o: Output, source: str, out: Path, recipe: Any, force: bool, target: str, dry_run: bool) -> dict[str, Any]:
     from ..onnx.upcycle import upcycle_onnx
 
-    if every is not None and layers is not None:
-        raise OptionError("give either --every or --layers, not both")
-    layer_list = parse_layers(layers)
-    router = router or "topk"
-    if top_k is None:
-        top_k = 1 if router == "switch" else 2
     o.step(f"upcycling the ONNX graph {source}")
-    r = upcycle_onnx(
-        source, out, experts=experts, top_k=top_k, every=every if every is not None else (None if layer_list else 2),
-        layers=layer_list, router=router, normalize=normalize, capacity_factor=capacity_factor, noise=noise,
-        seed=seed, target=target, force=force, dry_run=dry_run, **scheme,
-    )
+    r = upcycle_onnx(source, out, recipe=recipe, target=target, force=force, dry_run=dry_run)
     why = r.plan.why_not_preserving()
     params = param_counts(r.plan, r.dense_params)
     params["total"] = r.total_params

@@ -97,10 +97,13 @@ class ExportMoE(nn.Module):
 
     @classmethod
     def from_sparse_moe(cls, moe: SparseMoE) -> "ExportMoE":
-        """The stand-in of a sparsify `SparseMoE`."""
+        """The stand-in of a sparsify `SparseMoE` (its shared expert, if any, stays a module of
+        plain ops beside the custom op)."""
         e = moe.experts
         self = cls(moe.config, e.activation, lambda: (moe.router.weight, e.w1, e.w2, e.w3, e.b1, e.b2, e.b3))
         self.router, self.experts = moe.router, moe.experts  # keep parameter names
+        if moe.shared is not None:  # the always-on shared expert, added with weight 1 as SparseMoE does
+            self.shared = moe.shared
         return self
 
     @classmethod
@@ -133,6 +136,8 @@ class ExportMoE(nn.Module):
         shared = getattr(self, "shared_expert", None)
         if shared is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(hidden_states)) * shared(hidden_states)
+        if getattr(self, "shared", None) is not None:
+            out = out + self.shared(hidden_states)
         return out
 
 

@@ -19,11 +19,10 @@ from .. import __version__
 from ..errors import NoFFNFoundError, OptionError, SourceError
 from ..formats.onnx import METADATA_KEY, external_files, read_onnx, write_onnx
 from ..io.atomic import check_output
+from ..model_recipe import Recipe
 from ..passes.onnx.find_ffn import FindFFNOnnx
 from ..passes.onnx.fuse_moe_ort import FusionReport
 from ..passes.onnx.upcycle_ffn import UpcycleFFNOnnx
-from ..passes.select_layers import SelectLayers, select_layers
-from ..passes.upcycle_ffn import UpcycleFFN
 from ..plan import UpcyclePlan
 from .export import DEFAULT_OPSET, check_export_options, lower_onnx
 
@@ -63,28 +62,32 @@ def _check_opset(model: ir.Model, source: str) -> None:
 def upcycle_onnx(
     source: str | Path,
     out: str | Path,
-    experts: int = 8,
-    every: int | None = 2,
+    experts: int | None = None,
+    every: int | None = None,
     layers: Sequence[int] | None = None,
     target: str = "ort",
     force: bool = False,
     dry_run: bool = False,
+    recipe: Any = None,
     **options: Any,
 ) -> OnnxUpcycleResult:
     """Upcycle the FFNs of the ONNX model at `source` and write the result to `out`.
 
-    `experts`, `every`, `layers` and `options` (top_k, router, normalize, capacity_factor,
-    noise, router_init_std, seed) mean what they mean for `sparsify.upcycle`. `target` "ort"
-    then fuses each MoE layer ONNX Runtime supports into `com.microsoft.MoE`; "standard"
-    keeps standard ops. `dry_run` does all of it in memory and writes nothing.
+    `experts`, `every`, `layers`, `recipe` and `options` (top_k, router, normalize,
+    capacity_factor, noise, router_init_std, seed, ...) mean what they mean for
+    `sparsify.upcycle`. `target` "ort" then fuses each MoE layer ONNX Runtime supports into
+    `com.microsoft.MoE`; "standard" keeps standard ops. `dry_run` does all of it in memory and
+    writes nothing.
     """
-    convert = UpcycleFFN(experts=experts, **options)  # validates the MoE options
-    if convert.recipe.shared_fraction > 0:
+    if every is not None and layers is not None:
+        raise OptionError("give either --every or --layers, not both")
+    recipe = Recipe.build(recipe, experts=experts, every=every, layers=list(layers) if layers is not None else None,
+                          **options)  # validates the MoE options
+    if any(f > 0 for f in recipe.given("shared_fraction")):
         raise OptionError("ONNX-native upcycling has no shared experts (--shared-fraction); upcycle the checkpoint instead")
-    if convert.config.router == "expert-choice":
+    if "expert-choice" in recipe.given("router"):
         raise OptionError("--router expert-choice needs to know which layers are causal, which an ONNX graph "
                           "does not say; use topk or switch, or upcycle the checkpoint instead")
-    select = SelectLayers(every=every if layers is None else None, layers=layers)
     check_export_options(target, DEFAULT_OPSET, 1, 1)
     check_output(out, force, [source], kind="file")
     model = read_onnx(source)
@@ -102,14 +105,13 @@ def upcycle_onnx(
         raise SourceError(f"cannot read the FFNs of '{source}' ({detail}); the graph is damaged or edited") from None
     if not find.found:
         raise NoFFNFoundError(_no_ffn_message(str(source), find.rejected))
-    plan = UpcyclePlan(sites=[f.site for f in find.found], rejected=find.rejected, seed=convert.seed,
-                       selection={"every": select.every, "layers": list(layers) if layers is not None else None})
-    plan.selected = select_layers(plan.sites, select.every, select.layers)
+    plan = UpcyclePlan(sites=[f.site for f in find.found], rejected=find.rejected, seed=recipe.seed)
+    plan.selected, plan.selection = recipe.select(plan.sites)
     if not plan.selected:
         raise OptionError(f"no FFN layer was selected among the graph's {len(plan.sites)} FFNs; "
                           "lower --every or pass --layers")
-    plan.layers = {s.path: convert.recipe.build(s) for s in plan.selected_sites}
-    plan.recipe = convert.recipe.to_dict()
+    plan.layers = recipe.layer_plans(plan.sites, plan.selected)
+    plan.recipe = recipe.to_dict(for_json=True)
     plan.source = {"spec": str(source), "kind": "onnx"}
     if not dry_run:
         _check_memory(model, plan, dense_params, str(source))

@@ -13,9 +13,10 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..errors import SourceError
+from ..errors import PlanError, SourceError
 from ..formats.base import MANIFEST, OutputFormat
-from ..formats.native import FORMAT_NAME, assign_tensors
+from ..formats.manifest import plan_of, read_output_manifest
+from ..formats.native import FORMAT_NAME, assign_tensors, read_config
 from ..formats.registry import FORMATS
 from ..io.checkpoint import Checkpoint
 from ..io.skeleton import build_skeleton, model_class
@@ -54,10 +55,8 @@ class UpcycledOutput:
     @classmethod
     def open(cls, path: str | Path) -> "UpcycledOutput":
         """Read the manifest, the plan and the tensor headers of `path`."""
-        from ..formats.manifest import plan_of, read_output_manifest
-
         path = Path(path)
-        manifest = read_output_manifest(path)  # every kind of damage a one-line error, sizes checked
+        manifest = read_output_manifest(path)  # validated, and every file's size checked
         fmt = next((f for f in FORMATS.values() if f.name == manifest.get("format")), None)
         if fmt is None:
             raise SourceError(f"'{path}' is in the {manifest.get('format')!r} format, which this sparsify does not know")
@@ -67,6 +66,17 @@ class UpcycledOutput:
     def native(self) -> bool:
         """True for sparsify's native format (the source architecture's config and names)."""
         return self.format.name == FORMAT_NAME
+
+    def check_fits(self) -> None:
+        """For a native output: refuse one whose tensor names and shapes (headers only) are not
+        those the plan's model has, as `sparsify.load` would, without reading a weight."""
+        if not self.native:
+            return
+        try:
+            self.layout(converted_skeleton(read_config(self.path), self.plan, where=self.path))
+        except (SourceError, PlanError) as err:
+            raise PlanError(f"the weights of '{self.path}' do not fit its plan ({str(err)[:200]}); "
+                            "sparsify.json or the weights were changed, write the output again") from None
 
     def layout(self, model: nn.Module) -> OutputLayout:
         """The layout of this output for `model` (the converted model), checked against the headers."""
@@ -78,8 +88,6 @@ class UpcycledOutput:
 def load_streamed(path: str | Path, backend: str = "reference") -> nn.Module:
     """A native output as a model whose MoE layers read their experts when they run (see
     `StreamedMoE`); the dense parts and the routers are read now."""
-    from ..formats.native import read_config
-
     out = UpcycledOutput.open(path)
     if not out.native:
         raise SourceError(f"'{path}' is in the {out.format.name} format; this reads sparsify's native format "

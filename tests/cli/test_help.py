@@ -57,7 +57,7 @@ DEFAULTS = {
     ("verify", "--atol"): "[default: 1e-5 x the largest dense output]",
     ("export", "--opset"): "[default: 18]",
     ("profile", "--seq-len"): "[default: 128]",
-    ("partition", "--tolerance"): "[default: 0.0]",
+    ("partition", "--tolerance"): "[default: 0.01]",
 }
 
 

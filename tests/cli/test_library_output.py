@@ -74,8 +74,8 @@ def models(tmp_path_factory):
 
 # command -> what the library prints when let through (None: nothing to let through)
 CASES = {
-    "inspect checkpoint": (lambda m: ["inspect", m / "dense"], "Loading weights"),
-    "verify": (lambda m: ["verify", m / "dense", m / "moe"], None),  # loads as inspect does
+    "inspect checkpoint": (lambda m: ["inspect", m / "dense"], None),  # reads headers, loads no weights
+    "verify": (lambda m: ["verify", m / "dense", m / "moe"], "Loading weights"),  # loads the dense model
     "profile with a tokenizer": (lambda m: ["profile", m / "moe", "--demo-text", "-o", m / "stats.json", "--force"],
                                  "Token indices sequence length is longer"),
     "upcycle checkpoint": (lambda m: ["upcycle", m / "dense", "-e", "4", "-o", m / "again", "--force"], None),

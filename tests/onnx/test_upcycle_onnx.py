@@ -94,3 +94,18 @@ def test_bad_input_is_one_line_and_writes_nothing(make, error, words, tmp_path):
 def test_expert_choice_is_refused(tmp_path):
     with pytest.raises(OptionError, match="causal"):
         upcycle_onnx(ffn_graph(tmp_path / "in.onnx"), tmp_path / "out.onnx", experts=4, router="expert-choice")
+
+
+def test_a_recipe_sets_each_layer_of_the_graph(dense_onnx, tmp_path):
+    from sparsify import Recipe
+
+    dense = dense_onnx("llama")["model"]
+    recipe = Recipe(every=1, experts=4, model={1: {"experts": 8, "top_k": 4, "granularity": 2},
+                                               3: {"experts": 2, "top_k": 1}})
+    out = tmp_path / "moe.onnx"
+    result = upcycle_onnx(dense, out, recipe=recipe, router_init_std=0.5, target="ort")
+    assert [(result.plan.layers[p].moe.num_experts, result.plan.layers[p].moe.top_k) for p in result.plan.selected] \
+        == [(4, 2), (8, 4), (4, 2), (2, 1)]
+    assert Recipe(json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["sparsify"])["plan"]["recipe"]) \
+        == recipe.with_options({"router_init_std": 0.5})
+    assert rel(run(out, feeds("model")), run(dense, feeds("model"))) < 1e-5
