@@ -97,7 +97,7 @@ CASES = {
     **{f"--capacity-factor {v}": (lambda w, t, v=v: ["upcycle", "demo:llama", "-e", "4", "--capacity-factor", v,
                                                      "-o", t / "o"], "capacity") for v in ("nan", "inf", "-1", "0")},
     **{f"--drop-ratio {v}": (lambda w, t, v=v: ["upcycle", "demo:llama", "-e", "4", "--drop-ratio", v, "-o", t / "o"],
-                             "drop_ratio") for v in ("nan", "inf", "-0.5", "2")},
+                             "drop-ratio") for v in ("nan", "inf", "-0.5", "2")},
     **{f"--shared-fraction {v}": (lambda w, t, v=v: ["upcycle", "demo:llama", "-e", "4", "--shared-fraction", v,
                                                      "-o", t / "o"], "shared") for v in ("nan", "inf", "-0.5", "1")},
     **{f"verify --atol {v}": (lambda w, t, v=v: ["verify", w / "dense", w / "out", "--atol", v], "--atol")
