@@ -55,6 +55,10 @@ def plan_of(manifest: dict[str, Any], where: str | Path) -> UpcyclePlan:
     """The plan stored in a manifest read from `where`, or a one-line error when it does not parse."""
     try:
         plan = UpcyclePlan.from_dict(manifest["plan"])
+        # from_dict checks the structure; these read every layer's values (a dict where a number
+        # belongs, found by tests/io/test_fuzz.py), so that a wrong type is this one line too.
+        plan.why_not_preserving()
+        plan.param_counts(0)
     except SparsifyError as err:
         # its checks speak of the CLI options that would have made such a plan: name the fields
         detail = re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), str(err))[:200]
