@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import OptionError
+from .errors import OptionError, SourceError
 from .formats.native import NativeFormat
 from .formats.registry import choose_format, format_defaults
 from .formats.tensors import ModelTensors, SourceTensors, TensorSource
@@ -100,6 +100,7 @@ def convert(
     progress: Callable[[str, int, int], None] | None = None,
     example_inputs: tuple | None = None,
     dry_run: bool = False,
+    allow_nonfinite: bool = False,
     recipe: Any = None,
     tokenizer: Any = None,
     **scheme: Any,
@@ -114,7 +115,9 @@ def convert(
     written, and streamed like it (`sparsify.merge`); `prompts` and `calibration` feed
     data-derived routers (`passes.InitRouter`; `tokenizer` where the source has none).
     `progress(stage, done, total)` is called as work advances (stage "write": bytes). `dry_run`
-    plans, chooses the format and sizes the output, and writes nothing."""
+    plans, chooses the format and sizes the output, and writes nothing. A source tensor holding
+    NaN or Inf is refused by name unless `allow_nonfinite`, and a `dtype` that a weight overflows
+    is refused by name."""
     if every is not None and layers is not None:
         raise OptionError("give either --every or --layers, not both")
     if dtype is not None and dtype not in DTYPE_NAMES:
@@ -143,6 +146,9 @@ def convert(
         record_architecture(model)
     else:
         src = resolved
+        if src.path is not None and ((src.path / "sparsify.json").exists() or (src.path / "sparsify.json").is_symlink()):
+            raise SourceError(f"'{src.spec}' is already an MoE model written by sparsify (it has a sparsify.json); "
+                              "upcycle its dense source instead, or load it with sparsify.load")
         if src.kind == "demo":
             model, src = load_source(src)
         else:
@@ -167,7 +173,8 @@ def convert(
 
     out_dtype = DTYPE_NAMES[dtype] if dtype else None
     tensors_from: TensorSource = (
-        SourceTensors(ckpt, plan, model, out_dtype, {n: s.weights for n, s in opened.items()}) if ckpt is not None
+        SourceTensors(ckpt, plan, model, out_dtype, {n: s.weights for n, s in opened.items()},
+                      allow_nonfinite=allow_nonfinite) if ckpt is not None
         else ModelTensors(model, out_dtype)
     )
     tensors = fmt.tensors(model, plan, tensors_from)
@@ -190,6 +197,9 @@ def convert(
 
     fmt.write(out, model, plan, tensors_from, manifest, source_dir=src.path, shard_size=shard_size,
               force=force, progress=on_bytes, tensors=tensors)
-    return ConversionReport(out, plan, fmt.name, reason, ckpt is not None, dense_params, total, why)
+    nonfinite = getattr(tensors_from, "nonfinite", [])
+    notes = [f"source tensors holding NaN or Inf, converted as they are: {', '.join(nonfinite[:5])}"
+             + (f" and {len(nonfinite) - 5} more" if len(nonfinite) > 5 else "")] if nonfinite else []
+    return ConversionReport(out, plan, fmt.name, reason, ckpt is not None, dense_params, total, why, notes)
 
 

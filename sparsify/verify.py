@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.nn as nn
 
+from .errors import OptionError
 from .inputs import example_inputs_for
 
-__all__ = ["Comparison", "compare", "main_output"]
+__all__ = ["Comparison", "compare", "main_output", "RTOL", "rtol_for", "weights_dtype", "lowest_precision", "check_atol"]
+
+# Default tolerance relative to the largest reference output, by the lowest precision among the
+# weights compared. float32 differs only by summation order; bfloat16 (8-bit mantissa) and
+# float16 (11-bit) round every weight, which the demos measure at up to 1.2e-2 and 1.2e-3 of the
+# largest output: the bounds leave about 4x of headroom for deeper models.
+RTOL = {torch.float64: 1e-5, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 @dataclass
@@ -18,6 +27,7 @@ class Comparison:
 
     max_abs: float
     max_ref: float
+    note: str | None = None  # why max_abs is not a number: shapes differ, or NaN/Inf in an output
 
     @property
     def max_rel(self) -> float:
@@ -28,6 +38,30 @@ class Comparison:
         """True when max_abs <= atol (default: rtol x the largest reference magnitude)."""
         bound = atol if atol is not None else rtol * self.max_ref
         return self.max_abs <= bound
+
+
+def lowest_precision(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The floating dtype of least precision among `dtypes` (float32 if none is floating)."""
+    return max(set(dtypes) & set(RTOL), key=RTOL.__getitem__, default=torch.float32)
+
+
+def weights_dtype(*models: nn.Module) -> torch.dtype:
+    """The floating dtype of least precision among the parameters of `models` (float32 if none)."""
+    return lowest_precision(p.dtype for m in models for p in m.parameters())
+
+
+def rtol_for(dtype: torch.dtype | str | None) -> float:
+    """The default relative tolerance of a comparison with weights of `dtype` (a torch dtype or its name)."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return RTOL.get(dtype or torch.float32, RTOL[torch.float32])
+
+
+def check_atol(atol: float | None, name: str = "atol") -> float | None:
+    """`atol` when it is a finite number at least 0 (or None), else an `OptionError`."""
+    if atol is not None and not (isinstance(atol, (int, float)) and math.isfinite(atol) and atol >= 0):
+        raise OptionError(f"{name} must be a finite number at least 0, got {atol}")
+    return atol
 
 
 def main_output(out) -> torch.Tensor:
@@ -50,7 +84,18 @@ def compare(reference: nn.Module, candidate: nn.Module, seed: int = 0, batch: in
     reference.eval()
     candidate.eval()
     ref = main_output(reference(**inputs)).float()
-    got = main_output(candidate(**inputs)).float()
+    try:
+        got = main_output(candidate(**inputs)).float()
+    except (TypeError, ValueError, RuntimeError, IndexError, StopIteration) as err:
+        # Another architecture's model does not take the reference's inputs (decoder ids, token
+        # ids past its vocabulary, ...): the two were not meant to be compared.
+        detail = f"{type(err).__name__}: {err}".splitlines()[0][:160]
+        raise OptionError(f"the two models do not take the same inputs ({type(reference).__name__} vs "
+                          f"{type(candidate).__name__}: {detail}); compare an output with the dense model it was "
+                          "made from") from None
     if ref.shape != got.shape:
-        return Comparison(float("inf"), float(ref.abs().max()))
+        return Comparison(float("inf"), float(ref.abs().max()), "the outputs have different shapes")
+    for what, t in (("dense", ref), ("converted", got)):
+        if not bool(torch.isfinite(t).all()):
+            return Comparison(float("inf"), float(ref.abs().max()), f"the {what} model's outputs hold NaN or Inf")
     return Comparison(float((ref - got).abs().max()), float(ref.abs().max()))

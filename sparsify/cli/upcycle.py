@@ -95,6 +95,8 @@ def upcycle(
                                             help="Largest output shard, e.g. 5GB or 500MiB.")] = "5GB",
     target: Annotated[str, typer.Option("--target", metavar=choices(ONNX_TARGETS),
                                         help="ONNX sources only: ort fuses into com.microsoft.MoE, standard keeps standard ops.")] = "ort",
+    allow_nonfinite: Annotated[bool, typer.Option(
+        "--allow-nonfinite", help="Convert source weights that hold NaN or Inf as they are (refused by default, by name).")] = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Plan, choose the format and size the output (sites, selection, parameters, bytes), write nothing.")] = False,
     recipe: Annotated[Optional[Path], typer.Option(
@@ -129,7 +131,7 @@ def upcycle(
         doc = _upcycle_onnx(o, source, out, moe_recipe, force, target, dry_run)
     else:
         doc = _upcycle_checkpoint(o, source, out, recipe=moe_recipe, format=format, dtype=dtype, shard_size=shard_size,
-                                  force=force, dry_run=dry_run)
+                                  force=force, dry_run=dry_run, allow_nonfinite=allow_nonfinite)
     o.emit(doc)
     verb = "dry run (nothing written):" if dry_run else "upcycled"
     o.result(f"{verb} {source} -> {doc['out']}")
@@ -162,8 +164,11 @@ def _upcycle_checkpoint(o: Output, source: str, out: Path, format: str, dry_run:
         short = f"{name} (a Hugging Face format that fits this source and keeps the options' meaning)"
     total, active = r.params
     written = None if dry_run else sum(f.stat().st_size for f in Path(r.out).rglob("*") if f.is_file())
-    return _doc(source, r.out, r.plan, {"total": total, "active_per_token": active, "dense": r.dense_params},
-                name, short, r.format_reason, r.bytes_written, written, r.streamed, r.why_not_preserving, dry_run)
+    doc = _doc(source, r.out, r.plan, {"total": total, "active_per_token": active, "dense": r.dense_params},
+               name, short, r.format_reason, r.bytes_written, written, r.streamed, r.why_not_preserving, dry_run,
+               options.get("dtype"))
+    doc["notes"] = r.notes
+    return doc
 
 
 def _upcycle_onnx(o: Output, source: str, out: Path, recipe: Any, force: bool, target: str, dry_run: bool) -> dict[str, Any]:
@@ -188,7 +193,10 @@ def _onnx_files(path: Path) -> list[Path]:
 
 
 def _doc(source: str, out: Path, plan: Any, params: dict[str, int], fmt: str, format_line: str, format_reason: str,
-         weight_bytes: int, written: int | None, streamed: bool, why: str | None, dry_run: bool) -> dict[str, Any]:
+         weight_bytes: int, written: int | None, streamed: bool, why: str | None, dry_run: bool,
+         dtype: str | None = None) -> dict[str, Any]:
+    from ..verify import rtol_for
+
     cfgs = plan_moes(plan)
     return {
         "command": "upcycle", "source": source, "out": str(out), "dry_run": dry_run,
@@ -196,6 +204,8 @@ def _doc(source: str, out: Path, plan: Any, params: dict[str, int], fmt: str, fo
         "selected": list(plan.selected), "moe": moe_dict(cfgs[0]) if len(cfgs) == 1 else None,
         "parameters": params, "format": fmt, "format_line": format_line, "format_reason": format_reason,
         "weight_bytes": weight_bytes, "bytes_written": written, "streamed": streamed, "preserves_outputs": why is None, "why_not_preserving": why,
+        # what "preserves" means: within this share of the largest dense output (sparsify verify's default)
+        "dtype": dtype, "rtol": rtol_for(dtype), "notes": [],
     }
 
 
@@ -222,9 +232,14 @@ def summary_lines(doc: dict[str, Any]) -> list[str]:
     lines.append(f"format: {doc['format_line']}; {size}")
     lines.extend(doc.get("fusion_lines", []))
     dense = "dense graph's" if doc["format"] == "onnx" else "dense model's"
+    lines.extend(doc.get("notes", []))
     if doc["why_not_preserving"]:
         lines.append(f"outputs differ from the {dense} at initialisation: {doc['why_not_preserving']}")
+    elif doc.get("dtype") not in (None, "float32"):
+        lines.append(f"outputs equal the {dense} at initialisation up to rounding the weights to {doc['dtype']}: "
+                     f"not checked here; sparsify verify checks them within {doc['rtol']:g} x the largest dense output")
     else:
-        lines.append(f"outputs equal the {dense} at initialisation (check: sparsify verify)")
+        lines.append(f"outputs equal the {dense} at initialisation by construction: not checked here; "
+                     f"sparsify verify checks them within {doc.get('rtol', 1e-5):g} x the largest dense output")
     return lines
 

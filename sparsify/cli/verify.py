@@ -40,12 +40,17 @@ def verify(
         o.emit({"command": "verify", "out": dense, "files": n, "manifest": str(manifest), "match": True})
         o.result(f"OK: {n} files of {dense} match the sizes and sha256 recorded in {manifest}", style="bold green")
         return
+    from ..verify import check_atol
+
+    check_atol(atol, "--atol")
     onnx = [spec.endswith(".onnx") for spec in (dense, moe)]
+    plan, source, rtol = None, None, 1e-5
     if all(onnx):
         from ..onnx.compare import compare_onnx
 
         o.step("running both graphs in ONNX Runtime")
         c, runtime = compare_onnx(dense, moe, seed=seed), "onnxruntime"
+        plan = _onnx_plan(moe)
     elif any(onnx):
         from ..errors import OptionError
 
@@ -54,16 +59,26 @@ def verify(
     else:
         from ..formats.registry import output_format
         from ..io.sources import resolve_source
+        from ..provenance import check_architecture, check_source
+        from ..verify import lowest_precision, rtol_for, weights_dtype
         from .common import cache_note, load_any
 
         for note in filter(None, map(cache_note, (dense, moe))):
             o.detail(note)
         moe_src = resolve_source(moe)
         o.step(f"loading {dense}")
-        ref, _ = load_any(dense)
+        ref, dense_src = load_any(dense)
         if moe_src.path is not None and output_format(moe_src.path):
+            from ..streaming.output import UpcycledOutput
             from ..streaming.verify import compare_streamed
 
+            recorded = UpcycledOutput.open(moe_src.path)
+            plan = recorded.plan
+            source = check_source(recorded.manifest.get("source"), dense_src)
+            o.detail(source.line)
+            check_architecture(ref, plan, dense, _source_model_type(recorded))
+            ckpt = recorded.checkpoint  # stored dtypes, from the headers (the output is streamed, not loaded)
+            dtype = lowest_precision([weights_dtype(ref), *(ckpt.dtype(n) for n in ckpt.names())])
             # one MoE layer's experts in memory at a time, beside the dense model
             c, runtime = compare_streamed(ref, moe_src.path, seed=seed, progress=o.step), "torch"
         else:
@@ -71,31 +86,42 @@ def verify(
 
             o.step(f"loading {moe}")
             cand, _ = load_any(moe)
+            kinds = [getattr(getattr(m, "config", None), "model_type", None) for m in (ref, cand)]
+            if None not in kinds and kinds[0] != kinds[1] and getattr(cand, "sparsify_plan", None) is None:
+                from ..errors import OptionError
+
+                raise OptionError(f"DENSE is a {kinds[0]} model and MOE a {kinds[1]} model that no sparsify.json says "
+                                  "was upcycled from it; verify compares an upcycled model with its dense source")
             o.step("running both models")
             c, runtime = compare(ref, cand, seed=seed), "torch"
-    bound = atol if atol is not None else 1e-5 * c.max_ref
+            dtype = weights_dtype(ref, cand)
+        rtol = rtol_for(dtype)
+    bound = atol if atol is not None else rtol * c.max_ref
     problems = list(getattr(c, "problems", []))
-    ok = c.within(atol) and not problems
+    within = c.max_abs <= bound
+    ok = within and not problems
     finite = math.isfinite(c.max_abs)
+    why = None if ok else _why_different(plan, source, rtol)
     doc = {"command": "verify", "dense": dense, "moe": moe, "runtime": runtime, "seed": seed,
            "max_abs": c.max_abs if finite else None, "max_rel": c.max_rel if finite else None,
-           "max_ref": c.max_ref, "tolerance": bound, "match": ok,
-           "note": None if finite else "the outputs have different shapes"}
+           "max_ref": c.max_ref, "tolerance": bound, "rtol": None if atol is not None else rtol, "match": ok,
+           "same_source": None if source is None else source.same, "explanation": why,
+           "note": c.note}
     if hasattr(c, "layers"):  # streamed: per layer, and the tensor and config checks
         doc.update(_streamed_doc(c))
     o.emit(doc)
     if finite:
         o.detail(f"max abs diff {c.max_abs:.3e}   max rel diff {c.max_rel:.3e}   (tolerance {bound:.3e})")
     else:
-        o.detail("the outputs have different shapes")
+        o.detail(c.note or "the outputs differ without bound")
     if hasattr(c, "layers"):
         _streamed_details(o, c)
     if ok:
         o.result("match", style="bold green")
-    elif not c.within(atol):
-        o.result("MISMATCH: outputs differ beyond the tolerance", style="bold red")
+    elif not within:
+        o.result(f"MISMATCH: outputs differ beyond the tolerance; {why}", style="bold red")
     else:
-        o.result(f"MISMATCH: {problems[0]}", style="bold red")
+        o.result(f"MISMATCH: {problems[0]}; {why}", style="bold red")
     if not ok:
         raise typer.Exit(1)
 
@@ -120,3 +146,42 @@ def _streamed_details(o: Output, c) -> None:
              f"{len(c.tensors_differing)} differ")
     for line in c.problems:
         o.detail(line, style="red")
+
+
+def _source_model_type(out) -> str | None:
+    """The source model type a native output's config records (None for the Hugging Face formats)."""
+    if not out.native:
+        return None
+    from ..formats.native import read_config
+
+    return read_config(out.path).model_type
+
+
+def _why_different(plan, source, rtol: float) -> str:
+    """What a difference beyond the tolerance means, from the output's plan and recorded source."""
+    if source is not None and source.same is False:
+        return source.line
+    if plan is None:
+        return "neither graph records a plan that says whether they should differ"
+    why = plan.why_not_preserving()
+    if why:
+        return f"as its plan leads to: {why}"
+    unknown = " (and whether DENSE is its source cannot be known)" if source is not None and source.same is None else ""
+    return (f"its plan preserves the dense outputs, so the output's weights are not what the conversion wrote{unknown}; "
+            f"write it again (default tolerance {rtol:g} x the largest dense output for these weights' dtype)")
+
+
+def _onnx_plan(path: str):
+    """The plan an upcycled graph records in its metadata (None when it records none)."""
+    import json
+
+    import onnx
+
+    from ..formats.onnx import METADATA_KEY
+    from ..plan import UpcyclePlan
+
+    try:  # the graph has just run in ONNX Runtime; its metadata is read without its weights
+        props = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+        return UpcyclePlan.from_dict(json.loads(props[METADATA_KEY])["plan"])
+    except Exception:  # no or a damaged plan: the verdict then says nothing records one
+        return None

@@ -5,6 +5,7 @@ not the recorded one."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,12 @@ def read_output_manifest(path: str | Path, check_sizes: bool = True) -> dict[str
         raise SourceError(f"'{f}' is not a JSON object; the output is damaged, write it again")
     if not isinstance(data.get("format"), str):
         raise SourceError(f"'{f}' names no format; the output is damaged, write it again")
+    from .registry import FORMATS  # here: the registry imports the formats, which import this module
+
+    known = sorted(fmt.name for fmt in FORMATS.values())
+    if data["format"] not in known:
+        raise SourceError(f"'{f}' names the format {data['format'][:40]!r}, which is none of {', '.join(known)}; "
+                          "the output is damaged (or written by a newer sparsify), write it again")
     if not isinstance(data.get("plan"), dict):
         what = "no plan" if "plan" not in data else f"a plan that is a {type(data['plan']).__name__}, not an object"
         raise SourceError(f"'{f}' has {what}; the output is damaged, write it again")
@@ -48,8 +55,14 @@ def plan_of(manifest: dict[str, Any], where: str | Path) -> UpcyclePlan:
     """The plan stored in a manifest read from `where`, or a one-line error when it does not parse."""
     try:
         plan = UpcyclePlan.from_dict(manifest["plan"])
-    except SparsifyError:
-        raise
+        # from_dict checks the structure; these read every layer's values (a dict where a number
+        # belongs, found by tests/io/test_fuzz.py), so that a wrong type is this one line too.
+        plan.why_not_preserving()
+        plan.param_counts(0)
+    except SparsifyError as err:
+        # its checks speak of the CLI options that would have made such a plan: name the fields
+        detail = re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), str(err))[:200]
+        raise SourceError(f"'{where}' holds a damaged plan ({detail}); the output is damaged, write it again") from None
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
         detail = f"{type(err).__name__}: {err}"[:200]
         raise SourceError(f"'{where}' holds a damaged plan ({detail}); the output is damaged, write it again") from None

@@ -1,6 +1,8 @@
 """The native format: the source config, the plan, and sharded safetensors.
 
-    OUT/config.json                      the source model's config, unchanged
+    OUT/config.json                      the source model's config, its model_type replaced by a
+                                         marker that plain transformers refuses (naming sparsify.load),
+                                         the source's kept under "sparsify_source_model_type"
     OUT/sparsify.json                    plan, options, provenance (source, sha256, version)
     OUT/model-0000i-of-0000n.safetensors the converted model's state dict (experts stacked)
     OUT/model.safetensors.index.json     tensor -> shard
@@ -34,10 +36,14 @@ from .base import OutputFormat
 from .manifest import MANIFEST, plan_of, read_output_manifest
 from .tensors import TensorSource, alias_groups
 
-__all__ = ["NativeFormat", "load_native", "assign_tensors", "read_manifest", "read_config", "apply_stored_plan", "MANIFEST", "INDEX", "FORMAT_NAME"]
+__all__ = ["NativeFormat", "load_native", "assign_tensors", "read_manifest", "read_config", "apply_stored_plan", "MANIFEST", "INDEX", "FORMAT_NAME",
+           "NATIVE_MODEL_TYPE", "SOURCE_MODEL_TYPE", "native_config_view"]
 
 INDEX = "model.safetensors.index.json"
 FORMAT_NAME = "sparsify-native"
+# What plain transformers prints: "has model type `<this>` but Transformers does not recognize it".
+NATIVE_MODEL_TYPE = "sparsify-native: load it with sparsify.load"
+SOURCE_MODEL_TYPE = "sparsify_source_model_type"
 
 
 class NativeFormat(OutputFormat):
@@ -47,7 +53,13 @@ class NativeFormat(OutputFormat):
     description = "native (source config + plan + stacked experts; sparsify.load reads it)"
 
     def config_dict(self, plan: UpcyclePlan, config: Any) -> dict[str, Any]:
-        return config.to_dict()
+        # transformers would otherwise load this directory as the dense source, with the converted
+        # FFNs freshly initialised and only its load report to say so; the marker makes
+        # AutoConfig/AutoModel refuse it with a message that names sparsify.load.
+        d = config.to_dict()
+        d[SOURCE_MODEL_TYPE] = d.get("model_type", getattr(config, "model_type", ""))
+        d["model_type"] = NATIVE_MODEL_TYPE
+        return d
 
     def tensors(self, model: nn.Module, plan: UpcyclePlan, source: TensorSource) -> list[OutputTensor]:
         moe_tensors: dict[str, tuple] = {}
@@ -182,13 +194,31 @@ def apply_stored_plan(model: nn.Module, plan: UpcyclePlan, path: Path) -> nn.Mod
                         "the output is damaged, write it again") from None
 
 
-def read_config(path: Path) -> Any:
-    """The transformers config of an output directory, or a one-line error."""
-    import transformers
+def native_config_view(data: dict[str, Any]) -> dict[str, Any]:
+    """A config.json dict as the source model's: a native output's model_type marker undone
+    (older outputs, written without it, read the same)."""
+    if data.get("model_type") != NATIVE_MODEL_TYPE:
+        return data
+    data = dict(data)
+    data["model_type"] = data.pop(SOURCE_MODEL_TYPE, None)
+    return data
 
+
+def read_config(path: Path) -> Any:
+    """The transformers config of an output directory (any format; a native one's model_type
+    marker undone), or a one-line error. Every reader of an output's config.json calls this."""
+    from transformers import PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = Path(path)
     regular_file(path / "config.json", "config file")
     try:
-        return transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+        data, _ = PretrainedConfig.get_config_dict(path, local_files_only=True)
+        data = native_config_view(data)
+        model_type = data.get("model_type")
+        if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+            raise ValueError(f"model type {model_type!r} is not one transformers knows")
+        return CONFIG_MAPPING[model_type].from_dict(data)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise SourceError(f"cannot read the config of '{path}': {first}; the output is damaged, write it again") from None

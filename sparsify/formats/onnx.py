@@ -107,7 +107,13 @@ def write_onnx(models: dict[Path, ir.Model], force: bool = False, sources: Itera
         work = stack.enter_context(scratch_directory(next(iter(outs))))
         for p, model in outs.items():
             staged = work / p.name
-            ir.save(model, staged, external_data=data[p].name if p in data else None)
+            try:
+                ir.save(model, staged, external_data=data[p].name if p in data else None)
+            except ir.serde.SerdeError as err:  # a graph read from a damaged file (names that are not text, ...)
+                cause = err.__cause__ or err
+                detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:160]
+                raise OutputError(f"the ONNX graph for '{p}' cannot be serialised ({detail}); the graph it was made "
+                                  "from is damaged or edited; nothing was written") from None
             try:
                 onnx.checker.check_model(str(staged))
             except onnx.checker.ValidationError as err:

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..errors import SourceError
 from ..init import expert_weight, router_init_weight
+from ..io.finite import cast_checked, check_finite
 from ..io.tensor_names import TensorNames
 from ..merge import Weights, average, distinct, stored_name
 from ..plan import FFNSite, UpcyclePlan
@@ -102,8 +103,10 @@ class SourceTensors(TensorSource):
     the base and the distinct sources (`sparsify.merge.average`), read one at a time."""
 
     def __init__(self, checkpoint: TensorNames | Weights, plan: UpcyclePlan, model: nn.Module,
-                 dtype: torch.dtype | None = None, sources: dict[str, Weights] | None = None):
-        self.ckpt, self.plan, self.dtype = checkpoint, plan, dtype
+                 dtype: torch.dtype | None = None, sources: dict[str, Weights] | None = None,
+                 allow_nonfinite: bool = False):
+        self.ckpt, self.plan, self.dtype, self.allow_nonfinite = checkpoint, plan, dtype, allow_nonfinite
+        self.nonfinite: list[str] = []  # names of source tensors with NaN/Inf (converted when allowed)
         self.checkpoints: dict[str, Weights] = {"base": checkpoint, **(sources or {})}
         self.aliases = alias_groups(model)
         self.prefix = getattr(model, "base_model_prefix", "") or ""
@@ -125,14 +128,24 @@ class SourceTensors(TensorSource):
             raise SourceError(f"checkpoint '{ckpt.path}' lacks tensor '{name}' that the config requires")
         return stored
 
-    def _cast(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
+    def _read(self, ckpt: Weights, name: str) -> torch.Tensor:
+        """Tensor `name` of `ckpt`, checked for NaN/Inf once, as it is read."""
+        t = ckpt.read(name)
+        if not self.allow_nonfinite:
+            check_finite(t, name, getattr(ckpt, "spec", None) or str(getattr(ckpt, "path", "the dense model")))
+        elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            self.nonfinite.append(name)
+        return t
+
+    def _cast(self, t: torch.Tensor, name: str) -> torch.Tensor:
+        return cast_checked(t, self.dtype, name) if self.dtype is not None and t.is_floating_point() else t
 
     def plain(self, name: str) -> torch.Tensor:
         self._cached = None  # the experts of the last site are written; release their buffers
-        if len(self.merged) > 1 and self.ckpt.dtype(self._source_name(name, self.ckpt)).is_floating_point:
-            return self._cast(average([lambda w=w: w.read(self._source_name(name, w)) for w in self.merged]))
-        return self._cast(self.ckpt.read(self._source_name(name, self.ckpt)))
+        source = self._source_name(name, self.ckpt)
+        if len(self.merged) > 1 and self.ckpt.dtype(source).is_floating_point:
+            return self._cast(average([lambda w=w: self._read(w, self._source_name(name, w)) for w in self.merged]), source)
+        return self._cast(self._read(self.ckpt, source), source)
 
     def plain_dtype(self, name: str) -> torch.dtype:
         return _cast_dtype(self.ckpt.dtype(self._source_name(name, self.ckpt)), self.dtype)
@@ -152,7 +165,8 @@ class SourceTensors(TensorSource):
         held = self._cached[1]
         if source not in held:
             ckpt = self._checkpoint(source)
-            held[source] = self._cast(canonical_weight(site, role, ckpt.read(self._source_name(site.weights[role], ckpt))).contiguous())
+            name = self._source_name(site.weights[role], ckpt)
+            held[source] = self._cast(canonical_weight(site, role, self._read(ckpt, name)).contiguous(), name)
         return held[source]
 
     def expert(self, site: FFNSite, role: str, e: int | str) -> torch.Tensor:

@@ -69,7 +69,7 @@ class Checkpoint:
 
     def __init__(self, path: str | Path, spec: str | None = None):
         self.path = Path(path)
-        spec = spec or str(path)
+        spec = self.spec = spec or str(path)
         self._st: dict[str, SafetensorsFile] = {}
         self._bin: dict[str, torch.Tensor] = {}
         files, weight_map = weight_files(self.path, spec)

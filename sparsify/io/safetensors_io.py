@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .finite import cast_checked
 from ..errors import OptionError, SourceError
 from .integrity import OutputFiles
 from .paths import regular_file
@@ -252,7 +253,7 @@ def write_file(
             written = 0
             for piece in t.produce():
                 if piece.dtype != t.dtype:
-                    piece = piece.to(t.dtype)
+                    piece = cast_checked(piece, t.dtype, t.name)
                 data = _bytes_of(piece)
                 fh.write(data)
                 written += len(data)

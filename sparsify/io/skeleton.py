@@ -42,9 +42,14 @@ def model_class(config):
     class of the config's type (what `AutoModel.from_config` builds)."""
     import transformers
 
-    for arch in getattr(config, "architectures", None) or []:
+    archs = getattr(config, "architectures", None) or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise SourceError(f"config.json's 'architectures' must be a list of class names, got {archs!r:.80}; "
+                          "fix the config")
+    for arch in archs:
         cls = getattr(transformers, arch, None)
-        if cls is not None:
+        # only a model class: a name such as "AutoConfig" or "logging" names something else
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls
     return transformers.AutoModel._model_mapping.get(type(config), transformers.AutoModel)
 

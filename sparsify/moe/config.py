@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -45,8 +47,8 @@ class MoEConfig:
             raise OptionError(
                 f"--top-k must be between 1 and the expert count ({self.num_experts}), got {self.top_k}"
             )
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise OptionError(f"--capacity-factor must be positive, got {self.capacity_factor}")
+        if self.capacity_factor is not None and not (self.capacity_factor > 0 and math.isfinite(self.capacity_factor)):
+            raise OptionError(f"--capacity-factor must be a finite number above 0, got {self.capacity_factor}")
         if self.router == "expert-choice" and self.capacity_factor is None:
             self.capacity_factor = 1.0  # expert choice always has a capacity: tokens per expert
         if self.jitter < 0:

@@ -85,5 +85,5 @@ def compare_onnx(reference: str | Path, candidate: str | Path, seed: int = 0, ba
     got = np.asarray(_session(candidate).run(None, feeds)[0], np.float64)
     max_ref = float(np.abs(ref).max()) if ref.size else 0.0
     if ref.shape != got.shape:
-        return Comparison(float("inf"), max_ref)
+        return Comparison(float("inf"), max_ref, "the outputs have different shapes")
     return Comparison(float(np.abs(ref - got).max()) if ref.size else 0.0, max_ref)

@@ -26,7 +26,7 @@ from ..passes.onnx.upcycle_ffn import UpcycleFFNOnnx
 from ..plan import UpcyclePlan
 from .export import DEFAULT_OPSET, check_export_options, lower_onnx
 
-__all__ = ["upcycle_onnx", "OnnxUpcycleResult", "MIN_OPSET"]
+__all__ = ["upcycle_onnx", "OnnxUpcycleResult", "MIN_OPSET", "estimate_memory"]
 
 # The standard-ops MoE uses ReduceSum and Unsqueeze with axes as inputs (opset 13).
 MIN_OPSET = 13
@@ -95,8 +95,14 @@ def upcycle_onnx(
     _check_opset(model, str(source))
     dense_params = _count(model)
 
+    _check_graph(source)
     find = FindFFNOnnx()
-    find(model)
+    try:
+        find(model)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
+        # a graph the checker passes but that is not what its exporter would write (an edited node)
+        detail = f"{type(err).__name__}: {err}".splitlines()[0][:160]
+        raise SourceError(f"cannot read the FFNs of '{source}' ({detail}); the graph is damaged or edited") from None
     if not find.found:
         raise NoFFNFoundError(_no_ffn_message(str(source), find.rejected))
     plan = UpcyclePlan(sites=[f.site for f in find.found], rejected=find.rejected, seed=recipe.seed)
@@ -107,6 +113,8 @@ def upcycle_onnx(
     plan.layers = recipe.layer_plans(plan.sites, plan.selected)
     plan.recipe = recipe.to_dict(for_json=True)
     plan.source = {"spec": str(source), "kind": "onnx"}
+    if not dry_run:
+        _check_memory(model, plan, dense_params, str(source))
 
     UpcycleFFNOnnx(find.found, plan)(model)
     report = lower_onnx(model, target)
@@ -120,6 +128,56 @@ def upcycle_onnx(
         return OnnxUpcycleResult(plan, report, Path(out), dense_params, total, nbytes, dry_run=True)
     (path,) = write_onnx({Path(out): model}, force=force, sources=[source])[:1]
     return OnnxUpcycleResult(plan, report, path, dense_params, total, nbytes)
+
+
+def _check_graph(source: str | Path) -> None:
+    """onnx.checker on the source (op schemas, input counts, types): a damaged or edited graph is
+    one line before any pass reads it."""
+    import math
+
+    try:
+        onnx.checker.check_model(str(source))
+    except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.shape_inference.InferenceError, ValueError) as err:
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise SourceError(f"'{source}' is not a valid ONNX model (onnx.checker: {detail})") from None
+    # The checker does not compare an initializer's bytes with its dims (ONNX Runtime does, when
+    # it runs the graph): an upcycled graph would copy the mismatch into every expert.
+    for t in onnx.load(str(source), load_external_data=False).graph.initializer:
+        if t.raw_data and t.data_location != onnx.TensorProto.EXTERNAL:
+            size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * math.prod(t.dims)
+            if size != len(t.raw_data):
+                raise SourceError(f"'{source}': initializer '{t.name}' holds {len(t.raw_data)} bytes but its shape "
+                                  f"{list(t.dims)} needs {size}; the graph is damaged or edited")
+
+
+# Peak memory over the upcycled graph's weights, measured: the graph is built in memory and then
+# serialised (a 4.9 GB output peaked at 9.2 GB resident).
+PEAK_FACTOR = 2.0
+# What upcycling loads besides the weights (onnx's checker, the rewriter's rules), measured on demos.
+FIXED_BYTES = 256 << 20
+
+
+def estimate_memory(model: ir.Model, plan: UpcyclePlan, dense_params: int) -> tuple[int, int]:
+    """(bytes of the upcycled graph's weights, estimated peak memory of upcycling it in memory)."""
+    dense_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    total, _ = plan.param_counts(dense_params)
+    out_bytes = int(total * dense_bytes / max(dense_params, 1))
+    return out_bytes, int(PEAK_FACTOR * out_bytes) + FIXED_BYTES
+
+
+def _check_memory(model: ir.Model, plan: UpcyclePlan, dense_params: int, source: str) -> None:
+    # ONNX protobufs are built whole before they are written (onnx and onnx_ir have no streaming
+    # writer), so a graph that cannot fit is refused before any of it is built.
+    from ..io.memory import available_memory
+    from ..units import format_bytes
+
+    out_bytes, peak = estimate_memory(model, plan, dense_params)
+    room = available_memory()
+    if peak > room:
+        raise OptionError(f"upcycling '{source}' as an ONNX graph needs about {format_bytes(peak)} of memory (its "
+                          f"{format_bytes(out_bytes)} of weights are built in memory, then serialised) but "
+                          f"{format_bytes(room)} is available; upcycle the checkpoint instead (streamed, bounded "
+                          "memory) and export it, or use fewer experts or layers")
 
 
 def _no_ffn_message(source: str, rejected) -> str:

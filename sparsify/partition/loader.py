@@ -50,9 +50,9 @@ def _placement_for(path: Path, placement: Any) -> tuple[dict[str, Any], ExpertPl
 
 
 def _skeleton(path: Path, plan: UpcyclePlan) -> nn.Module:
-    import transformers
+    from ..formats.native import read_config
 
-    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    config = read_config(path)
     return apply_plan(build_skeleton(config), plan, copy_weights=False)
 
 

@@ -30,10 +30,16 @@ from .reader import check_names, read_router, read_site
 __all__ = ["UpcycledOutput", "converted_skeleton", "load_streamed"]
 
 
-def converted_skeleton(config: Any, plan: UpcyclePlan, cls: type | None = None) -> nn.Module:
+def converted_skeleton(config: Any, plan: UpcyclePlan, cls: type | None = None, where: Path | None = None) -> nn.Module:
     """The converted model of `plan` over the architecture of `config`, all parameters on the meta
-    device (what every writer names its tensors by)."""
-    return apply_plan(build_skeleton(config, cls or model_class(config)), plan, copy_weights=False)
+    device (what every writer names its tensors by). `where`: the output the plan was read from,
+    so that a plan that does not fit (an edited sparsify.json) is a one-line error naming it."""
+    model = build_skeleton(config, cls or model_class(config))
+    if where is not None:
+        from ..formats.native import apply_stored_plan
+
+        return apply_stored_plan(model, plan, where)
+    return apply_plan(model, plan, copy_weights=False)
 
 
 @dataclass
@@ -67,7 +73,7 @@ class UpcycledOutput:
         if not self.native:
             return
         try:
-            self.layout(converted_skeleton(read_config(self.path), self.plan))
+            self.layout(converted_skeleton(read_config(self.path), self.plan, where=self.path))
         except (SourceError, PlanError) as err:
             raise PlanError(f"the weights of '{self.path}' do not fit its plan ({str(err)[:200]}); "
                             "sparsify.json or the weights were changed, write the output again") from None
@@ -82,14 +88,12 @@ class UpcycledOutput:
 def load_streamed(path: str | Path, backend: str = "reference") -> nn.Module:
     """A native output as a model whose MoE layers read their experts when they run (see
     `StreamedMoE`); the dense parts and the routers are read now."""
-    import transformers
-
     out = UpcycledOutput.open(path)
     if not out.native:
         raise SourceError(f"'{path}' is in the {out.format.name} format; this reads sparsify's native format "
                           "(upcycle with --format native)")
-    config = transformers.AutoConfig.from_pretrained(out.path, trust_remote_code=False, local_files_only=True)
-    model = converted_skeleton(config, out.plan)
+    config = read_config(out.path)
+    model = converted_skeleton(config, out.plan, where=out.path)
     layout = out.layout(model)
     plan, ckpt = out.plan, out.checkpoint
 

@@ -31,6 +31,7 @@ from ..capture import example_inputs_for
 from ..errors import PlanError, SourceError
 from ..formats.tensors import SourceTensors
 from ..moe import Router
+from ..formats.native import native_config_view
 from ..plan import UpcyclePlan
 from ..verify import Comparison, main_output
 from .layers import StreamedMoE, install_streamed
@@ -165,6 +166,7 @@ def _config_differences(out: UpcycledOutput, dense_config: Any, plan: Any) -> li
         have = json.loads((out.path / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return ["config.json (missing or not JSON)"]
+    want, have = native_config_view(want), native_config_view(have)
     keys = sorted((set(want) | set(have)) - _CONFIG_IGNORED)
     return [k for k in keys if want.get(k) != have.get(k)]
 
@@ -196,12 +198,12 @@ def compare_streamed(dense: nn.Module, moe: str | Path, seed: int = 0, batch: in
     say("running the dense model")
     ref = main_output(dense(**inputs)).float()
 
-    meta = converted_skeleton(dense.config, plan, type(dense))
+    meta = converted_skeleton(dense.config, plan, type(dense), where=out.path)
     layout = out.layout(meta)
     tensors = _ModuleTensors(dense, plan)
-    expected = {t.name: t for t in out.format.tensors(meta, plan, SourceTensors(tensors, plan, meta))}
+    expected = {t.name: t for t in out.format.tensors(meta, plan, SourceTensors(tensors, plan, meta, allow_nonfinite=True))}
     check = _TensorCheck(expected, plan.merge_base == "base")
-    derive = SourceTensors(tensors, plan, meta)
+    derive = SourceTensors(tensors, plan, meta, allow_nonfinite=True)
 
     say("reading the output's dense tensors")
     for name, stored in layout.plain():
