@@ -47,12 +47,18 @@ class MoEConfig:
             raise OptionError(
                 f"--top-k must be between 1 and the expert count ({self.num_experts}), got {self.top_k}"
             )
+        if self.capacity_factor is not None and (isinstance(self.capacity_factor, bool) or not isinstance(self.capacity_factor, (int, float))):
+            raise OptionError(f"--capacity-factor must be a finite number above 0, got {self.capacity_factor!r}")
         if self.capacity_factor is not None and not (self.capacity_factor > 0 and math.isfinite(self.capacity_factor)):
             raise OptionError(f"--capacity-factor must be a finite number above 0, got {self.capacity_factor}")
         if self.router == "expert-choice" and self.capacity_factor is None:
             self.capacity_factor = 1.0  # expert choice always has a capacity: tokens per expert
-        if self.jitter < 0:
-            raise OptionError(f"jitter must be non-negative, got {self.jitter}")
+        if not isinstance(self.normalize, bool):
+            raise OptionError(f"normalize must be true or false, got {self.normalize!r}")
+        for name in ("jitter", "aux_loss_coef", "z_loss_coef"):  # the routers compute with them in training
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise OptionError(f"{name} must be a finite number of at least 0, got {value!r}")
         if self.router_dtype not in ("float32", "float64"):
             raise OptionError(f"router_dtype must be float32 or float64, got {self.router_dtype!r}")
 
