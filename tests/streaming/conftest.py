@@ -70,3 +70,17 @@ def upcycled(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread computes them fastest, and far faster than several
+    threads on a machine whose cores are busy."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

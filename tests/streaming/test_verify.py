@@ -16,8 +16,13 @@ from sparsify.verify import compare
 
 from .conftest import CASES, PAIRS, case_id
 
-# recipes whose MoE model computes what the dense model computes
+# recipes whose MoE model computes what the dense model computes (but in the switch format,
+# which routes top-1 and scales each token's output by its router probability)
 PRESERVING = {"copy", "granularity-2", "shared-0.25"}
+
+
+def _preserving(fmt: str, recipe: str) -> bool:
+    return recipe in PRESERVING and fmt != "switch"
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -27,15 +32,19 @@ def test_streamed_verify_equals_the_in_memory_comparison(upcycled, demo, case):
     want = compare(demo(family), sparsify.load(out, backend="reference"))
     got = compare_streamed(demo(family), out)
     assert got.max_ref == want.max_ref  # the same dense model on the same inputs
+    if (fmt, recipe) == ("switch", "capacity-1.0"):  # capacity per sequence: transformers computes otherwise
+        assert got.note and "capacity" in got.note and got.max_abs != want.max_abs
+        return
+    assert got.note is None
     if fmt == "native":  # the same tensors through the same kernels: the same numbers
         assert got.max_abs == want.max_abs
     else:  # transformers' own MoE blocks compute in another order
         assert abs(got.max_abs - want.max_abs) <= 1e-5 * want.max_ref, (got.max_abs, want.max_abs)
-    assert got.within() == want.within() == (recipe in PRESERVING or got.max_abs <= 1e-5 * got.max_ref)
+    assert got.within() == want.within() == (_preserving(fmt, recipe) or got.max_abs <= 1e-5 * got.max_ref)
     plan = sparsify.load(out).sparsify_plan if fmt == "native" else None
     if plan is not None:
         assert [d.module for d in got.layers] == list(plan.selected)  # every MoE layer compared on its own
-    assert got.layers and all(d.max_abs <= 1e-5 * max(d.max_ref, 1e-30) for d in got.layers) == (recipe in PRESERVING)
+    assert got.layers and all(d.max_abs <= 1e-5 * max(d.max_ref, 1e-30) for d in got.layers) == _preserving(fmt, recipe)
     assert got.problems == [] and got.tensors_checked > 0 and got.config_differing == []
 
 
