@@ -11,7 +11,7 @@ Prints one JSON object per measurement and a summary with the acceptance targets
     shard                    at most 1.5x the fsync'd dd, under 1.5 GB
     verify, profile          peak at most the dense model's size + 1.5 GB
 
-    python benchmarks/commands_memory.py [--workdir DIR] [--quick] [--keep]
+    python benchmarks/commands_memory.py [--workdir DIR] [--quick | --shape medium] [--keep]
 
 The full shape needs about 17 GB free under --workdir (the dense model, the output, the shards;
 the dd file is written once the shards are gone). `--quick` runs a small shape (under a minute)
@@ -36,6 +36,8 @@ MARGIN = 1.5 * GB  # memory allowed above the dense model (verify, profile) or i
 SHAPES = {
     # name: T5 config, experts
     "t5-base": (dict(d_model=768, d_ff=3072, d_kv=64, num_layers=12, num_decoder_layers=12, num_heads=12, vocab_size=32128), 32),
+    # memory per MoE layer (268 MB) well above the dense model (about 60 MB): what a command holds shows
+    "medium": (dict(d_model=512, d_ff=2048, d_kv=64, num_layers=4, num_decoder_layers=4, num_heads=8, vocab_size=1000), 32),
     "quick": (dict(d_model=64, d_ff=256, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=1000), 32),
 }
 
@@ -168,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default=None, help="where the models go [default: a temp dir under /tmp, removed after]")
     ap.add_argument("--quick", action="store_true", help="a small shape, to check the benchmark (under a minute)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="t5-base", help="the model's shape [default: t5-base]")
     ap.add_argument("--keep", action="store_true", help="keep the workdir's models (reused by the next run)")
     ap.add_argument("--make", nargs=2, metavar=("SHAPE", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sparsify-commands-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        run(work, "quick" if args.quick else "t5-base")
+        run(work, "quick" if args.quick else args.shape)
     finally:
         if not args.keep:
             for name in ("dense", "moe", "shards", "plan.json", "stats.json", "dd.bin"):

@@ -34,6 +34,7 @@ import torch.nn as nn
 from ..capture import example_inputs_for
 from ..errors import PlanError, SourceError
 from ..formats.tensors import SourceTensors
+from ..init import canonical_shape
 from ..moe import Router
 from ..plan import UpcyclePlan
 from ..verify import Comparison, main_output
@@ -174,6 +175,21 @@ def _config_differences(out: UpcycledOutput, dense_config: Any, plan: Any) -> li
     return [k for k in keys if want.get(k) != have.get(k)]
 
 
+def _check_dense(dense: nn.Module, plan: UpcyclePlan, moe: str | Path) -> None:
+    """Refuse a dense model that lacks the output's FFNs (another architecture or size): the
+    output's layout and the streamed layers are made from them."""
+    shapes = {k: tuple(v.shape) for k, v in dense.state_dict(keep_vars=True).items()}
+    for site in plan.selected_sites:
+        for role, name in site.weights.items():
+            if name not in shapes:
+                raise PlanError(f"'{moe}' was upcycled from another model: the dense {type(dense).__name__} has no "
+                                f"FFN weight '{name}'; pass the dense model it was made from")
+            if sorted(shapes[name]) != sorted(canonical_shape(site, role)):  # sorted: GPT-2 stores [in, out]
+                raise PlanError(f"'{moe}' was upcycled from another model: the dense weight '{name}' has shape "
+                                f"{list(shapes[name])}, not that of a {site.hidden_size} x {site.intermediate_size} FFN; "
+                                "pass the dense model it was made from")
+
+
 def _difference(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     got, ref = got.float(), ref.float()
     if got.shape != ref.shape:
@@ -196,6 +212,7 @@ def compare_streamed(dense: nn.Module, moe: str | Path, seed: int = 0, batch: in
     plan, ckpt = out.plan, out.checkpoint
     if getattr(dense, "config", None) is None:
         raise PlanError(f"{type(dense).__name__} has no Hugging Face config; the output's layout is read from it")
+    _check_dense(dense, plan, moe)
     dense.eval()
     inputs = example_inputs_for(dense, batch=batch, seq=seq, seed=seed)
     say("running the dense model")
