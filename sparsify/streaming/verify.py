@@ -127,8 +127,14 @@ def _tensor(model: nn.Module, name: str) -> torch.Tensor:
 
 
 def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    # `.data`: tied parameters are one object, so every name of a tied tensor sees the new value
-    _tensor(model, name).data = value
+    # Into the dense tensor's own memory where it fits: a fresh tensor for each of hundreds of
+    # mid-sized weights, the old one freed after, leaves the heap fragmented by up to the dense
+    # model's size. Tied parameters are one object, so every name of a tied tensor sees it.
+    t = _tensor(model, name)
+    if t.shape == value.shape and t.dtype == value.dtype:
+        t.data.copy_(value)
+    else:
+        t.data = value
 
 
 class _TensorCheck:

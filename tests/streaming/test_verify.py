@@ -124,3 +124,15 @@ def test_another_architecture_is_refused_in_one_line(upcycled, dense, case, spar
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code not in (0, 1) and len(lines) == 1 and lines[0].startswith("error:"), (code, stdout, stderr)
     assert "Traceback" not in stderr
+
+
+def test_verify_leaves_the_dense_checkpoint_as_it_was(demo, tmp_path, sparsify_cli):
+    # the streamed comparison writes the output's tensors into the dense model's memory, which
+    # transformers maps from the checkpoint (privately: the file must not change)
+    demo("t5").save_pretrained(tmp_path / "dense")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "dense").iterdir()}
+    code, _, err = sparsify_cli("upcycle", tmp_path / "dense", "-e", "4", "-f", "native", "-o", tmp_path / "moe", "-q")
+    assert code == 0, err
+    code, stdout, _ = sparsify_cli("verify", tmp_path / "dense", tmp_path / "moe")
+    assert code == 0 and "; 0 differ" in stdout, stdout
+    assert {f.name: f.read_bytes() for f in (tmp_path / "dense").iterdir()} == before
