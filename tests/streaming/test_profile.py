@@ -79,3 +79,12 @@ def test_max_tokens_gives_the_statistics_of_the_file_cut_there(upcycled, tmp_pat
                      "--seq-len", "64", "-o", str(tmp_path / f"{name}.json"), "-q"]) == 0
     long, cut = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("long", "cut"))
     assert long["layers"] == cut["layers"] and long["calibration"]["sequences"] == 3000 // 64
+
+
+@pytest.mark.parametrize("case", [("t5", "switch", "copy"), ("mistral", "mixtral", "copy"), ("qwen3", "qwen2-moe", "copy")],
+                         ids=case_id)
+def test_profile_of_a_hugging_face_format_is_refused_in_one_line(upcycled, case, tmp_path, sparsify_cli):
+    code, _, err = sparsify_cli("profile", upcycled(*case), "--demo-text", "-o", tmp_path / "s.json")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and f"in the {case[1]} format" in lines[0] and "--format native" in lines[0]
+    assert not (tmp_path / "s.json").exists()
