@@ -121,7 +121,9 @@ def run(work: Path, shape: str) -> bool:
     dense_bytes = _weights_bytes(dense)
     moe_bytes = _dry_run_bytes(sparsify, dense, upcycle, work)
     need = 2 * moe_bytes + (64 << 20)  # the output and the shards, the dense model being there already
-    free = shutil.disk_usage(work).free + (_dir_bytes(out) if out.exists() else 0)
+    for old in (out, shards):  # written again below (kept by --keep): their room counts as free
+        shutil.rmtree(old, ignore_errors=True)
+    free = shutil.disk_usage(work).free
     if free < need:
         raise SystemExit(f"{work} has {free / GB:.1f} GB free; this shape needs {need / GB:.1f} GB (pass --workdir)")
     _emit({"benchmark": "commands_memory", "shape": shape, "config": config, "experts": experts, "every": 2,
