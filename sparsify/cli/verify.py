@@ -133,6 +133,7 @@ def _streamed_doc(c) -> dict:
                     "differing": [{"name": t.name, "max_abs": t.max_abs, "max_ref": t.max_ref} for t in c.tensors_differing]},
         "config_differing": c.config_differing,
         "problems": c.problems,
+        "format_note": c.note,
     }
 
 
@@ -146,6 +147,8 @@ def _streamed_details(o: Output, c) -> None:
              f"{len(c.tensors_differing)} differ")
     for line in c.problems:
         o.detail(line, style="red")
+    if c.note:
+        o.detail(f"note: {c.note}", style="yellow")
 
 
 def _source_model_type(out) -> str | None:
