@@ -193,9 +193,13 @@ def main() -> None:
     ap.add_argument("--venv", default=None, help="mergekit's virtual environment [default: WORKDIR/mergekit-venv]")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--make", nargs=2, metavar=("DIR", "SHAPE"), help=argparse.SUPPRESS)
+    ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.make:
         make_sources(Path(args.make[0]), args.make[1])
+        return
+    if args.compare:
+        print(json.dumps(compare(Path(args.compare[0]), Path(args.compare[1]))))
         return
     root = Path(__file__).resolve().parent.parent
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sparsify-bench-", dir=root))
@@ -226,7 +230,10 @@ def main() -> None:
                     measured[tool] = (wall, rss)
                     print(json.dumps({"shape": args.shape, "gates": gates, "tool": tool, "run": rep, "wall_s": round(wall, 2),
                                       "peak_rss_gb": round(rss / 1e9, 3)}), flush=True)
-                same = compare(ours, theirs)
+                # in a child too: comparing reads both outputs, and every later child would start
+                # with this process's memory as its own (ru_maxrss counts it)
+                same = json.loads(subprocess.run([sys.executable, __file__, "--compare", str(ours), str(theirs)],
+                                                 check=True, capture_output=True, text=True).stdout)
                 print(json.dumps({"shape": args.shape, "gates": gates, "run": rep, "compare": same}), flush=True)
                 speedup = measured["mergekit-moe"][0] / measured["sparsify"][0]
                 best = summary.get(gates)

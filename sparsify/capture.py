@@ -101,6 +101,7 @@ def _real(value: Any, device: torch.device) -> Any:
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, device: torch.device, real_values: bool):
+    import torch._functorch.config  # noqa: F401 (`import torch` alone does not import it)
     from torch._guards import TracingContext, tracing
 
     # the fake mode reads the flag when it is made
