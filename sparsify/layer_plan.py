@@ -21,10 +21,9 @@ __all__ = ["ExpertInit", "RouterInit", "LayerPlan", "ROUTER_INITS"]
 
 def _finite(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
     """`value` as a float, refused unless finite and within [low, high]."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise PlanError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PlanError(f"{name} must be a number, got {value!r}")
+    x = float(value)
     if not math.isfinite(x) or (low is not None and x < low) or (high is not None and x > high):
         bounds = f" between {low} and {high}" if high is not None else (f" of at least {low}" if low is not None else "")
         raise PlanError(f"{name} must be a finite number{bounds}, got {value!r}")

@@ -112,6 +112,10 @@ def upcycle(
     upcycled into an ONNX graph. Every option flag is a key of one recipe (--recipe FILE for
     settings per stack and per layer)."""
     from ..errors import OptionError
+
+    if recipe is None and experts is None and experts_from is None:  # before the imports below (torch)
+        raise OptionError("give the expert count (--experts N), the experts' checkpoints (--experts-from A,B,...) "
+                          "or a recipe (--recipe FILE)")
     from ..model_recipe import Recipe
 
     # Every path goes through one recipe: the file's, with the flags given on the command line
@@ -120,9 +124,6 @@ def upcycle(
     if "layers" in given:
         given["layers"] = parse_layers(given["layers"])
     given.update({k: str(given[k]) for k in ("prompts", "calibration") if k in given})
-    if recipe is None and experts is None and experts_from is None:
-        raise OptionError("give the expert count (--experts N), the experts' checkpoints (--experts-from A,B,...) "
-                          "or a recipe (--recipe FILE)")
     moe_recipe = Recipe.build(Recipe.load(recipe) if recipe is not None else None, flags=True, **given)
     if source.endswith(".onnx"):  # ONNX-native upcycling: ONNX in, ONNX out (sparsify.onnx)
         if any(k in given for k in ("experts_from", "merge_base", "router_init", "prompts", "calibration")):

@@ -1,0 +1,65 @@
+"""Every number of a layer plan in sparsify.json, replaced by a value of the wrong kind, is a
+one-line error when the output is read, never a model that fails later (in training or a
+streamed forward) or one that silently differs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+
+import sparsify
+from sparsify.errors import SparsifyError
+
+
+def _numbers(node, prefix=()):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _numbers(v, (*prefix, k))
+    elif isinstance(node, list) and node:
+        yield from _numbers(node[0], (*prefix, 0))
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield prefix
+
+
+@pytest.fixture(scope="module")
+def output(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plan_types") / "moe"
+    sparsify.save(sparsify.upcycle("demo:llama", experts=4, capacity_factor=2.0), out)
+    return out
+
+
+def _fields():
+    model = sparsify.upcycle("demo:llama", experts=4, capacity_factor=2.0)
+    layer = next(iter(model.sparsify_plan.to_dict()["layers"].values()))
+    return list(_numbers(layer))
+
+
+FIELDS = _fields()
+
+
+def test_the_sweep_sees_the_numbers():
+    assert {("moe", "num_experts"), ("moe", "top_k"), ("moe", "capacity_factor"), ("moe", "aux_loss_coef"),
+            ("router", "std")} <= set(FIELDS)
+
+
+@pytest.mark.parametrize("path", FIELDS, ids=".".join)
+@pytest.mark.parametrize("wrong", [{"x": 1}, "2", None, float("nan")], ids=["object", "string", "null", "nan"])
+def test_a_plan_number_of_the_wrong_kind_is_one_line(output, tmp_path, path, wrong):
+    out = tmp_path / "moe"
+    shutil.copytree(output, out)
+    manifest = json.loads((out / "sparsify.json").read_text())
+    changed = copy.deepcopy(manifest)
+    for layer in changed["plan"]["layers"].values():
+        node = layer
+        for key in path[:-1]:
+            node = node[key]
+        if wrong is None and path[-1] in ("capacity_factor", "top_k"):
+            pytest.skip("null is valid there: dropless routing, the router's default k")
+        node[path[-1]] = wrong
+    (out / "sparsify.json").write_text(json.dumps(changed))
+    with pytest.raises(SparsifyError) as err:
+        sparsify.load(out)
+    assert "\n" not in str(err.value) and "sparsify.json" in str(err.value)
