@@ -6,6 +6,8 @@ streaming conversion, loaders) read it. It is plain data and round-trips through
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -94,8 +96,29 @@ class FFNSite:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FFNSite":
-        """Inverse of `to_dict`."""
+        """Inverse of `to_dict`; a field of the wrong kind is a `TypeError` naming it (a damaged
+        plan must not reach a forward pass)."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a site must be an object, got {type(data).__name__}")
+        for name, value in data.items():
+            kind = _SITE_KINDS.get(name)
+            ok = kind is None or isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+            if name == "exit_path" and value is None:
+                ok = True
+            if ok and name in ("dropout", "out_dropout"):
+                ok = math.isfinite(value) and 0.0 <= value < 1.0
+            if not ok:
+                raise TypeError(f"site field '{name}' has the wrong kind of value: {value!r}"[:200])
         return cls(**data)
+
+
+# The JSON kind of each FFNSite field (a float field also takes an int).
+_SITE_KINDS: dict[str, type | tuple[type, ...]] = {
+    "path": str, "form": str, "activation": str, "hidden_size": int, "intermediate_size": int, "weights": dict,
+    "layout": str, "exit_path": str, "stack": str, "index": int, "dropout": (int, float),
+    "out_dropout": (int, float), "causal": bool, "identities": list, "overrides": dict, "fused": dict,
+    "groups": dict, "feature_axis": int, "calls": list, "activation_params": dict,
+}
 
 
 @dataclass
