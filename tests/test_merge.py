@@ -19,16 +19,9 @@ from sparsify.io.demo import DEMOS
 from sparsify.moe.router import Routing
 from sparsify.rewrite import canonical_weight
 from tests.finetunes import perturbed, save_checkpoint
+from tests.test_convert import _tensors
 
 FAMILIES = sorted(DEMOS)
-
-
-def _tensors(out):
-    index = json.loads((out / "model.safetensors.index.json").read_text())
-    tensors = {}
-    for shard in set(index["weight_map"].values()):
-        tensors.update(load_file(out / shard))
-    return tensors
 
 
 @pytest.fixture
