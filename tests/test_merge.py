@@ -7,11 +7,9 @@ router forced to expert i the loaded MoE computes what the base computes with so
 """
 
 import copy
-import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import sparsify
 from sparsify.convert import convert
