@@ -19,8 +19,9 @@ $(STAMP): $(PY) pyproject.toml
 
 setup: $(STAMP)
 
+# One pytest worker per core (pytest-xdist); each keeps to one thread (tests/conftest.py).
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n auto --dist worksteal $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/sparsify upcycle demo:t5 --experts 8 -o t5-moe --force

@@ -9,6 +9,11 @@ import sys
 import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Under pytest-xdist (`make test` runs a worker per core) each worker, and every process its tests
+# start, keeps to one thread: two workers of two threads each on two cores would only contend.
+# Before torch is imported, which reads it once.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Without a GPU the Triton kernels run in Triton's CPU interpreter, which must be switched on before
 # any kernel is defined: here, before any test module is collected (some import the kernels).

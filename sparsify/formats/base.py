@@ -62,7 +62,7 @@ class OutputFormat(abc.ABC):
         model: nn.Module,
         plan: UpcyclePlan,
         source: TensorSource,
-        manifest: dict[str, Any],
+        manifest: dict[str, Any] | Callable[[], dict[str, Any]],
         source_dir: Path | None = None,
         shard_size: int | str = "5GB",
         force: bool = False,
@@ -72,7 +72,8 @@ class OutputFormat(abc.ABC):
     ) -> Path:
         """Write the whole output directory atomically (temporary sibling, fsync, rename).
         `sources` are paths the model was read from besides `source_dir` (never written over).
-        `sparsify.json` lists the size and sha256 of every other file written."""
+        `sparsify.json` lists the size and sha256 of every other file written; `manifest` may be
+        a function, called once the weights are written (what it records can be computed beside)."""
         sources = [source_dir, *sources]
         check_output(out, force, sources, kind="dir")
         config = self.config_dict(plan, model.config)
@@ -98,5 +99,7 @@ class OutputFormat(abc.ABC):
             write_shards(tmp, tensors, shard_size, progress, files=files)
             for f in tokenizer:
                 files.copy(f, f.name)
+            if callable(manifest):
+                manifest = manifest()
             (tmp / MANIFEST).write_text(json.dumps({"format": self.name, **manifest, "files": files.to_dict()}, indent=2))
         return Path(out)

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..errors import SourceError
 from ..init import expert_weight, router_init_weight
-from ..io.finite import cast_checked, check_finite
+from ..io.finite import all_finite, cast_checked, check_finite
 from ..io.tensor_names import TensorNames
 from ..merge import Weights, average, distinct, stored_name
 from ..plan import FFNSite, UpcyclePlan
@@ -133,7 +133,7 @@ class SourceTensors(TensorSource):
         t = ckpt.read(name)
         if not self.allow_nonfinite:
             check_finite(t, name, getattr(ckpt, "spec", None) or str(getattr(ckpt, "path", "the dense model")))
-        elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        elif not all_finite(t):
             self.nonfinite.append(name)
         return t
 

@@ -137,3 +137,25 @@ def test_verify_says_when_it_cannot_know_the_source(tmp_path, sparsify_cli):
 def test_no_bare_nan_in_sparsify_json(dense, outputs):
     for out in outputs.iterdir():
         json.loads((out / "sparsify.json").read_text(), parse_constant=lambda c: pytest.fail(f"{out}: bare {c}"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_the_finite_check_finds_every_nan_and_inf(dtype):
+    """`all_finite` (a min/max reduction, not a mask) agrees with `isfinite(t).all()` for a NaN or an
+    Inf at the first, a middle and the last place of tensors whose lengths straddle the vector
+    widths, in contiguous and transposed tensors; and for finite ones."""
+    from sparsify.io.finite import all_finite
+
+    torch.manual_seed(0)
+    for n in [*range(1, 40), 63, 64, 65, 1023, 4099]:
+        t = torch.randn(n).to(dtype)
+        assert all_finite(t)
+        for pos in {0, n // 2, n - 1}:
+            for value in (float("nan"), float("inf"), float("-inf")):
+                bad = t.clone()
+                bad[pos] = value
+                assert not all_finite(bad), (n, pos, value)
+    square = torch.randn(37, 41).to(dtype)
+    square[36, 40] = float("nan")
+    assert not all_finite(square.t()) and all_finite(square[:36].t())
+    assert all_finite(torch.empty(0, dtype=dtype)) and all_finite(torch.arange(5))
