@@ -120,6 +120,8 @@ class RouterInit:
         self.std = _finite("the router init std", self.std, 0.0)
         if not isinstance(self.groups, int) or isinstance(self.groups, bool) or self.groups < 1:
             raise PlanError(f"router groups must be a positive integer, got {self.groups!r}")
+        if not isinstance(self.data, dict):
+            raise PlanError(f"a router's data record must be an object, got {self.data!r}"[:200])
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""

@@ -102,15 +102,59 @@ class FFNSite:
             raise TypeError(f"a site must be an object, got {type(data).__name__}")
         for name, value in data.items():
             kind = _SITE_KINDS.get(name)
-            ok = kind is None or isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+            ok = kind is None or _is(value, kind)
             if name == "exit_path" and value is None:
                 ok = True
-            if ok and name in ("dropout", "out_dropout"):
-                ok = math.isfinite(value) and 0.0 <= value < 1.0
+            if ok and name in _SITE_CHECKS:
+                ok = _SITE_CHECKS[name](value)
             if not ok:
                 raise TypeError(f"site field '{name}' has the wrong kind of value: {value!r}"[:200])
+        weights = data.get("weights", {})
+        needed = {"w1", "w2", "w3"} if data.get("form") == "gated" else {"w1", "w2"}
+        if not needed <= set(weights) or data.get("form") != "gated" and "w3" in weights:
+            raise TypeError(f"site field 'weights' does not name the projections of a {data.get('form')} FFN: "
+                            f"{sorted(weights)}"[:200])
         return cls(**data)
 
+
+def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
+    """`isinstance` for JSON values, where true and false are not numbers."""
+    return isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+
+
+def _mapping(keys: Any, values: Any) -> Any:
+    return lambda d: all(_is(k, keys) and _is(v, values) for k, v in d.items())
+
+
+def _items(kind: Any, low: int | None = None) -> Any:
+    return lambda xs: all(_is(x, kind) and (low is None or x >= low) for x in xs)
+
+
+def _fused_part(v: Any) -> bool:
+    return (isinstance(v, list) and len(v) == 3 and _is(v[0], int) and _is(v[1], int) and 0 <= v[0] < v[1]
+            and v[2] in ("halves", "interleaved"))
+
+
+# What a site's fields must hold beyond their JSON kind: the contents of its containers and the
+# range of its numbers. Every value here is read by the rewrite or a forward pass, where a wrong
+# one would be a traceback in the middle of a command (found by tests/io/test_fuzz.py).
+_SITE_CHECKS: dict[str, Any] = {
+    "form": lambda v: v in ("dense", "gated"),
+    "layout": lambda v: v in ("linear", "conv1d", "conv1x1"),
+    "hidden_size": lambda v: v >= 1,
+    "intermediate_size": lambda v: v >= 1,
+    "index": lambda v: v >= 0,
+    "feature_axis": lambda v: -4 <= v <= -1,
+    "dropout": lambda v: math.isfinite(v) and 0.0 <= v < 1.0,
+    "out_dropout": lambda v: math.isfinite(v) and 0.0 <= v < 1.0,
+    "weights": lambda d: _mapping(str, str)(d) and set(d) <= {"w1", "w2", "w3", "b1", "b2", "b3"},
+    "identities": _items(str),
+    "calls": _items(int, 0),
+    "groups": lambda d: _mapping(str, int)(d) and all(v >= 1 for v in d.values()),
+    "activation_params": _mapping(str, str),
+    "fused": lambda d: all(isinstance(k, str) and _fused_part(v) for k, v in d.items()),
+    "overrides": lambda d: all(isinstance(k, str) for k in d),
+}
 
 # The JSON kind of each FFNSite field (a float field also takes an int).
 _SITE_KINDS: dict[str, type | tuple[type, ...]] = {

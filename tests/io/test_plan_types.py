@@ -67,3 +67,41 @@ def test_a_plan_number_of_the_wrong_kind_is_one_line(output, tmp_path, path, kin
     with pytest.raises(SparsifyError) as err:
         sparsify.load(out)
     assert "\n" not in str(err.value) and "sparsify.json" in str(err.value)
+
+
+# A site's fields, each replaced by a value a rewrite or a forward pass would trip on: the wrong
+# kind, containers holding the wrong kind (the fuzz find: a list as a weight's name reached
+# verify), numbers out of range, and the projections of another form.
+SITE_CASES = {
+    "weights: a list as a name": ("weights", lambda w: {**w, "w1": ["x"]}),
+    "weights: an unknown role": ("weights", lambda w: {**w, "w9": "x"}),
+    "weights: no w2": ("weights", lambda w: {k: v for k, v in w.items() if k != "w2"}),
+    "weights: no w3 in a gated FFN": ("weights", lambda w: {k: v for k, v in w.items() if k != "w3"}),
+    "form: unknown": ("form", lambda v: "sparse"),
+    "layout: unknown": ("layout", lambda v: "conv9d"),
+    "hidden_size: zero": ("hidden_size", lambda v: 0),
+    "intermediate_size: negative": ("intermediate_size", lambda v: -4),
+    "index: negative": ("index", lambda v: -1),
+    "feature_axis: out of range": ("feature_axis", lambda v: 7),
+    "dropout: one": ("dropout", lambda v: 1.0),
+    "identities: a number": ("identities", lambda v: [3]),
+    "calls: a string": ("calls", lambda v: ["1"]),
+    "groups: zero": ("groups", lambda v: {"w1": 0}),
+    "activation_params: an object": ("activation_params", lambda v: {"alpha": {"x": 1}}),
+    "fused: a bad part": ("fused", lambda v: {"w1": [2, 2, "halves"]}),
+    "overrides: a list": ("overrides", lambda v: ["x"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SITE_CASES))
+def test_a_site_field_that_cannot_be_read_is_one_line(output, tmp_path, case):
+    field, wrong = SITE_CASES[case]
+    out = tmp_path / "moe"
+    shutil.copytree(output, out)
+    manifest = json.loads((out / "sparsify.json").read_text())
+    site = manifest["plan"]["sites"][0]
+    site[field] = wrong(site.get(field))
+    (out / "sparsify.json").write_text(json.dumps(manifest))
+    with pytest.raises(SparsifyError) as err:
+        sparsify.load(out)
+    assert "\n" not in str(err.value) and "sparsify.json" in str(err.value) and field in str(err.value)
