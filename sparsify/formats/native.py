@@ -33,14 +33,14 @@ from ..io.skeleton import build_skeleton, model_class
 from ..plan import UpcyclePlan
 from ..rewrite import apply_plan
 from .base import OutputFormat
-from .manifest import MANIFEST, plan_of, read_output_manifest
+from .manifest import MANIFEST, NATIVE_FORMAT, plan_of, read_output_manifest
 from .tensors import TensorSource, alias_groups
 
 __all__ = ["NativeFormat", "load_native", "assign_tensors", "read_manifest", "read_config", "apply_stored_plan", "MANIFEST", "INDEX", "FORMAT_NAME",
            "NATIVE_MODEL_TYPE", "SOURCE_MODEL_TYPE", "native_config_view"]
 
 INDEX = "model.safetensors.index.json"
-FORMAT_NAME = "sparsify-native"
+FORMAT_NAME = NATIVE_FORMAT
 # What plain transformers prints: "has model type `<this>` but Transformers does not recognize it".
 NATIVE_MODEL_TYPE = "sparsify-native: load it with sparsify.load"
 SOURCE_MODEL_TYPE = "sparsify_source_model_type"
