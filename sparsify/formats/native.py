@@ -4,6 +4,7 @@
                                          marker that plain transformers refuses (naming sparsify.load),
                                          the source's kept under "sparsify_source_model_type"
     OUT/sparsify.json                    plan, options, provenance (source, sha256, version)
+                                         and the layout digest (see layout_digest.py)
     OUT/model-0000i-of-0000n.safetensors the converted model's state dict (experts stacked)
     OUT/model.safetensors.index.json     tensor -> shard
     OUT/tokenizer files                  copied from the source when it has them
@@ -51,6 +52,7 @@ class NativeFormat(OutputFormat):
 
     name = FORMAT_NAME
     description = "native (source config + plan + stacked experts; sparsify.load reads it)"
+    records_layout = True
 
     def config_dict(self, plan: UpcyclePlan, config: Any) -> dict[str, Any]:
         # transformers would otherwise load this directory as the dense source, with the converted
