@@ -15,8 +15,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .lazy_names import lazy_names
 
 __version__ = "0.1.0"
 
@@ -39,26 +38,12 @@ __all__ = [
 
 # Where each public name lives. They are imported on first use, so that `import sparsify` (and
 # with it `sparsify --help`) does not import torch and transformers (seconds) before it needs them.
-_WHERE = {
+__getattr__, __dir__ = lazy_names(__name__, {
     "upcycle": ".api", "load": ".api", "save": ".api",
     "aux_losses": ".moe", "MoEConfig": ".moe", "SparseMoE": ".moe",
-    "PassManager": ".passes",
+    "PassManager": ".passes", "passes": ".passes",
     "FFNSite": ".plan", "UpcyclePlan": ".plan",
     "Recipe": ".model_recipe",
     "router_stats": ".training",
     "SparsifyError": ".errors",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name == "passes":
-        return importlib.import_module(".passes", __name__)
-    if name in _WHERE:
-        value = getattr(importlib.import_module(_WHERE[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+}, __all__)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import math
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import PlanError
 from .layer_plan import ExpertInit, LayerPlan, RouterInit
 from .moe.config import MoEConfig
+
+if TYPE_CHECKING:  # plans are read where torch is not imported (`sparsify inspect` of an output)
+    import torch
 
 __all__ = ["FFNSite", "Rejected", "ExpertInit", "RouterInit", "LayerPlan", "UpcyclePlan", "PLAN_VERSION"]
 

@@ -58,25 +58,20 @@ def _doc(path: str, kind: str, fmt: str | None, plan: Any, params: dict[str, int
 
 
 def _inspect_model(path: str) -> dict[str, Any]:
-    """Configs, plans and tensor headers only: no weight is read, at any size."""
-    import math
-
-    from ..formats.registry import output_format
+    """Configs, plans and tensor headers only: no weight is read, at any size (and for an
+    output, neither torch nor transformers is imported unless its plan must be checked by its model)."""
+    from ..formats.manifest import output_format
     from ..io.sources import resolve_source
 
     src = resolve_source(path)
     fmt = output_format(src.path) if src.path is not None else None
     if fmt is not None:
-        from ..streaming.output import UpcycledOutput
+        from ..formats.stored import StoredOutput
 
-        out = UpcycledOutput.open(src.path)
+        out = StoredOutput.open(src.path)
         out.check_fits()
-        ckpt = out.checkpoint
-        # every stored tensor is a parameter (the architectures sparsify converts keep no
-        # persistent buffers) and tied tensors are stored once: the parameter count of the model
-        total = sum(math.prod(ckpt.shape(n)) for n in ckpt.names())
-        name = "native" if fmt == "sparsify-native" else fmt
-        return _doc(path, "upcycled", name, out.plan, params_from_total(out.plan, total))
+        name = "native" if out.native else out.format
+        return _doc(path, "upcycled", name, out.plan, params_from_total(out.plan, out.parameters))
     from ..io.sources import is_native, skeleton_of
     from ..passes import FindFFN, PassManager
     from .common import count_params

@@ -10,10 +10,12 @@ from typing import Any, Callable, Iterable
 import torch.nn as nn
 
 from ..io.atomic import atomic_directory, check_output, check_space
+from ..io.headers import read_headers
 from ..io.integrity import OutputFiles
 from ..io.safetensors_io import OutputTensor, parse_size, plan_shards, write_shards
 from ..io.sources import TOKENIZER_FILES
 from ..plan import UpcyclePlan
+from .layout_digest import LAYOUT_KEY, layout_sha256
 from .manifest import MANIFEST
 from .tensors import TensorSource
 
@@ -35,6 +37,9 @@ class OutputFormat(abc.ABC):
 
     name = "format"
     description = ""
+    # sparsify.json records the layout digest (`layout_digest`): the native format, whose fit to
+    # its plan a reader can otherwise check only by building the plan's model
+    records_layout = False
 
     def explain(self, plan: UpcyclePlan, config: Any) -> str | None:
         """Why this format cannot express `plan` for a source with `config` (None if it can)."""
@@ -101,5 +106,10 @@ class OutputFormat(abc.ABC):
                 files.copy(f, f.name)
             if callable(manifest):
                 manifest = manifest()
-            (tmp / MANIFEST).write_text(json.dumps({"format": self.name, **manifest, "files": files.to_dict()}, indent=2))
+            record = {"format": self.name, **manifest, "files": files.to_dict()}
+            if self.records_layout:
+                # of the plan as sparsify.json stores it (JSON) and of the headers as written, read back
+                plan = json.loads(json.dumps(record["plan"]))
+                record[LAYOUT_KEY] = layout_sha256(plan, read_headers(tmp))
+            (tmp / MANIFEST).write_text(json.dumps(record, indent=2))
         return Path(out)

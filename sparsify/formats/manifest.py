@@ -14,9 +14,14 @@ from ..io.integrity import check_files, files_of
 from ..io.paths import regular_file
 from ..plan import UpcyclePlan
 
-__all__ = ["MANIFEST", "read_output_manifest", "plan_of", "verify_output"]
+__all__ = ["MANIFEST", "NATIVE_FORMAT", "STORED_FORMATS", "read_output_manifest", "output_format", "plan_of", "verify_output"]
 
 MANIFEST = "sparsify.json"
+# The format names a sparsify.json may hold, spelt out rather than read from the registry, which
+# imports the writers and torch: an output's manifest and plan are read without either
+# (`sparsify inspect`). tests/formats/test_stored.py checks that they are the registry's.
+NATIVE_FORMAT = "sparsify-native"
+STORED_FORMATS = (NATIVE_FORMAT, "mixtral", "qwen2-moe", "switch")
 
 
 def read_output_manifest(path: str | Path, check_sizes: bool = True) -> dict[str, Any]:
@@ -37,9 +42,7 @@ def read_output_manifest(path: str | Path, check_sizes: bool = True) -> dict[str
         raise SourceError(f"'{f}' is not a JSON object; the output is damaged, write it again")
     if not isinstance(data.get("format"), str):
         raise SourceError(f"'{f}' names no format; the output is damaged, write it again")
-    from .registry import FORMATS  # here: the registry imports the formats, which import this module
-
-    known = sorted(fmt.name for fmt in FORMATS.values())
+    known = sorted(STORED_FORMATS)
     if data["format"] not in known:
         raise SourceError(f"'{f}' names the format {data['format'][:40]!r}, which is none of {', '.join(known)}; "
                           "the output is damaged (or written by a newer sparsify), write it again")
@@ -49,6 +52,23 @@ def read_output_manifest(path: str | Path, check_sizes: bool = True) -> dict[str
     if check_sizes:
         check_files(path, files_of(data, str(f)), MANIFEST)
     return data
+
+
+def output_format(path: str | Path) -> str | None:
+    """The format named in a sparsify output's sparsify.json (None if it has none)."""
+    import json
+
+    manifest = Path(path) / MANIFEST
+    if not (manifest.exists() or manifest.is_symlink()):
+        return None
+    try:
+        data = json.loads(manifest.read_text()) if manifest.is_file() else None
+    except (OSError, ValueError):
+        data = None
+    if data is None:
+        return "damaged"  # loading it reports the damage
+    fmt = data.get("format") if isinstance(data, dict) else None
+    return fmt if isinstance(fmt, str) else "damaged"
 
 
 def plan_of(manifest: dict[str, Any], where: str | Path) -> UpcyclePlan:

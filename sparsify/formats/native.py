@@ -4,6 +4,7 @@
                                          marker that plain transformers refuses (naming sparsify.load),
                                          the source's kept under "sparsify_source_model_type"
     OUT/sparsify.json                    plan, options, provenance (source, sha256, version)
+                                         and the layout digest (see layout_digest.py)
     OUT/model-0000i-of-0000n.safetensors the converted model's state dict (experts stacked)
     OUT/model.safetensors.index.json     tensor -> shard
     OUT/tokenizer files                  copied from the source when it has them
@@ -33,14 +34,14 @@ from ..io.skeleton import build_skeleton, model_class
 from ..plan import UpcyclePlan
 from ..rewrite import apply_plan
 from .base import OutputFormat
-from .manifest import MANIFEST, plan_of, read_output_manifest
+from .manifest import MANIFEST, NATIVE_FORMAT, plan_of, read_output_manifest
 from .tensors import TensorSource, alias_groups
 
 __all__ = ["NativeFormat", "load_native", "assign_tensors", "read_manifest", "read_config", "apply_stored_plan", "MANIFEST", "INDEX", "FORMAT_NAME",
            "NATIVE_MODEL_TYPE", "SOURCE_MODEL_TYPE", "native_config_view"]
 
 INDEX = "model.safetensors.index.json"
-FORMAT_NAME = "sparsify-native"
+FORMAT_NAME = NATIVE_FORMAT
 # What plain transformers prints: "has model type `<this>` but Transformers does not recognize it".
 NATIVE_MODEL_TYPE = "sparsify-native: load it with sparsify.load"
 SOURCE_MODEL_TYPE = "sparsify_source_model_type"
@@ -51,6 +52,7 @@ class NativeFormat(OutputFormat):
 
     name = FORMAT_NAME
     description = "native (source config + plan + stacked experts; sparsify.load reads it)"
+    records_layout = True
 
     def config_dict(self, plan: UpcyclePlan, config: Any) -> dict[str, Any]:
         # transformers would otherwise load this directory as the dense source, with the converted

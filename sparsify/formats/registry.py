@@ -8,6 +8,7 @@ from typing import Any
 from ..errors import OptionError
 from ..plan import UpcyclePlan
 from .base import OutputFormat
+from .manifest import output_format  # noqa: F401  (its home, torch-free; still named here)
 from .native import NativeFormat
 
 __all__ = ["FORMATS", "FORMAT_NAMES", "get_format", "choose_format", "format_defaults", "output_format", "load_hf_output"]
@@ -66,24 +67,6 @@ def choose_format(name: str, plan: UpcyclePlan, config: Any) -> tuple[OutputForm
         reasons.append(f"{fmt.name}: {why_not}")
     detail = "; ".join(reasons) if reasons else "no Hugging Face format is available"
     return FORMATS["native"], f"native, since no Hugging Face format fits ({detail})"
-
-
-def output_format(path) -> str | None:
-    """The format named in a sparsify output's sparsify.json (None if it has none)."""
-    import json
-    from pathlib import Path
-
-    manifest = Path(path) / "sparsify.json"
-    if not (manifest.exists() or manifest.is_symlink()):
-        return None
-    try:
-        data = json.loads(manifest.read_text()) if manifest.is_file() else None
-    except (OSError, ValueError):
-        data = None
-    if data is None:
-        return "damaged"  # loading it reports the damage
-    fmt = data.get("format") if isinstance(data, dict) else None
-    return fmt if isinstance(fmt, str) else "damaged"
 
 
 def load_hf_output(path):

@@ -12,14 +12,17 @@ from __future__ import annotations
 import json
 import pickle
 from pathlib import Path, PurePosixPath
-
-import torch
+from typing import TYPE_CHECKING, Collection
 
 from ..errors import SourceError
 from .paths import regular_file
-from .safetensors_io import SafetensorsFile
 
-__all__ = ["Checkpoint", "weight_files", "read_index", "SAFETENSORS_INDEX", "SAFETENSORS_SINGLE", "BIN_INDEX", "BIN_SINGLE"]
+if TYPE_CHECKING:  # `weight_files` and `read_index` find an output's files without torch (`sparsify inspect`)
+    import torch
+
+    from .safetensors_io import SafetensorsFile
+
+__all__ = ["Checkpoint", "weight_files", "checkpoint_files", "place_tensors", "read_index", "SAFETENSORS_INDEX", "SAFETENSORS_SINGLE", "BIN_INDEX", "BIN_SINGLE"]
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -64,6 +67,33 @@ def weight_files(path: Path, spec: str | None = None) -> tuple[list[Path], dict[
     return [], None
 
 
+def checkpoint_files(path: Path, spec: str) -> tuple[list[Path], dict[str, str] | None]:
+    """`weight_files` of `path`, refused when there are none or one that an index names is
+    missing or not a regular file."""
+    files, weight_map = weight_files(path, spec)
+    if not files:
+        stray = sorted(p.name for p in path.glob("*.safetensors"))
+        hint = f" (found {stray[0]}, which transformers would not load either)" if stray else ""
+        raise SourceError(f"'{spec}' has no weights: no {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} or {BIN_SINGLE}{hint}")
+    for f in files:
+        if not _present(f):  # only an index can name a file that is not there
+            index = SAFETENSORS_INDEX if f.name.endswith(".safetensors") else BIN_INDEX
+            raise SourceError(f"'{spec}': shard '{f.name}' is listed in {index} but missing; re-download the model")
+        regular_file(f, "weights file")
+    return files, weight_map
+
+
+def place_tensors(spec: str, weight_map: dict[str, str] | None, held: dict[str, Collection[str]]) -> dict[str, str]:
+    """Tensor name -> the file that holds it: the index's weight map, each file checked to hold
+    what it places there, else every tensor of the one file. `held`: file name -> its tensors."""
+    names = weight_map or {name: file for file, tensors in held.items() for name in tensors}
+    for name, file in names.items():
+        if name not in held[file]:
+            raise SourceError(f"'{spec}': the index places tensor '{name}' in '{file}', which does not hold it; "
+                              "re-download the model")
+    return names
+
+
 class Checkpoint:
     """Tensor names, shapes and dtypes of a checkpoint directory; `read(name)` loads one."""
 
@@ -72,26 +102,14 @@ class Checkpoint:
         spec = self.spec = spec or str(path)
         self._st: dict[str, SafetensorsFile] = {}
         self._bin: dict[str, torch.Tensor] = {}
-        files, weight_map = weight_files(self.path, spec)
-        if not files:
-            stray = sorted(p.name for p in self.path.glob("*.safetensors"))
-            hint = f" (found {stray[0]}, which transformers would not load either)" if stray else ""
-            raise SourceError(f"'{spec}' has no weights: no {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} or {BIN_SINGLE}{hint}")
-        for f in files:
-            if not _present(f):  # only an index can name a file that is not there
-                index = SAFETENSORS_INDEX if f.name.endswith(".safetensors") else BIN_INDEX
-                raise SourceError(f"'{spec}': shard '{f.name}' is listed in {index} but missing; re-download the model")
-            regular_file(f, "weights file")
+        files, weight_map = checkpoint_files(self.path, spec)
         self.files = files
         if files[0].name.endswith(".safetensors"):
+            from .safetensors_io import SafetensorsFile
+
             opened = {f.name: SafetensorsFile(f) for f in files}
-            names = weight_map or {name: files[0].name for name in opened[files[0].name].tensors}
-            for name, file in names.items():
-                sf = opened[file]
-                if name not in sf.tensors:
-                    raise SourceError(f"'{spec}': the index places tensor '{name}' in '{file}', which does not hold it; "
-                                      "re-download the model")
-                self._st[name] = sf
+            names = place_tensors(spec, weight_map, {file: sf.tensors for file, sf in opened.items()})
+            self._st = {name: opened[file] for name, file in names.items()}
             return
         for f in files:
             self._bin.update(_load_bin(f))
@@ -128,6 +146,8 @@ class Checkpoint:
 
 
 def _load_bin(f: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     try:
         state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:

@@ -27,18 +27,14 @@ import torch
 
 from .finite import cast_checked
 from ..errors import OptionError, SourceError
+from .headers import DTYPE_NAMES, file_headers
 from .integrity import OutputFiles
 from .paths import regular_file
 
 __all__ = ["DTYPES", "TensorInfo", "SafetensorsFile", "OutputTensor", "plan_shards", "write_shards",
            "write_file", "library_order", "parse_size"]
 
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+DTYPES = {code: getattr(torch, name) for code, name in DTYPE_NAMES.items()}
 _CODES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100_000_000  # the library's limit (MAX_HEADER_SIZE)
 
@@ -89,7 +85,7 @@ class SafetensorsFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         size = regular_file(self.path, "weights file").st_size
-        _check_with_library(self.path)
+        file_headers(self.path)  # the library's validation first, and its messages
         with open(self.path, "rb") as fh:
             raw = fh.read(8)
             if len(raw) < 8:
@@ -164,18 +160,6 @@ class SafetensorsFile:
         except OSError as err:
             raise SourceError(f"cannot read '{self.path}' ({err.strerror})") from None
         return out
-
-
-def _check_with_library(path: Path) -> None:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt"):
-            pass
-    except Exception as err:  # SafetensorError, and OSError for unreadable files
-        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        detail = detail.removeprefix("Error while deserializing header: ")[:200]
-        raise SourceError(f"cannot read '{path}': the file is truncated or corrupt ({detail})") from None
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

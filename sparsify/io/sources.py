@@ -14,16 +14,18 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch.nn as nn
+from typing import TYPE_CHECKING
 
 from ..errors import SourceError
 from .demo import DEMOS, build_demo
-from .checkpoint import Checkpoint, weight_files
-from .tensor_names import TensorNames
+from .checkpoint import weight_files
 from .hub_cache import cached_alias, describe_cache
 from .paths import regular_file
-from .skeleton import build_skeleton, model_class
+
+if TYPE_CHECKING:  # resolving a source imports no torch (`sparsify inspect` of an output needs none)
+    import torch.nn as nn
+
+    from .tensor_names import TensorNames
 
 __all__ = ["Source", "load_source", "resolve_source", "skeleton_of", "read_config", "WEIGHT_PATTERNS", "TOKENIZER_FILES",
            "sha256_files"]
@@ -152,6 +154,10 @@ def skeleton_of(src: Source) -> tuple[nn.Module, TensorNames | None]:
     checkpoint seen by the architecture's tensor names, as transformers maps them (headers read,
     every tensor present, shapes checked; None for a demo): what planning and inspecting need,
     without the weights. The names are the dense model's, before any pass rewrites it."""
+    from .checkpoint import Checkpoint
+    from .skeleton import build_skeleton, model_class
+    from .tensor_names import TensorNames
+
     if src.kind == "demo":
         return build_skeleton(DEMOS[src.spec[len("demo:"):]]()), None
     config = read_config(src.path, src.spec)
@@ -164,6 +170,9 @@ def skeleton_of(src: Source) -> tuple[nn.Module, TensorNames | None]:
 
 def load_pretrained(path: Path, spec: str) -> nn.Module:
     """A dense transformers model from a local directory, every tensor checked present."""
+    from .checkpoint import Checkpoint
+    from .skeleton import model_class, build_skeleton
+
     config = read_config(path, spec)
     cls = model_class(config)
     # Headers, shards and shapes are checked before transformers reads anything, so that a
