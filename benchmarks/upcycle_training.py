@@ -259,31 +259,58 @@ def run_arm(arm: str, model, steps: range, flops_offset: float, batches: Batches
     return summary
 
 
+# Line styles that keep curves apart where they overlap (the two upcycled arms nearly coincide).
+_STYLES = {
+    "pretrain": {"color": "grey", "linestyle": "--", "marker": "o", "label": "dense pretraining"},
+    "dense": {"color": "tab:blue", "marker": "o", "label": "dense"},
+    "upcycled": {"color": "tab:orange", "marker": "s", "markersize": 5, "label": "upcycled"},
+    "drop-upcycled": {"color": "tab:green", "linestyle": "--", "marker": "^", "label": "drop-upcycled"},
+    "scratch": {"color": "tab:red", "marker": "o", "label": "scratch (its FLOPs less the dense pretraining's)"},
+}
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Held-out loss against extra FLOPs: the whole run, and beside it the continuation alone
+    (extra FLOPs from 0), where the arms are compared."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (whole, zoom) = plt.subplots(1, 2, figsize=(11, 4.5))
+    near: list[float] = []
     for arm in ("pretrain", *ARMS):
         points = [(r["extra_flops"], r["heldout_loss"]) for r in rows if r.get("arm") == arm and not r.get("summary")]
-        if points:
-            style = {"label": arm}
-            if arm == "pretrain":
-                style = {"color": "grey", "linestyle": "--", "label": "dense pretraining"}
-            elif arm == "scratch":
-                style = {"label": "scratch (its FLOPs less the dense pretraining's)"}
-            ax.plot(*zip(*points), marker="o", markersize=3, **style)
-    ax.axvline(0.0, color="grey", linewidth=0.8, linestyle=":")
-    ax.set_xlabel("extra training FLOPs, from active parameters")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
+        if not points:
+            continue
+        style = {"markersize": 3, **_STYLES[arm]}
+        whole.plot(*zip(*points), **style)
+        later = [(x, y) for x, y in points if x >= 0]
+        if arm != "pretrain" and later:
+            zoom.plot(*zip(*later), **style)
+            near += [y for _, y in later[1:]]  # the scratch arm's start is far above the others
+    for ax in (whole, zoom):
+        ax.axvline(0.0, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_xlabel("extra training FLOPs, from active parameters")
+        ax.grid(alpha=0.3)
+    if near:
+        pad = 0.05 * (max(near) - min(near) or 1.0)
+        zoom.set_ylim(min(near) - pad, max(near) + pad)
+    whole.set_ylabel("held-out loss (nats/token)")
+    whole.set_title("the whole run", fontsize=9)
+    zoom.set_title("the continuation (extra FLOPs from 0)", fontsize=9)
+    whole.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _title(setting: dict) -> str:
+    """The plot's title, from a run's first JSON line (its setting)."""
+    s = setting
+    return (f"upcycling at {s['setting']} size: {s['layers']} layers, d={s['hidden']}, {s['experts']} experts "
+            f"top-{s['top_k']}, {s['pretrain_steps']}+{s['extra_steps']} steps of {s['batch']}x{s['seq']} tokens")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,7 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: the setting's; tiny uses 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--replot", type=Path, metavar="JSONL",
+                        help="only draw the plot of a finished run's JSON lines (the PNG beside them)")
     args = parser.parse_args(argv)
+    if args.replot is not None:
+        rows = [json.loads(line) for line in args.replot.read_text().splitlines() if line.strip()]
+        png = args.replot.with_suffix(".png")
+        plot(rows, png, _title(rows[0]))
+        print(json.dumps({"png": str(png)}))
+        return 0
     name = "quick" if args.quick else args.setting
     s = SETTINGS[name]
     s = replace(s, pretrain_steps=args.pretrain_steps or s.pretrain_steps, extra_steps=args.extra_steps or s.extra_steps,
@@ -361,8 +396,7 @@ def _experiment(name: str, s: Setting, args: argparse.Namespace) -> int:
             run_arm(arm, scratch_moe(s, args.seed), range(0, extra.stop), -dense_pretrain_flops, batches, held, s,
                     emit)
     sink.close()
-    plot(rows, png, f"upcycling at {name} size: {s.layers} layers, d={s.hidden}, {EXPERTS} experts top-{TOP_K}, "
-                    f"{s.pretrain_steps}+{s.extra_steps} steps of {s.batch}x{s.seq} tokens")
+    plot(rows, png, _title(rows[0]))
     print(json.dumps({"jsonl": str(jsonl), "png": str(png), "seconds": round(time.perf_counter() - started, 1)}))
     return 0
 

@@ -25,7 +25,7 @@ from .formats.tensors import ModelTensors, SourceTensors, TensorSource
 from .io.atomic import check_output
 from .io.checkpoint import Checkpoint
 from .io.tensor_names import TensorNames
-from .io.sources import Source, load_source, resolve_source, sha256_files, skeleton_of
+from .io.sources import FINGERPRINT, Source, fingerprint_files, load_source, resolve_source, skeleton_of
 from .merge import ModuleWeights, check_compatible, open_sources
 from .model_recipe import Recipe
 from .passes.init_router import check_router_data
@@ -65,7 +65,7 @@ def _dense_param_count(model: nn.Module) -> int:
 
 
 class _Hasher(threading.Thread):
-    """sha256 of the source files, computed beside the conversion (hashlib releases the GIL);
+    """Fingerprints of the source files, computed beside the conversion (xxhash releases the GIL);
     `more` holds the files of the expert sources by name, hashed after the base's, one at a time."""
 
     def __init__(self, files: list[Path], more: dict[str, list[Path]] | None = None):
@@ -74,8 +74,8 @@ class _Hasher(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.result = sha256_files(self.files)
-            self.results = {name: sha256_files(files) for name, files in self.more.items()}
+            self.result = fingerprint_files(self.files)
+            self.results = {name: fingerprint_files(files) for name, files in self.more.items()}
         except OSError as err:
             self.error = err
 
@@ -184,15 +184,14 @@ def convert(
         return ConversionReport(out, plan, fmt.name, reason, ckpt is not None, dense_params, total, why, dry_run=True)
 
     def manifest() -> dict[str, Any]:
-        # Only sparsify.json, written last, records the sources' sha256: hashing them goes on
-        # beside the whole write instead of holding it up (at TinyLlama shapes with four expert
-        # sources, 11 GB to hash, that wait was a third of the run).
+        # Only sparsify.json, written last, records the sources' fingerprints: hashing them goes
+        # on beside the whole write instead of holding it up.
         hasher.join()
         if hasher.error is not None:
             err = hasher.error
-            raise SourceError(f"could not read '{err.filename}' to record its sha256 ({err.strerror or err}); "
+            raise SourceError(f"could not read '{err.filename}' to record its fingerprint ({err.strerror or err}); "
                               "check that the source stays readable while sparsify runs")
-        provenance = {"spec": src.spec, "kind": src.kind, "sha256": hasher.result}
+        provenance = {"spec": src.spec, "kind": src.kind, FINGERPRINT: hasher.result}
         plan.source = provenance
         for name, s in opened.items():
             plan.sources[name] = s.provenance(hasher.results.get(name) if s.files else None)

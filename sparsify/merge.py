@@ -110,11 +110,14 @@ class ExpertSource:
     path: Path | None = None
     files: list[Path] = field(default_factory=list)
 
-    def provenance(self, sha256: dict[str, str] | None = None) -> dict[str, Any]:
-        """What `UpcyclePlan.sources` records of it."""
+    def provenance(self, fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
+        """What `UpcyclePlan.sources` records of it (`fingerprints`: its files', see
+        `sparsify.io.sources.fingerprint_files`)."""
+        from .io.sources import FINGERPRINT
+
         out: dict[str, Any] = {"spec": self.spec, "kind": self.kind}
-        if sha256 is not None:
-            out["sha256"] = sha256
+        if fingerprints is not None:
+            out[FINGERPRINT] = fingerprints
         return out
 
 

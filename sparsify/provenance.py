@@ -1,8 +1,9 @@
 """Whether a dense model is the source an output was made from, by what its sparsify.json records.
 
-An output records its source as {"spec", "kind", "sha256": {weight file name: sha256}} (see
-`Source.describe`). A dense directory or hub snapshot is the recorded source when its weight files
-hash to exactly those values; a demo when it is the same demo (demos are seeded). An output made
+An output records its source as {"spec", "kind", "xxh3_128": {weight file name: digest}} (see
+`Source.describe`; outputs written before record "sha256" instead, and are checked by it). A
+dense directory or hub snapshot is the recorded source when its weight files hash to exactly
+those values; a demo when it is the same demo (demos are seeded). An output made
 from an in-memory model, or one that records no hashes, cannot tell.
 """
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import OptionError
-from .io.sources import Source, sha256_files
+from .io.sources import FINGERPRINT, Source, fingerprint_files, sha256_files
 
 __all__ = ["SourceCheck", "check_source", "check_architecture"]
 
@@ -29,7 +30,9 @@ def check_source(recorded: Any, dense: Source) -> SourceCheck:
     """Compare `dense` with the source an output records (its sparsify.json "source" entry)."""
     if not isinstance(recorded, dict) or not isinstance(recorded.get("spec"), str):
         return SourceCheck(None, "the output records no source, so whether DENSE is its source cannot be known")
-    spec, kind, hashes = recorded["spec"], recorded.get("kind"), recorded.get("sha256")
+    spec, kind = recorded["spec"], recorded.get("kind")
+    algorithm = FINGERPRINT if FINGERPRINT in recorded else "sha256"
+    hashes = recorded.get(algorithm)
     if kind == "demo" and dense.kind == "demo":  # demos are seeded: the same name, the same weights
         same = spec == dense.spec
         return SourceCheck(same, f"DENSE {'is' if same else 'is not'} the recorded source ({spec})")
@@ -42,11 +45,11 @@ def check_source(recorded: Any, dense: Source) -> SourceCheck:
     if dense.path is None or not isinstance(hashes, dict) or not hashes:
         return SourceCheck(None, f"the output records no hashes of its source ({spec}), so whether DENSE is it "
                                  "cannot be known")
-    got = sha256_files(dense.files)
+    got = (fingerprint_files if algorithm == FINGERPRINT else sha256_files)(dense.files)
     if got == hashes:
-        return SourceCheck(True, f"DENSE is the recorded source (its {len(got)} weight file(s) have the sha256 "
+        return SourceCheck(True, f"DENSE is the recorded source (its {len(got)} weight file(s) have the {algorithm} "
                                  "that sparsify.json records)")
-    return SourceCheck(False, f"DENSE is not the recorded source {spec}: the sha256 of its weight files differ "
+    return SourceCheck(False, f"DENSE is not the recorded source {spec}: the {algorithm} of its weight files differ "
                               "from those sparsify.json records")
 
 

@@ -58,7 +58,7 @@ def test_each_expert_is_its_sources_ffn_and_forced_routing_computes_it(tmp_path,
     base_dir, srcs = sources(name)
     r = convert(str(base_dir), tmp_path / "out", experts_from=[str(s) for s in srcs], format="native", every=1)
     assert r.streamed and r.plan.why_not_preserving() == "experts come from other checkpoints than the base"
-    assert list(r.plan.sources) == [str(s) for s in srcs] and all(v["sha256"] for v in r.plan.sources.values())
+    assert list(r.plan.sources) == [str(s) for s in srcs] and all(v["xxh3_128"] for v in r.plan.sources.values())
     written = _tensors(tmp_path / "out")
     base, tuned = perturbed(name, 0, scale=0.0), [perturbed(name, i + 1) for i in range(2)]
     for site in r.plan.selected_sites:

@@ -3,7 +3,7 @@
     OUT/config.json                      the source model's config, its model_type replaced by a
                                          marker that plain transformers refuses (naming sparsify.load),
                                          the source's kept under "sparsify_source_model_type"
-    OUT/sparsify.json                    plan, options, provenance (source, sha256, version)
+    OUT/sparsify.json                    plan, options, provenance (source and its fingerprints, version)
                                          and the layout digest (see layout_digest.py)
     OUT/model-0000i-of-0000n.safetensors the converted model's state dict (experts stacked)
     OUT/model.safetensors.index.json     tensor -> shard

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import SourceError
 from .demo import DEMOS, build_demo
@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # resolving a source imports no torch (`sparsify inspect` of 
     from .tensor_names import TensorNames
 
 __all__ = ["Source", "load_source", "resolve_source", "skeleton_of", "read_config", "WEIGHT_PATTERNS", "TOKENIZER_FILES",
-           "sha256_files"]
+           "sha256_files", "fingerprint_files", "FINGERPRINT"]
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = (
@@ -48,18 +48,38 @@ class Source:
     files: list[Path] = field(default_factory=list)
 
     def describe(self) -> dict:
-        """Provenance for `sparsify.json`: spec, kind, and sha256 of the weight files."""
-        return {"spec": self.spec, "kind": self.kind, "sha256": sha256_files(self.files)}
+        """Provenance for `sparsify.json`: spec, kind, and the fingerprint of each weight file."""
+        return {"spec": self.spec, "kind": self.kind, FINGERPRINT: fingerprint_files(self.files)}
+
+
+# What an output records of its sources' weight files: XXH3-128 of each (the xxhash library).
+# It identifies a source (is DENSE the model this output was made from?), against accident, not
+# against forgery, so it need not be cryptographic; and it runs at the page cache's speed (about
+# 7 GB/s here, sha256 1.4 GB/s), where sha256 of four TinyLlama-sized expert sources (11 GB) held
+# a merge up by 7 s of its 22. The output's own files are still recorded by sha256, while written.
+FINGERPRINT = "xxh3_128"
+
+
+def fingerprint_files(files: list[Path]) -> dict[str, str]:
+    """XXH3-128 (hex) of each file, keyed by file name."""
+    import xxhash
+
+    return _digest_files(files, xxhash.xxh3_128)
 
 
 def sha256_files(files: list[Path]) -> dict[str, str]:
-    """sha256 of each file, keyed by file name."""
+    """sha256 of each file, keyed by file name (what outputs written before `FINGERPRINT` record)."""
+    return _digest_files(files, hashlib.sha256)
+
+
+def _digest_files(files: list[Path], new: Callable[[], Any]) -> dict[str, str]:
     out = {}
+    buf = memoryview(bytearray(16 << 20))
     for f in files:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
+        h = new()
+        with open(f, "rb", buffering=0) as fh:
+            while n := fh.readinto(buf):
+                h.update(buf[:n])
         out[f.name] = h.hexdigest()
     return out
 

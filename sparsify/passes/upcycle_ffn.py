@@ -112,7 +112,7 @@ class UpcycleFFN(Pass):
 
     def _open(self, ctx: PassContext) -> dict[str, ExpertSource]:
         """The plan's expert sources: those given opened, else opened now and checked against the model."""
-        from ..io.sources import sha256_files
+        from ..io.sources import fingerprint_files
         from ..merge import ModuleWeights
 
         names = list(ctx.plan.sources)
@@ -126,7 +126,7 @@ class UpcycleFFN(Pass):
         check_compatible(ctx.model, ModuleWeights(ctx.model), loaded_from if str(loaded_from) and loaded_from.is_dir() else None,
                          opened)
         for n, s in opened.items():
-            ctx.plan.sources[n] = s.provenance(sha256_files(s.files) if s.files else None)
+            ctx.plan.sources[n] = s.provenance(fingerprint_files(s.files) if s.files else None)
         return opened
 
     def call(self, ctx: PassContext) -> bool:

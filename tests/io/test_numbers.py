@@ -159,3 +159,24 @@ def test_the_finite_check_finds_every_nan_and_inf(dtype):
     square[36, 40] = float("nan")
     assert not all_finite(square.t()) and all_finite(square[:36].t())
     assert all_finite(torch.empty(0, dtype=dtype)) and all_finite(torch.arange(5))
+
+
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
+def test_the_recorded_source_is_checked_by_the_hash_it_was_recorded_with(dense, algorithm):
+    """Outputs record XXH3-128 fingerprints of their source's files; those written before record
+    sha256. Either is checked by its own algorithm: the same files match, other weights do not."""
+    import hashlib
+
+    import xxhash
+
+    from sparsify.io.sources import resolve_source
+    from sparsify.provenance import check_source
+
+    new = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}[algorithm]
+    source = resolve_source(str(dense / "dense"))
+    recorded = {"spec": "the dense llama", "kind": "dir",
+                algorithm: {f.name: new(f.read_bytes()).hexdigest() for f in source.files}}
+    same = check_source(recorded, source)
+    assert same.same is True and algorithm in same.line
+    other = check_source(recorded, resolve_source(str(dense / "big")))
+    assert other.same is False and algorithm in other.line

@@ -303,7 +303,7 @@ def test_stray_safetensors_beside_the_weights_is_not_read(tmp_path, dense, demo,
     assert code == 0, err
     assert compare(demo("llama"), sparsify.load(tmp_path / "out")).max_abs < 1e-5
     src = json.loads((tmp_path / "out" / "sparsify.json").read_text())["source"]
-    assert sorted(src["sha256"]) == ["model.safetensors"]  # provenance names the file read, only it
+    assert sorted(src["xxh3_128"]) == ["model.safetensors"]  # provenance names the file read, only it
 
 
 # ---- ONNX sources with external data ----
