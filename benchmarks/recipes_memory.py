@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from commands_memory import _run  # this script's directory is on sys.path when it runs
 
 LIMIT_GB = 1.5
 HERE = Path(__file__).resolve().parent
@@ -48,16 +48,6 @@ def recipes(src: Path) -> dict[str, list[str]]:
         "fine-tunes + prompt routers": ["--experts-from", finetunes, "--router-init", "prompts", "--prompts",
                                        str(src / "prompts.yaml")],
     }
-
-
-def _run(cmd: list[str]) -> tuple[float, int, int, str]:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    return wall, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status), err.strip()[-1500:]
 
 
 def main() -> int:
@@ -89,12 +79,13 @@ def main() -> int:
             shutil.rmtree(out, ignore_errors=True)
             cmd = [sys.executable, "-m", "sparsify", "upcycle", str(src / "base"), *table[name], "--every", "2",
                    "-o", str(out), "-q"]
-            wall, rss, code, err = _run(cmd)
+            measured = _run(cmd)  # a child's wall time and peak RSS (wait4), as commands_memory measures
+            code, err = measured["exit"], measured["stderr"]
             size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.exists() else 0
             fmt = json.loads((out / "sparsify.json").read_text()).get("format") if code == 0 else None
             shutil.rmtree(out, ignore_errors=True)
-            row = {"recipe": name, "flags": table[name], "exit": code, "wall_s": round(wall, 2),
-                   "peak_rss_gb": round(rss / 1e9, 3), "output_gb": round(size / 1e9, 3), "format": fmt}
+            row = {"recipe": name, "flags": table[name], "exit": code, "wall_s": measured["wall_s"],
+                   "peak_rss_gb": measured["peak_rss_gb"], "output_gb": round(size / 1e9, 3), "format": fmt}
             if code:
                 row["stderr"] = err
             print(json.dumps(row), flush=True)
