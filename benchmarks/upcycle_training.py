@@ -22,7 +22,7 @@ Learning rate: one schedule over pretraining plus the extra budget (linear warm-
 then a cosine decay to a tenth over the extra steps); the dense pretraining runs its first part,
 the continued arms its extra part (with a fresh AdamW), `scratch` all of it.
 
-    python benchmarks/upcycle_training.py                 # the whole experiment (~40 min, 2 cores)
+    python benchmarks/upcycle_training.py                 # the whole experiment (~45 min, 2 cores)
     python benchmarks/upcycle_training.py --quick         # a smaller setting (< 10 min)
     python benchmarks/upcycle_training.py --setting tiny  # seconds: what CI runs for correctness
 
@@ -79,7 +79,7 @@ class Setting:
 
 
 SETTINGS = {
-    # about 35 minutes on an otherwise idle 2-core machine (BENCHMARKS.md says how it was sized)
+    # about 45 minutes on a 2-core machine (BENCHMARKS.md says how it was sized and measured)
     "full": Setting(corpus_mb=12.0, vocab=4096, hidden=128, intermediate=512, layers=4, heads=4, seq=128,
                     batch=16, pretrain_steps=1000, extra_steps=500, evals=10, eval_windows=64),
     "quick": Setting(corpus_mb=2.0, vocab=2048, hidden=96, intermediate=384, layers=4, heads=4, seq=96,

@@ -175,7 +175,9 @@ def _pair(gate: Projection, up: Projection) -> bool:
     if (gate.part is None) != (up.part is None):
         return False
     if gate.part is None:
-        return _same_input(gate.input, up.input)
+        # one projection on both sides is no gate: x * sigmoid(1.702 x) (CLIP's quick_gelu, SiLU
+        # spelt out) is an activation of a single projection, matched in the dense form
+        return gate.output is not up.output and _same_input(gate.input, up.input)
     return (gate.weight == up.weight and gate.nodes[0] is up.nodes[0] and gate.part[0] != up.part[0]
             and gate.part[1:] == up.part[1:])
 

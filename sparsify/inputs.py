@@ -6,7 +6,11 @@ that input must have. One rule per kind of input, keyed by the input's name:
     input_ids        token ids [batch, seq] below the vocabulary size; with attention_mask
                      (ones) when forward takes one, and decoder ids for encoder-decoder models
     pixel_values     [batch, num_channels, image_size, image_size] (224 when none is configured);
-                     [batch, num_frames, num_channels, image_size, image_size] for video
+                     [batch, num_frames, num_channels, image_size, image_size] for video (also as
+                     pixel_values_videos: V-JEPA 2's crop_size and frames_per_clip)
+    input_features_mask  beside features, where forward requires it: all frames valid
+    noise            beside pixel values, where forward takes it (ViT-MAE's random masking):
+                     seeded [batch, patches], so that the forward is a function of its inputs
     input_features   mel features: [batch, num_mel_bins, frames] when the config has num_mel_bins
                      (Whisper: exactly the frames its encoder's convolutions reduce to
                      max_source_positions), else [batch, frames, feature size] (Speech2Text,
@@ -15,6 +19,11 @@ that input must have. One rule per kind of input, keyed by the input's name:
                      (audio spectrogram transformer), else raw audio [batch, samples], as many
                      samples as the convolutional feature encoder turns into `seq` frames
                      ([batch, audio_channels, samples] for codecs that configure channels)
+    past_values      a time series: [batch, context_length + the largest lag] (by input_size
+                     when it is above 1), with past_time_features [.., num_time_features] and an
+                     all-ones past_observed_mask (Time Series Transformer, Informer, Autoformer);
+                     [batch, context_length, num_input_channels] for patch models (PatchTST,
+                     PatchTSMixer)
 
 `input_specs` gives the shapes (and which axes may vary, for exports with dynamic shapes);
 `example_inputs_for` gives seeded tensors. A model that fits none of the rules, or whose
@@ -55,10 +64,13 @@ class InputSpec:
     dtype: torch.dtype
     high: int = 0  # token ids are drawn from [0, high); 0: a float input drawn from N(0, 1)
     dynamic: tuple[int, ...] = (0,)
+    fill: tuple[int, ...] = ()  # a constant, broadcast to the shape (a mask of ones), not drawn
 
     def make(self, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """A seeded tensor of this spec on `device`."""
-        if self.name.endswith("attention_mask"):
+        if self.fill:
+            t = torch.tensor(self.fill, dtype=self.dtype).expand(self.shape).clone()
+        elif self.name.endswith("attention_mask"):
             t = torch.ones(self.shape, dtype=self.dtype)
         elif self.high:
             t = torch.randint(0, self.high, self.shape, generator=generator, dtype=self.dtype)
@@ -96,7 +108,8 @@ def main_input_name(model: nn.Module) -> str | None:
     declared = getattr(model, "main_input_name", None)
     if declared in names:
         return declared
-    return next((n for n in ("input_ids", "pixel_values", "input_features", "input_values") if n in names), None)
+    return next((n for n in ("input_ids", "pixel_values", "pixel_values_videos", "input_features", "input_values",
+                             "past_values") if n in names), None)
 
 
 def _vocab(config, *names: str) -> int | None:
@@ -122,14 +135,24 @@ def _encoder(model: nn.Module) -> nn.Module | None:
         return None
 
 
-def _image(config, batch: int, dtype: torch.dtype) -> InputSpec:
-    size = getattr(config, "image_size", None) or _DEFAULT_IMAGE
+def _image(config, batch: int, dtype: torch.dtype, name: str = "pixel_values") -> InputSpec:
+    size = getattr(config, "image_size", None) or getattr(config, "crop_size", None) or _DEFAULT_IMAGE
     h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
     channels = getattr(config, "num_channels", None) or 3
-    frames = getattr(config, "num_frames", None)
-    if isinstance(frames, int) and frames > 0:  # a video: VideoMAE, TimeSformer, ViViT
-        return InputSpec("pixel_values", (batch, frames, channels, h, w), dtype)
-    return InputSpec("pixel_values", (batch, channels, h, w), dtype)
+    frames = getattr(config, "num_frames", None) or getattr(config, "frames_per_clip", None)
+    if name == "pixel_values_videos" and not (isinstance(frames, int) and frames > 0):
+        frames = 2 * (getattr(config, "tubelet_size", None) or 1) if isinstance(getattr(config, "tubelet_size", None), int) else 2
+    if isinstance(frames, int) and frames > 0:  # a video: VideoMAE, TimeSformer, ViViT, V-JEPA 2
+        return InputSpec(name, (batch, frames, channels, h, w), dtype)
+    return InputSpec(name, (batch, channels, h, w), dtype)
+
+
+def _patches(config, image: InputSpec) -> int | None:
+    """How many patches a ViT-style model cuts `image` into, None when its config does not say."""
+    patch = getattr(config, "patch_size", None)
+    if not isinstance(patch, int) or patch <= 0 or len(image.shape) != 4:
+        return None
+    return (image.shape[2] // patch) * (image.shape[3] // patch)
 
 
 def _features(model: nn.Module, config, batch: int, seq: int, dtype: torch.dtype) -> InputSpec:
@@ -167,6 +190,23 @@ def _values(model: nn.Module, config, batch: int, seq: int, dtype: torch.dtype) 
     return InputSpec("input_values", (batch, _DEFAULT_SAMPLES), dtype, dynamic=(0, 1))
 
 
+def _series(config, names: set[str], batch: int, dtype: torch.dtype) -> list[InputSpec]:
+    context = getattr(config, "context_length", None) or DEFAULT_SEQ
+    channels = getattr(config, "num_input_channels", None)
+    if isinstance(channels, int) and channels > 0:  # patch models: [batch, time, channels]
+        return [InputSpec("past_values", (batch, context, channels), dtype)]
+    lags = getattr(config, "lags_sequence", None) or [0]
+    length = context + max(lags)
+    size = getattr(config, "input_size", None) or 1
+    values = (batch, length) if size == 1 else (batch, length, size)
+    specs = [InputSpec("past_values", values, dtype)]
+    if "past_time_features" in names:
+        specs.append(InputSpec("past_time_features", (batch, length, getattr(config, "num_time_features", 0) or 0), dtype))
+    if "past_observed_mask" in names:
+        specs.append(InputSpec("past_observed_mask", values, dtype, fill=(1,)))
+    return specs
+
+
 def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ) -> list[InputSpec]:
     """The inputs to feed `model` (see the module docstring), main input first."""
     config = getattr(model, "config", None)
@@ -187,10 +227,21 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
         specs.append(InputSpec("input_ids", (batch, seq), torch.long, high=vocab, dynamic=(0, 1)))
         if "attention_mask" in names:
             specs.append(InputSpec("attention_mask", (batch, seq), torch.long, dynamic=(0, 1)))
-    elif main == "pixel_values":
-        specs.append(_image(config, batch, dtype))
+    elif main in ("pixel_values", "pixel_values_videos"):
+        specs.append(_image(config, batch, dtype, main))
+        patches = _patches(config, specs[-1])
+        if "noise" in names and patches:
+            # masked autoencoders (ViT-MAE) draw a random mask per call unless given its noise:
+            # seeded noise makes the forward a function of its inputs, so outputs can be compared
+            specs.append(InputSpec("noise", (batch, patches), dtype))
     elif main == "input_features":
         specs.append(_features(model, config, batch, seq, dtype))
+        if "input_features_mask" in _required(model):  # ASR encoders (Qwen3-ASR): every frame valid
+            frames = specs[-1].dynamic[-1]
+            specs.append(InputSpec("input_features_mask", (batch, specs[-1].shape[frames]), torch.long, dynamic=(0, 1),
+                                   fill=(1,)))
+    elif main == "past_values":
+        specs.extend(_series(config, names, batch, dtype))
     else:
         specs.append(_values(model, config, batch, seq, dtype))
     if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in names:

@@ -135,13 +135,32 @@ def apply_plan(model: nn.Module, plan: UpcyclePlan, copy_weights: bool = True,
                     init = layer.shared if e == "shared" else layer.experts[e]
                     target.copy_(expert_weight(site, layer, e, role, read(init.source, site, role), plan.seed))
             moe.router.weight.copy_(router_init_weight(plan, site))
-        moe.train(_get(model, site.path).training)  # a replacement keeps the replaced module's mode
-        _replace(model, site.path, moe)
-        for path in [*([site.exit_path] if site.exit_path else []), *site.identities]:
-            _replace(model, path, nn.Identity())
-        for target, value in site.overrides.items():
-            _override(model, target, value)
+        install_site(model, site, moe)
     return model
+
+
+def install_site(model: nn.Module, site: FFNSite, moe: nn.Module) -> dict[str, nn.Module]:
+    """Put `moe` in place of `site` in `model`: its module becomes `moe` (in that module's
+    training mode), its exit projection and the modules between (activation, dropout) become
+    identities, and the attributes the plan overrides are set. Returns what was replaced, in the
+    chain's order: the site's module, the modules between, the activation functions that the
+    layer's forward applied (by attribute), the exit projection."""
+    replaced = {site.path: _get(model, site.path)}
+    moe.train(replaced[site.path].training)  # a replacement keeps the replaced module's mode
+    _replace(model, site.path, moe)
+    for path in site.identities:
+        replaced[path] = _get(model, path)
+        _replace(model, path, nn.Identity())
+    for target, value in site.overrides.items():
+        path, _, attr = target.rpartition(".")
+        before = getattr(_get(model, path) if path else model, attr, None)
+        if callable(before) and not isinstance(before, type):  # an activation function, not a rate or flag
+            replaced[target] = before
+        _override(model, target, value)
+    if site.exit_path:
+        replaced[site.exit_path] = _get(model, site.exit_path)
+        _replace(model, site.exit_path, nn.Identity())
+    return replaced
 
 
 def _model_tensor(model: nn.Module, name: str) -> torch.Tensor:

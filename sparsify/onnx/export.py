@@ -79,6 +79,24 @@ class ExportResult:
     opset: int
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch.onnx colours its step names
+
+
+def _reason(err: BaseException) -> str:
+    """One line on why an export failed: torch.onnx wraps the cause in an error whose first line
+    only names the step ("Failed to convert the exported program to an ONNX model"), so the
+    innermost cause's first line, named with the step's."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    inner, seen = err, set()
+    while inner.__cause__ is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        inner = inner.__cause__
+    if inner is not err:
+        detail = (str(inner).strip().splitlines() or [""])[0]
+        first = f"{first.split('.')[0]}: {type(inner).__name__}: {detail}" if detail else first
+    return _ANSI.sub("", first)[:300]
+
+
 def capture_onnx(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None, opset: int = DEFAULT_OPSET) -> ir.Model:
     """`module(**kwargs)` as an ONNX model whose MoE layers are standard ops (not yet cleaned
     up or fused: see `lower_onnx`)."""
@@ -94,7 +112,7 @@ def capture_onnx(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None, o
     except SparsifyError:
         raise
     except Exception as err:  # torch.export and torch.onnx raise many types; all mean "could not capture"
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        first = _reason(err)
         if dynamic_shapes and "specialized it to be a constant" in str(err):  # Funnel's pooling, for one
             first = "its forward fixes the batch or sequence length; export a static graph (--static, dynamic=False)"
         raise CaptureError(f"could not export {type(inner).__name__} to ONNX: {first}") from err

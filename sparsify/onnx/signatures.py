@@ -14,6 +14,8 @@ sequence for token inputs, batch for images and audio (their other sizes are the
 
 from __future__ import annotations
 
+import inspect
+
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +57,24 @@ class ModelGraph(nn.Module):
 class PixelGraph(ModelGraph):
     """pixel_values -> the model's first output (or the encoder's last hidden state)."""
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self._run(pixel_values=pixel_values)
+    def forward(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        # noise: ViT-MAE's masking noise, an input of the graph so that it computes the same mask
+        return self._run(pixel_values=pixel_values, **({} if noise is None else {"noise": noise}))
+
+
+class VideoGraph(ModelGraph):
+    """pixel_values_videos -> the first output (V-JEPA 2, VideoPrism)."""
+
+    def forward(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+        return self._run(pixel_values_videos=pixel_values_videos)
 
 
 class FeaturesGraph(ModelGraph):
     """input_features (mel or filter-bank features) -> the first output (or the encoder's)."""
 
-    def forward(self, input_features: torch.Tensor) -> torch.Tensor:
-        return self._run(input_features=input_features)
+    def forward(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = {} if input_features_mask is None else {"input_features_mask": input_features_mask}
+        return self._run(input_features=input_features, **mask)
 
 
 class AudioGraph(ModelGraph):
@@ -71,6 +82,17 @@ class AudioGraph(ModelGraph):
 
     def forward(self, input_values: torch.Tensor) -> torch.Tensor:
         return self._run(input_values=input_values)
+
+
+class SeriesGraph(ModelGraph):
+    """past_values (a time series), with its time features and observed mask where the model
+    takes them -> the first output."""
+
+    def forward(self, past_values: torch.Tensor, past_time_features: torch.Tensor | None = None,
+                past_observed_mask: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {k: v for k, v in (("past_time_features", past_time_features),
+                                   ("past_observed_mask", past_observed_mask)) if v is not None}
+        return self._run(past_values=past_values, **extra)
 
 
 class EncoderGraph(ModelGraph):
@@ -100,7 +122,7 @@ class DecoderGraph(nn.Module):
 
 
 _GRAPHS = {"input_ids": ModelGraph, "pixel_values": PixelGraph, "input_features": FeaturesGraph,
-           "input_values": AudioGraph}
+           "input_values": AudioGraph, "past_values": SeriesGraph, "pixel_values_videos": VideoGraph}
 
 
 @torch.no_grad()
@@ -119,11 +141,21 @@ def output_name(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None)
     return "output"
 
 
+def _two_graphs(model_or_config: Any) -> bool:
+    """Whether the model exports as an encoder and a decoder graph: an encoder-decoder model
+    whose decoder reads token ids (time-series transformers make their decoder's inputs
+    themselves and export as one graph)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if not getattr(config, "is_encoder_decoder", False):
+        return False
+    forward = getattr(model_or_config, "forward", None)
+    return forward is None or "decoder_input_ids" in inspect.signature(forward).parameters
+
+
 def graph_paths(model_or_config: Any, out: str | Path) -> dict[str, Path]:
     """The files `export_onnx` writes for this model: {role: path}."""
     out = Path(out)
-    config = getattr(model_or_config, "config", model_or_config)
-    if getattr(config, "is_encoder_decoder", False):
+    if _two_graphs(model_or_config):
         return {r: out.with_name(f"{out.stem}-{r}{out.suffix or '.onnx'}") for r in ("encoder", "decoder")}
     return {"model": out}
 
@@ -143,7 +175,7 @@ def model_graphs(model: nn.Module, batch: int, seq: int, dynamic: bool) -> list[
     inputs = {k: v for k, v in example_inputs_for(model, batch, seq).items() if k in specs}
     own = {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
     shapes = {k: _dims(specs[k], dynamic) for k in own}
-    if not getattr(config, "is_encoder_decoder", False):
+    if not _two_graphs(model):
         return [("model", wrapper(model), own, shapes, output_name(model, own))]
     g = torch.Generator().manual_seed(0)
     width = getattr(config, "d_model", None) or getattr(config, "hidden_size", 0)

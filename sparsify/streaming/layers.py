@@ -23,7 +23,7 @@ from ..layer_plan import LayerPlan
 from ..moe import Router, SparseMoE
 from ..moe.config import MoEConfig
 from ..plan import FFNSite, UpcyclePlan
-from ..rewrite import build_moe
+from ..rewrite import build_moe, install_site
 
 __all__ = ["StreamedMoE", "Observer", "install_streamed"]
 
@@ -77,16 +77,10 @@ class StreamedMoE(nn.Module):
 
 
 def install_streamed(model: nn.Module, plan: UpcyclePlan, make: Callable[[FFNSite], StreamedMoE]) -> dict[str, nn.Module]:
-    """Put `make(site)` in place of each selected site of `model` and an identity in place of
-    its exit module (as `sparsify.rewrite.apply_plan` does); returns the modules replaced, by
-    path."""
+    """Put `make(site)` in place of each selected site of `model`, as `sparsify.rewrite.apply_plan`
+    puts an MoE there (`install_site`: the exit projection and the modules between become
+    identities, the plan's attribute overrides are set); returns the modules replaced, by path."""
     replaced: dict[str, nn.Module] = {}
     for site in plan.selected_sites:
-        replaced[site.path] = model.get_submodule(site.path)
-        layer = make(site)
-        layer.train(replaced[site.path].training)
-        model.set_submodule(site.path, layer)
-        if site.exit_path:
-            replaced[site.exit_path] = model.get_submodule(site.exit_path)
-            model.set_submodule(site.exit_path, nn.Identity())
+        replaced.update(install_site(model, site, make(site)))
     return replaced

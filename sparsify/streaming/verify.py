@@ -250,8 +250,9 @@ def compare_streamed(dense: nn.Module, moe: str | Path, seed: int = 0, batch: in
         ffn = replaced[site.path]
         w = next(ffn.parameters(), None)
         d = ffn(x.to(w.dtype) if w is not None and w.is_floating_point() else x, *args, **kwargs)
-        if site.exit_path:
-            d = replaced[site.exit_path](d)
+        chain = [*site.identities, *(t for t in site.overrides if t in replaced), *([site.exit_path] if site.exit_path else [])]
+        for step in chain:  # the chain's activation (BART's activation_fn), then its exit projection
+            d = replaced[step](d)
         a, r = _difference(y, d)
         prev = diffs.get(site.path)
         diffs[site.path] = LayerDifference(site.path, max(a, prev.max_abs if prev else 0.0), max(r, prev.max_ref if prev else 0.0))

@@ -22,11 +22,23 @@ from tests.coverage.tiny import tiny_config
 # id: (model_type, class, config overrides, ONNX graph inputs by role)
 CASES = {
     "vit": ("vit", "ViTForImageClassification", {}, {"model": ["pixel_values"]}),
-    # quick_gelu, CLIP's activation, is not one this branch's matcher names
-    "clip-vision": ("clip_vision_model", "CLIPVisionModel", {"hidden_act": "gelu"}, {"model": ["pixel_values"]}),
-    "clip-text": ("clip_text_model", "CLIPTextModel", {"hidden_act": "gelu"}, {"model": ["input_ids", "attention_mask"]}),
+    # with CLIP's own activation, quick_gelu (x * sigmoid(1.702 x))
+    "clip-vision": ("clip_vision_model", "CLIPVisionModel", {}, {"model": ["pixel_values"]}),
+    "clip-text": ("clip_text_model", "CLIPTextModel", {}, {"model": ["input_ids", "attention_mask"]}),
     "wav2vec2": ("wav2vec2", "Wav2Vec2ForCTC", {}, {"model": ["input_values"]}),
     "ast": ("audio-spectrogram-transformer", "ASTForAudioClassification", {}, {"model": ["input_values"]}),
+    # time series: past values (and, for the encoder-decoder kind, time features and the observed
+    # mask), exported as one graph since their decoder makes its own inputs
+    # a masked autoencoder: seeded masking noise beside the pixels, also an input of the graph
+    "vit-mae": ("vit_mae", "ViTMAEModel", {}, {"model": ["pixel_values", "noise"]}),
+    # video as pixel_values_videos
+    "vjepa2": ("vjepa2", "VJEPA2Model", {}, {"model": ["pixel_values_videos"]}),
+    "videoprism": ("videoprism_vision_model", "VideoPrismVisionModel", {}, {"model": ["pixel_values_videos"]}),
+    "patchtst": ("patchtst", "PatchTSTModel", {}, {"model": ["past_values"]}),
+    "patchtsmixer": ("patchtsmixer", "PatchTSMixerModel", {}, {"model": ["past_values"]}),
+    "timesfm2_5": ("timesfm2_5", "TimesFm2_5Model", {}, {"model": ["past_values"]}),
+    "time-series-transformer": ("time_series_transformer", "TimeSeriesTransformerModel", {},
+                                {"model": ["past_values", "past_time_features", "past_observed_mask"]}),
 }
 
 

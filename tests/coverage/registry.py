@@ -86,4 +86,8 @@ def moe_reason(config) -> str | None:
             value = getattr(cfg, name, None)
             if isinstance(value, int) and not isinstance(value, bool) and value > 1:
                 return f"already MoE: {name}={value}"
+        width = getattr(cfg, "moe_intermediate_size", None)
+        if isinstance(width, int) and not isinstance(width, bool) and width > 0:
+            # Dots1: its default config sizes the experts but leaves their count unset
+            return f"already MoE: moe_intermediate_size={width} (the experts' width)"
     return None

@@ -75,13 +75,16 @@ def render(results: dict[str, Result], versions: dict[str, str] | None = None) -
         "family is built tiny from its config (random seeded weights), saved with `save_pretrained`, upcycled "
         "through the CLI (`--experts 4` and `--experts 4 --top-k 1 --every 1`), loaded with `sparsify.load` "
         f"and compared with the dense model (max |diff| <= {RTOL_LOAD:g} x max |output|), then exported with "
-        f"`sparsify export --onnx` and run in ONNX Runtime (within {RTOL_ONNX:g}).",
+        f"`sparsify export --onnx` and run in ONNX Runtime (within {RTOL_ONNX:g}) at another batch size and "
+        "length; a model whose forward fixes its input sizes, which the export then refuses to make dynamic, is "
+        "exported with `--static` at that size, as the error says (the families marked *static* below).",
         "",
         f"**{len(passed)} of {len(dense)} dense families pass ({share}).** Not swept: "
         f"{len(by_kind['moe'])} already MoE, {len(by_kind['composite'])} composite (their towers are families of "
         f"their own), {len(by_kind['no-ffn'])} without an FFN.",
         "",
-        "Passing: " + ", ".join(f"`{r.model_type}`" for r in passed) + ".",
+        "Passing: " + ", ".join(f"`{r.model_type}`" + (" *static*" if "onnx static" in r.max_rel else "")
+                                for r in passed) + ".",
         "",
         "| why a dense family fails | families |",
         "| --- | --- |",

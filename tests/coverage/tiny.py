@@ -35,9 +35,13 @@ SIZES: dict[str, int] = {
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_target_positions"), 512),
     # Whisper's encoder takes exactly 2 x max_source_positions mel frames
     **dict.fromkeys(("max_source_positions",), 64),
-    **dict.fromkeys(("image_size",), 32),
+    **dict.fromkeys(("image_size", "crop_size"), 32),
+    # V-JEPA 2 reads frames_per_clip frames
+    **dict.fromkeys(("frames_per_clip",), 4),
     **dict.fromkeys(("patch_size",), 8),
     **dict.fromkeys(("num_mel_bins",), 16),
+    # time-series models read context_length steps (TimesFM 2.5's default is 16384)
+    **dict.fromkeys(("context_length",), 64),
     # the audio spectrogram transformer reads max_length frames
     **dict.fromkeys(("max_length",), 64),
     # Mamba-2 mixers of hybrid models (Bamba, ...): heads x head width = expand x hidden
@@ -75,6 +79,19 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     **dict.fromkeys(("autoformer", "informer", "time_series_transformer"), {"prediction_length": 4}),
     # Mamba-2's heads x head width must equal expand (2) x hidden
     "mamba2": {"num_heads": 8, "head_dim": 8},
+    # ESMC has no grouped-query attention: as many key/value heads as query heads
+    "esmc": {"num_key_value_heads": _HEADS},
+    # a quarter of the head rotates, in pairs of pairs: the head must be a multiple of 16
+    "neomme": {"head_dim": 16},
+    # the last layers share the key/value cache of earlier ones; none of the tiny model's do
+    # (its first layers' FFNs keep the top 5% of activations, not an elementwise activation and
+    # so not converted: one such layer, then three that convert, as in the full model's later layers)
+    "gemma3n_text": {"num_kv_shared_layers": 0, "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8,
+                     "activation_sparsity_pattern": [0.95, 0.0, 0.0, 0.0]},
+    # V-JEPA 2's predictor has sizes of its own
+    "vjepa2": {"pred_hidden_size": 32, "pred_num_attention_heads": 4, "pred_num_hidden_layers": 2},
+    # BiT's group norms have 32 groups; the tiny stages are 16 channels wide
+    "bit": {"num_groups": 2},
 }
 
 
@@ -97,6 +114,9 @@ def _shrunk(default) -> dict[str, Any]:
         value = _field(default, name)
         if name == "head_dim" and value is None and isinstance(_field(default, "num_attention_heads"), int):
             out[name] = small  # a head_dim left None, which some attention layers read as is
+            continue
+        if name == "num_key_value_heads" and value is None and "num_key_value_heads" in vars(default):
+            out[name] = small  # Nemotron's default leaves it None, which its attention divides by
             continue
         if isinstance(value, bool) or value is None:
             continue
@@ -126,9 +146,24 @@ def _shrunk(default) -> dict[str, Any]:
     depth = _field(default, "num_hidden_layers")
     layers = out.get("num_hidden_layers")
     if isinstance(depth, int) and isinstance(layers, int) and depth > layers:
-        for name, value in vars(default).items():  # per-layer lists (Zamba's layers_block_type, ...)
-            if isinstance(value, list) and len(value) == depth and not name.startswith("_") and name not in out:
-                out[name] = value[:layers]
+        # per-layer lists (layer_types, Zamba's layers_block_type, per-layer FFN widths, ...):
+        # the first layers, plus the first layer of every kind they leave out (a hybrid's only
+        # attention layer), so that the tiny model still has each kind of layer
+        lists = {name: value for name, value in vars(default).items()
+                 if isinstance(value, list) and len(value) == depth and not name.startswith("_") and name not in out}
+        keep = set(range(layers))
+        for value in lists.values():
+            seen: set[str] = set()
+            for i, v in enumerate(value):
+                if repr(v) not in seen:
+                    seen.add(repr(v))
+                    keep.add(i)
+        keep_sorted = sorted(keep)
+        for name, value in lists.items():
+            small = SIZES.get(name)
+            out[name] = [min(value[i], small) if small and isinstance(value[i], int) else value[i] for i in keep_sorted]
+        if lists:
+            out["num_hidden_layers"] = len(keep_sorted)
     return out
 
 

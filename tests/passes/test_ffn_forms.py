@@ -381,3 +381,27 @@ def test_parametrised_activation_keeps_each_layers_parameters(dtype, routing):
 def test_a_near_miss_of_a_parametrised_activation_is_not_taken_for_it():
     with pytest.raises(NoFFNFoundError, match="not a known activation"):
         sites_of(stack(lambda: XIELU("near miss", torch.float32)), torch.randn(2, 5, D))
+
+
+class SpeltOut(nn.Module):
+    """An activation written as a product of the projection with a function of itself: CLIP's
+    quick_gelu (x * sigmoid(1.702 x)) and SiLU (x * sigmoid(x)). One projection on both sides of
+    the product is not a gated FFN; the whole product is the activation."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale, self.fc1, self.fc2 = scale, nn.Linear(D, I), nn.Linear(I, D)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(self.scale * h))
+
+
+@pytest.mark.parametrize("scale,name", [(1.702, "quick_gelu"), (1.0, "silu")])
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_an_activation_spelt_as_a_product_with_its_input_is_the_dense_form(scale, name, routing):
+    net = stack(lambda: SpeltOut(scale))
+    x = torch.randn(2, 5, D)
+    sites = sites_of(net, x).sites
+    assert [(s.form, s.activation) for s in sites] == [("dense", name)] * 2
+    assert_preserved(net, x, ROUTINGS[routing])
