@@ -24,6 +24,7 @@ What is written here by hand, and why:
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
@@ -86,6 +87,27 @@ def _conversions(model: nn.Module) -> list:
     return get_model_conversion_mapping(model)
 
 
+def _deterministic_init(model: nn.Module, name: str) -> torch.Tensor | None:
+    """Tensor `name` of `model` as its `_init_weights` makes it on a real copy of its module,
+    when two seeds give the same values (a computed table, not a random draw); else None."""
+    init = getattr(model, "_init_weights", None)
+    path, _, attr = name.rpartition(".")
+    if init is None:
+        return None
+    made = []
+    for seed in (0, 1):
+        try:
+            module = copy.deepcopy(model.get_submodule(path)).to_empty(device="cpu")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                with torch.no_grad():
+                    init(module)
+            made.append(getattr(module, attr).detach())
+        except Exception:  # an _init_weights that needs the whole model: not made here
+            return None
+    return made[0] if torch.equal(made[0], made[1]) else None
+
+
 class TensorNames:
     """The tensors of `model`'s state dict, each read from `store` the way `from_pretrained`
     would fill it. Build it from the dense model (before any rewrite): the map keeps the names,
@@ -145,6 +167,13 @@ class TensorNames:
                 if stored is not None and n != stored:
                     self.tied.setdefault(n, stored)
         self._cached: tuple[str, dict[str, torch.Tensor]] | None = None
+        # Tensors the model declares a checkpoint may lack (`_keys_to_ignore_on_load_missing`),
+        # which from_pretrained fills with the model's own `_init_weights`: Marian's sinusoidal
+        # positions, never saved. Made the same way when read, where that is deterministic.
+        ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or []]
+        self._declared = {n for n in self.expected
+                          if self._resolve(n) is None and n not in self._buffers and any(p.search(n) for p in ignored)}
+        self._initialised: dict[str, torch.Tensor | None] = {}
 
     def _convert(self, group: _Group, reader: Callable[[str], Callable[[], torch.Tensor]]) -> dict[str, torch.Tensor]:
         # A fresh converter per use, as transformers deep-copies one per target (convert() consumes it).
@@ -163,8 +192,17 @@ class TensorNames:
             return source
         return None
 
+    def _initial(self, name: str) -> torch.Tensor | None:
+        """Model tensor `name` as the model's `_init_weights` makes it, or None when that is
+        random (two seeds give different values) or fails."""
+        if name not in self._declared:
+            return None
+        if name not in self._initialised:
+            self._initialised[name] = _deterministic_init(self.model, name)
+        return self._initialised[name]
+
     def __contains__(self, name: str) -> bool:
-        return self._resolve(name) is not None or name in self._buffers
+        return self._resolve(name) is not None or name in self._buffers or self._initial(name) is not None
 
     def missing(self) -> list[str]:
         """Model tensors the checkpoint does not provide (computed buffers excepted)."""
@@ -187,6 +225,8 @@ class TensorNames:
         """Shape of model tensor `name` as loaded (after any conversion)."""
         if self._resolve(name) is None and name in self._buffers:
             return tuple(self._buffers[name].shape)
+        if self._resolve(name) is None and self._initial(name) is not None:
+            return tuple(self._initial(name).shape)
         resolved = self._need(name)
         if resolved in self.direct:
             return tuple(self.store.shape(self.direct[resolved]))
@@ -196,6 +236,8 @@ class TensorNames:
         """dtype of model tensor `name` as stored."""
         if self._resolve(name) is None and name in self._buffers:
             return self._buffers[name].dtype
+        if self._resolve(name) is None and self._initial(name) is not None:
+            return self._initial(name).dtype
         resolved = self._need(name)
         if resolved in self.direct:
             return self.store.dtype(self.direct[resolved])
@@ -206,6 +248,8 @@ class TensorNames:
         (kept until another group is read, since a split serves several names)."""
         if self._resolve(name) is None and name in self._buffers:
             return self._buffers[name].clone()
+        if self._resolve(name) is None and self._initial(name) is not None:
+            return self._initial(name).clone()
         resolved = self._need(name)
         if resolved in self.direct:
             return self.store.read(self.direct[resolved])

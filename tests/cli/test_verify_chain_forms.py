@@ -3,7 +3,12 @@ the split form (BERT's `intermediate` then `output.dense`) and the inline form (
 `activation_fn`, `fc2` called by the layer's forward; the Time Series Transformer's, with a
 dropout rate the plan overrides). The streamed comparison must install each site as the loader
 does (activation and exit as identities, the overrides set) and compare each MoE layer with the
-whole dense chain; before it did, every such output was reported as a MISMATCH."""
+whole dense chain; before it did, every such output was reported as a MISMATCH.
+
+Marian is here too: its checkpoint lacks the sinusoidal position tables (transformers neither
+saves them nor expects them, `_keys_to_ignore_on_load_missing`, and makes them with the model's
+`_init_weights`); upcycle makes them the same way, and verify compares with the dense model that
+from_pretrained loads."""
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ FAMILIES = {
     "bart": "BartForConditionalGeneration",
     "whisper": "WhisperForConditionalGeneration",
     "time_series_transformer": "TimeSeriesTransformerModel",
+    "marian": "MarianMTModel",
 }
 
 

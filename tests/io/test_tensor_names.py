@@ -144,11 +144,8 @@ def test_a_renamed_tensor_of_the_wrong_shape_is_named_by_its_stored_name(tmp_pat
 _FULL = os.environ.get("SPARSIFY_FULL_SWEEP") == "1"
 _READ = sorted(k for k, v in FAMILIES.items() if _FULL or v["small"])
 # Families that do not read back yet, and why (strict: a fix shows up as a failure to update this).
-KNOWN = {
-    ("marian", "MarianMTModel"): "its sinusoidal position tables are parameters it never saves "
-                                 "(_keys_to_ignore_on_load_missing); transformers computes them in _init_weights, "
-                                 "which a meta skeleton does not run",
-}
+# (Marian was one until its never-saved sinusoidal tables were made by its own _init_weights.)
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def _family(key: tuple[str, str]):
