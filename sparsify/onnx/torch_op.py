@@ -13,8 +13,10 @@ way, so native and HF-format upcycled models export to the same graph.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -91,7 +93,46 @@ def _translate(x, router, w1, w2, w3, b1, b2, b3, top_k, router_kind, normalize,
     return emit_moe(op, x, spec, weights)
 
 
-TRANSLATIONS = {torch.ops.sparsify.moe_ffn.default: _translate}
+# Giles (2010), "Approximating the erfinv function": single-precision polynomials in
+# w = -log(1 - x^2), one for the centre (w < 5) and one in sqrt(w) for the tails.
+_ERFINV_CENTRE = (2.81022636e-08, 3.43273939e-07, -3.5233877e-06, -4.39150654e-06, 0.00021858087,
+                  -0.00125372503, -0.00417768164, 0.246640727, 1.50140941)
+_ERFINV_TAIL = (-0.000200214257, 0.000100950558, 0.00134934322, -0.00367342844, 0.00573950773,
+                -0.0076224613, 0.00943887047, 1.00167406, 2.83297682)
+
+
+def _erfinv(x):
+    """erfinv, which ONNX has no operator for (Gemma 3n's activation sparsity takes a normal
+    quantile): Giles' approximation, then one Newton step on Erf, which ONNX has; about one
+    units in the last place of float32 on (-1, 1), +-inf at +-1 as torch gives."""
+    from onnxscript import opset18 as op
+
+    from .builder import const
+
+    dtype = np.float32 if x.dtype is None or x.dtype.numpy() == np.float32 else x.dtype.numpy()
+
+    def c(v):
+        return const(op, v, dtype)
+
+    w = op.Neg(op.Log(op.Mul(op.Sub(c(1.0), x), op.Add(c(1.0), x))))
+
+    def horner(coefficients, t):
+        p = c(coefficients[0])
+        for a in coefficients[1:]:
+            p = op.Add(c(a), op.Mul(p, t))
+        return p
+
+    centre = horner(_ERFINV_CENTRE, op.Sub(w, c(2.5)))
+    tail = horner(_ERFINV_TAIL, op.Sub(op.Sqrt(w), c(3.0)))
+    y = op.Mul(op.Where(op.Less(w, c(5.0)), centre, tail), x)
+    # Newton: y -= (erf(y) - x) / (2 / sqrt(pi) * exp(-y^2))
+    step = op.Div(op.Sub(op.Erf(y), x), op.Mul(c(2.0 / math.sqrt(math.pi)), op.Exp(op.Neg(op.Mul(y, y)))))
+    refined = op.Sub(y, step)
+    return op.Where(op.Equal(op.Abs(x), c(1.0)), op.Mul(x, c(np.inf)), refined)  # +-inf at +-1, as torch
+
+
+TRANSLATIONS = {torch.ops.sparsify.moe_ffn.default: _translate, torch.ops.prims.erf_inv.default: _erfinv,
+                torch.ops.aten.erfinv.default: _erfinv}
 
 
 class ExportMoE(nn.Module):

@@ -124,6 +124,14 @@ def _shrunk(default) -> dict[str, Any]:
             out[name] = small
         elif name == "image_size" and isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
             out[name] = type(value)(min(v, small) for v in value)
+    if isinstance(_field(default, "qk_rope_head_dim"), int):
+        # multi-head latent attention (MiniCPM3, Youtu: DeepSeek's): its own head widths and ranks;
+        # the rotary part is the head_dim the rotary embedding is built for
+        out.update(qk_rope_head_dim=_HEAD_DIM, qk_nope_head_dim=_HEAD_DIM, v_head_dim=_HEAD_DIM, head_dim=_HEAD_DIM,
+                   num_key_value_heads=out.get("num_attention_heads", _HEADS))  # no grouped queries
+        for rank, small in (("kv_lora_rank", 16), ("q_lora_rank", 32)):
+            if isinstance(_field(default, rank), int):
+                out[rank] = small
     if isinstance(getattr(default, "window_size", None), int) and getattr(default, "image_size", None):
         # Swin's attention windows: tiny images have 2x2 patch grids in their deepest stages
         out["window_size"] = min(default.window_size, 2)
