@@ -8,7 +8,6 @@ that input must have. One rule per kind of input, keyed by the input's name:
     pixel_values     [batch, num_channels, image_size, image_size] (224 when none is configured);
                      [batch, num_frames, num_channels, image_size, image_size] for video (also as
                      pixel_values_videos: V-JEPA 2's crop_size and frames_per_clip)
-    input_features_mask  beside features, where forward requires it: all frames valid
     noise            beside pixel values, where forward takes it (ViT-MAE's random masking):
                      seeded [batch, patches], so that the forward is a function of its inputs
     input_features   mel features: [batch, num_mel_bins, frames] when the config has num_mel_bins
@@ -141,7 +140,8 @@ def _image(config, batch: int, dtype: torch.dtype, name: str = "pixel_values") -
     channels = getattr(config, "num_channels", None) or 3
     frames = getattr(config, "num_frames", None) or getattr(config, "frames_per_clip", None)
     if name == "pixel_values_videos" and not (isinstance(frames, int) and frames > 0):
-        frames = 2 * (getattr(config, "tubelet_size", None) or 1) if isinstance(getattr(config, "tubelet_size", None), int) else 2
+        tubelet = getattr(config, "tubelet_size", None)  # a video tower that sizes no clip: two tubelets
+        frames = 2 * tubelet if isinstance(tubelet, int) and tubelet > 0 else 2
     if isinstance(frames, int) and frames > 0:  # a video: VideoMAE, TimeSformer, ViViT, V-JEPA 2
         return InputSpec(name, (batch, frames, channels, h, w), dtype)
     return InputSpec(name, (batch, channels, h, w), dtype)
@@ -236,10 +236,6 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
             specs.append(InputSpec("noise", (batch, patches), dtype))
     elif main == "input_features":
         specs.append(_features(model, config, batch, seq, dtype))
-        if "input_features_mask" in _required(model):  # ASR encoders (Qwen3-ASR): every frame valid
-            frames = specs[-1].dynamic[-1]
-            specs.append(InputSpec("input_features_mask", (batch, specs[-1].shape[frames]), torch.long, dynamic=(0, 1),
-                                   fill=(1,)))
     elif main == "past_values":
         specs.extend(_series(config, names, batch, dtype))
     else:

@@ -19,7 +19,7 @@ from .init import canonical_shape, expert_weight, router_init_weight
 from .layer_plan import LayerPlan
 from .merge import Weights, stored_name
 from .moe import Experts, Router, SharedExpert, SparseMoE
-from .overrides import override_value
+from .overrides import IDENTITY, override_value
 from .plan import FFNSite, UpcyclePlan
 
 __all__ = ["apply_plan", "canonical_weight", "build_moe", "dense_reader"]
@@ -139,12 +139,20 @@ def apply_plan(model: nn.Module, plan: UpcyclePlan, copy_weights: bool = True,
     return model
 
 
+def chain_steps(site: FFNSite) -> list[str]:
+    """What the dense FFN applies after the site's module, in order: the modules between
+    (activation, dropout), the activation functions the layer's forward applies by attribute
+    (which the plan overrides to the identity), the exit projection. `install_site` replaces
+    each of these; the dense FFN is the site's module followed by them."""
+    functions = [t for t, v in site.overrides.items() if v == IDENTITY]
+    return [*site.identities, *functions, *([site.exit_path] if site.exit_path else [])]
+
+
 def install_site(model: nn.Module, site: FFNSite, moe: nn.Module) -> dict[str, nn.Module]:
     """Put `moe` in place of `site` in `model`: its module becomes `moe` (in that module's
     training mode), its exit projection and the modules between (activation, dropout) become
-    identities, and the attributes the plan overrides are set. Returns what was replaced, in the
-    chain's order: the site's module, the modules between, the activation functions that the
-    layer's forward applied (by attribute), the exit projection."""
+    identities, and the attributes the plan overrides are set. Returns what was replaced: the
+    site's module and each of its `chain_steps`, by path."""
     replaced = {site.path: _get(model, site.path)}
     moe.train(replaced[site.path].training)  # a replacement keeps the replaced module's mode
     _replace(model, site.path, moe)
@@ -152,10 +160,9 @@ def install_site(model: nn.Module, site: FFNSite, moe: nn.Module) -> dict[str, n
         replaced[path] = _get(model, path)
         _replace(model, path, nn.Identity())
     for target, value in site.overrides.items():
-        path, _, attr = target.rpartition(".")
-        before = getattr(_get(model, path) if path else model, attr, None)
-        if callable(before) and not isinstance(before, type):  # an activation function, not a rate or flag
-            replaced[target] = before
+        if value == IDENTITY:  # an activation function the layer's forward applies
+            path, _, attr = target.rpartition(".")
+            replaced[target] = getattr(_get(model, path) if path else model, attr)
         _override(model, target, value)
     if site.exit_path:
         replaced[site.exit_path] = _get(model, site.exit_path)

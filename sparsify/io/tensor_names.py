@@ -201,8 +201,15 @@ class TensorNames:
             self._initialised[name] = _deterministic_init(self.model, name)
         return self._initialised[name]
 
+    def _local(self, name: str) -> torch.Tensor | None:
+        """Model tensor `name` when the checkpoint does not hold it but the model makes it: a
+        buffer computed from the config, or a declared-missing tensor (`_initial`)."""
+        if self._resolve(name) is not None:
+            return None
+        return self._buffers[name] if name in self._buffers else self._initial(name)
+
     def __contains__(self, name: str) -> bool:
-        return self._resolve(name) is not None or name in self._buffers or self._initial(name) is not None
+        return self._resolve(name) is not None or self._local(name) is not None
 
     def missing(self) -> list[str]:
         """Model tensors the checkpoint does not provide (computed buffers excepted)."""
@@ -223,10 +230,9 @@ class TensorNames:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of model tensor `name` as loaded (after any conversion)."""
-        if self._resolve(name) is None and name in self._buffers:
-            return tuple(self._buffers[name].shape)
-        if self._resolve(name) is None and self._initial(name) is not None:
-            return tuple(self._initial(name).shape)
+        local = self._local(name)
+        if local is not None:
+            return tuple(local.shape)
         resolved = self._need(name)
         if resolved in self.direct:
             return tuple(self.store.shape(self.direct[resolved]))
@@ -234,10 +240,9 @@ class TensorNames:
 
     def dtype(self, name: str) -> torch.dtype:
         """dtype of model tensor `name` as stored."""
-        if self._resolve(name) is None and name in self._buffers:
-            return self._buffers[name].dtype
-        if self._resolve(name) is None and self._initial(name) is not None:
-            return self._initial(name).dtype
+        local = self._local(name)
+        if local is not None:
+            return local.dtype
         resolved = self._need(name)
         if resolved in self.direct:
             return self.store.dtype(self.direct[resolved])
@@ -246,10 +251,9 @@ class TensorNames:
     def read(self, name: str) -> torch.Tensor:
         """Model tensor `name` in memory: one stored tensor, or the outputs of one converter
         (kept until another group is read, since a split serves several names)."""
-        if self._resolve(name) is None and name in self._buffers:
-            return self._buffers[name].clone()
-        if self._resolve(name) is None and self._initial(name) is not None:
-            return self._initial(name).clone()
+        local = self._local(name)
+        if local is not None:
+            return local.clone()
         resolved = self._need(name)
         if resolved in self.direct:
             return self.store.read(self.direct[resolved])

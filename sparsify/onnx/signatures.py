@@ -15,7 +15,6 @@ sequence for token inputs, batch for images and audio (their other sizes are the
 from __future__ import annotations
 
 import inspect
-
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +71,8 @@ class VideoGraph(ModelGraph):
 class FeaturesGraph(ModelGraph):
     """input_features (mel or filter-bank features) -> the first output (or the encoder's)."""
 
-    def forward(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None) -> torch.Tensor:
-        mask = {} if input_features_mask is None else {"input_features_mask": input_features_mask}
-        return self._run(input_features=input_features, **mask)
+    def forward(self, input_features: torch.Tensor) -> torch.Tensor:
+        return self._run(input_features=input_features)
 
 
 class AudioGraph(ModelGraph):

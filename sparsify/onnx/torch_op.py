@@ -103,7 +103,7 @@ _ERFINV_TAIL = (-0.000200214257, 0.000100950558, 0.00134934322, -0.00367342844, 
 
 def _erfinv(x):
     """erfinv, which ONNX has no operator for (Gemma 3n's activation sparsity takes a normal
-    quantile): Giles' approximation, then one Newton step on Erf, which ONNX has; about one
+    quantile): Giles' approximation, then one Newton step on Erf, which ONNX has; a few
     units in the last place of float32 on (-1, 1), +-inf at +-1 as torch gives."""
     from onnxscript import opset18 as op
 

@@ -38,6 +38,7 @@ from ..init import canonical_shape
 from ..moe import Router
 from ..formats.native import native_config_view
 from ..plan import UpcyclePlan
+from ..rewrite import chain_steps
 from ..verify import Comparison, main_output
 from .layers import StreamedMoE, install_streamed
 from .layout import Part, StoredTensor
@@ -250,8 +251,7 @@ def compare_streamed(dense: nn.Module, moe: str | Path, seed: int = 0, batch: in
         ffn = replaced[site.path]
         w = next(ffn.parameters(), None)
         d = ffn(x.to(w.dtype) if w is not None and w.is_floating_point() else x, *args, **kwargs)
-        chain = [*site.identities, *(t for t in site.overrides if t in replaced), *([site.exit_path] if site.exit_path else [])]
-        for step in chain:  # the chain's activation (BART's activation_fn), then its exit projection
+        for step in chain_steps(site):  # the chain's activation (BART's activation_fn), then its exit
             d = replaced[step](d)
         a, r = _difference(y, d)
         prev = diffs.get(site.path)
