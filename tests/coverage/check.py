@@ -116,6 +116,14 @@ def classify(model_type: str) -> Result | None:
     except KeyError:
         return Result(model_type, result="skip", stage="missing", reason="not in the installed transformers' registry")
     skip = Result(fam.model_type, fam.class_name, fam.task, result="skip")
+    import transformers
+
+    if getattr(transformers, fam.class_name, None) is None:
+        # the registry's own entry is broken (voxtral_realtime_text names a class never defined):
+        # no user can build this family, with sparsify or without
+        skip.stage = "missing"
+        skip.reason = f"the installed transformers' registry names {fam.class_name}, a class it does not define"
+        return skip
     config_class = CONFIG_MAPPING[model_type]
     why = composite_reason(config_class)
     if why:

@@ -81,7 +81,9 @@ def render(results: dict[str, Result], versions: dict[str, str] | None = None) -
         "",
         f"**{len(passed)} of {len(dense)} dense families pass ({share}).** Not swept: "
         f"{len(by_kind['moe'])} already MoE, {len(by_kind['composite'])} composite (their towers are families of "
-        f"their own), {len(by_kind['no-ffn'])} without an FFN.",
+        f"their own), {len(by_kind['no-ffn'])} without an FFN"
+        + (f", {len(by_kind['missing'])} that the installed transformers cannot build (its registry names a class "
+           "it does not define)" if by_kind["missing"] else "") + ".",
         "",
         "Passing: " + ", ".join(f"`{r.model_type}`" + (" *static*" if "onnx static" in r.max_rel else "")
                                 for r in passed) + ".",
@@ -104,7 +106,16 @@ def _split(results: dict[str, Result]) -> tuple[list[Result], dict[str, list[Res
     """The failing dense families, and the families not swept by kind."""
     rs = sorted(results.values(), key=lambda r: r.model_type)
     failed = [r for r in rs if r.kind == "dense" and r.stage != "missing" and r.result != "pass"]
-    return failed, {k: [r for r in rs if r.kind == k] for k in ("no-ffn", "moe", "composite")}
+    by_kind = {k: [r for r in rs if r.kind == k and r.stage != "missing"] for k in ("no-ffn", "moe", "composite")}
+    by_kind["missing"] = [r for r in rs if r.stage == "missing" and r.model_type in _registered()]
+    return failed, by_kind
+
+
+def _registered() -> set[str]:
+    """The model types of the installed transformers (a recorded family it lacks is not listed)."""
+    from tests.coverage.registry import families
+
+    return {f.model_type for f in families()}
 
 
 def render_details(results: dict[str, Result], versions: dict[str, str] | None = None) -> str:
@@ -120,7 +131,7 @@ def render_details(results: dict[str, Result], versions: dict[str, str] | None =
     for r in failed:
         lines.append(f"| {r.model_type} | {r.class_name} | {r.stage} | {_cell(r.reason)} |")
     lines += ["", "## Families not swept", "", "| family | kind | reason |", "| --- | --- | --- |"]
-    for kind in ("no-ffn", "moe", "composite"):
+    for kind in ("no-ffn", "moe", "composite", "missing"):
         for r in by_kind[kind]:
             lines.append(f"| {r.model_type} | {kind} | {_cell(r.reason)} |")
     return "\n".join(lines) + "\n"

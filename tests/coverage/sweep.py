@@ -176,9 +176,10 @@ def _print_table(results: list[Result]) -> None:
     print(f"{'family':<32} {'kind':<9} {'result':<5} reason")
     for r in sorted(results, key=lambda r: (r.kind != "dense", r.kind, order[r.result], r.model_type)):
         print(row(r))
-    dense = [r for r in results if r.kind == "dense"]
+    dense = [r for r in results if r.kind == "dense" and r.stage != "missing"]
     passed = sum(r.result == "pass" for r in dense)
-    kinds = {k: sum(r.kind == k for r in results) for k in ("no-ffn", "moe", "composite")}
+    kinds = {k: sum(r.kind == k and r.stage != "missing" for r in results) for k in ("no-ffn", "moe", "composite")}
+    kinds["missing"] = sum(r.stage == "missing" for r in results)
     print(f"\ndense families: {passed} of {len(dense)} pass; not swept: "
           + ", ".join(f"{n} {k}" for k, n in kinds.items()))
 
