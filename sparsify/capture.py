@@ -148,10 +148,27 @@ def constant_tracing() -> Iterator[None]:
     limit = proxy_tensor.CONSTANT_NUMEL_LIMIT  # the tracer's own record of constants, read per op
     proxy_tensor.CONSTANT_NUMEL_LIMIT = max(limit, _CONSTANT_NUMEL)
     try:
-        yield
+        with _ConstantRanges():
+            yield
     finally:
         proxy_tensor.CONSTANT_NUMEL_LIMIT = limit
         mode_class.may_turn_const = may_turn_const
+
+
+class _ConstantRanges(torch.overrides.TorchFunctionMode):
+    """torch.arange of Python numbers as a constant: neither the fake mode nor the tracer makes
+    constants of factories, and the windows of a fixed grid are cut from such ranges."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.arange and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            from torch.utils._python_dispatch import _disable_current_modes
+
+            with _disable_current_modes():
+                real = torch.arange(*args, **kwargs)
+            if real.numel() <= _CONSTANT_NUMEL:
+                return torch.ops.aten.lift_fresh_copy(real)  # what torch.tensor(data) records: a constant
+        return func(*args, **kwargs)
 
 
 def static_values(kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
