@@ -22,15 +22,15 @@ weights have no values to propagate. The first trace does without: propagation m
 several times slower.
 
 Vision towers of Qwen2-VL style read their image grid with `.tolist()` and size every tensor
-after it from those numbers (window and sequence boundaries, position tables), none of which a
-trace with a symbolic grid can decide, nor real propagation (its unbacked sizes do not match the
-real ones). Capture specialises such inputs (`STATIC_VALUE_INPUTS`) to their values: they enter
-the trace as Python lists (constants for torch.export), a forward pre-hook makes them tensors
-again inside the trace, and the fake mode and the tracer keep tensors computed from constants as constants
-(up to 65536 elements for the trace, not their default 1), so `.tolist()` of them
-gives Python numbers; the rest (nonzero, data-dependent splits) is decided by real propagation.
-The graph is the forward at that grid: its FFN sites and modules are those of any grid, and the
-rewritten model runs eagerly for any.
+after it from those numbers (window and sequence boundaries, position tables), which neither a
+trace with a symbolic grid can decide nor real propagation (its unbacked sizes then fail to
+match the real ones). Capture specialises such inputs (`STATIC_VALUE_INPUTS`) to their values:
+they enter the trace as Python lists (constants for torch.export), a forward pre-hook makes them
+tensors again inside the trace, and `constant_tracing` makes the fake mode and the tracer keep
+what is computed from constants (and `torch.arange` of Python numbers) as constants, up to 65536
+elements instead of their 1, so that `.tolist()` of them gives Python numbers; what is left
+data-dependent is decided by real propagation. The graph is the forward at that grid: its FFN
+sites and modules are those of any grid, and the rewritten model runs eagerly for any.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ import torch.nn as nn
 from .errors import CaptureError
 from .inputs import DEFAULT_BATCH, DEFAULT_SEQ, STATIC_VALUE_INPUTS, example_inputs_for, model_device
 
-__all__ = ["Captured", "capture", "specialised", "constant_tracing", "static_values", "example_inputs_for", "DEFAULT_BATCH", "DEFAULT_SEQ"]
+__all__ = ["Captured", "capture", "specialised", "constant_tracing", "static_values", "example_inputs_for",
+           "DEFAULT_BATCH", "DEFAULT_SEQ"]
 
 
 @dataclass

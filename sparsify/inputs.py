@@ -119,10 +119,11 @@ def _grid_input(names: set[str]) -> str | None:
 
 
 def main_input_name(model: nn.Module) -> str | None:
-    """The input a model is fed: its flattened patches when forward takes an image grid, else its
+    """The input a model is fed: its flattened patches when forward takes an image grid and no
+    token ids (a vision tower; the whole vision-language model is fed token ids), else its
     `main_input_name` when forward takes it, else the first of the known kinds that forward takes."""
     names, _ = _forward_params(model)
-    if _grid_input(names):
+    if _grid_input(names) and "input_ids" not in names:
         return next((n for n in ("hidden_states", "pixel_values") if n in names), None)
     declared = getattr(model, "main_input_name", None)
     if declared in names:
@@ -266,7 +267,7 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
         specs.append(InputSpec("input_ids", (batch, seq), torch.long, high=vocab, dynamic=(0, 1)))
         if "attention_mask" in names:
             specs.append(InputSpec("attention_mask", (batch, seq), torch.long, dynamic=(0, 1)))
-    elif _grid_input(names):
+    elif main in ("hidden_states", "pixel_values") and _grid_input(names):
         specs.extend(_patch_grid(model, config, names, main, batch, dtype))
     elif main in ("pixel_values", "pixel_values_videos"):
         specs.append(_image(config, batch, dtype, main))
