@@ -17,6 +17,7 @@ import ast
 import contextlib
 import functools
 import json
+import operator
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -130,16 +131,14 @@ def capture_onnx(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None, o
 @contextlib.contextmanager
 def _fixed_grid(module: nn.Module) -> Iterator[None]:
     """For a wrapper that holds an image grid fixed (signatures.GridGraph): the trace keeps what
-    is computed from the grid as constants and propagates real values through the data-dependent
-    rest, as sparsify.capture does for such models; for others nothing changes."""
+    is computed from the grid as constants (sparsify.capture.constant_tracing), so that the
+    forward's `.tolist()` of them gives Python numbers; for others nothing changes. (No real
+    propagation: the weights are real here, and ranges made constant leave nothing data-dependent.)"""
     if not fixed_inputs(module):
         yield
         return
-    import torch._functorch.config
-
     from ..capture import constant_tracing
 
-    # torch.export makes its fake mode inside the call, reading the flag then
     with constant_tracing():
         yield
 
@@ -160,8 +159,9 @@ def _fold_grid(program: torch.export.ExportedProgram, kwargs: dict) -> torch.exp
             if node.op == "get_attr" and node.target not in state:
                 values[node] = functools.reduce(getattr, node.target.split("."), module)
             elif (node.op == "call_function" and node.all_input_nodes and all(a in values for a in node.all_input_nodes)
-                  and isinstance(node.target, torch._ops.OpOverload)
-                  and torch.Tag.nondeterministic_seeded not in node.target.tags):
+                  and (node.target is operator.getitem  # an element of a folded split
+                       or isinstance(node.target, torch._ops.OpOverload)
+                       and torch.Tag.nondeterministic_seeded not in node.target.tags)):
                 args, kw = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: values[a])
                 values[node] = node.target(*args, **kw)
     for node, value in values.items():
