@@ -20,6 +20,17 @@ that the branch those inputs take is the one captured. Only ops on inputs and bu
 for real there (masks, positions: small); every op that touches a weight stays fake, since the
 weights have no values to propagate. The first trace does without: propagation makes a trace
 several times slower.
+
+Vision towers of Qwen2-VL style read their image grid with `.tolist()` and size every tensor
+after it from those numbers (window and sequence boundaries, position tables), which neither a
+trace with a symbolic grid can decide nor real propagation (its unbacked sizes then fail to
+match the real ones). Capture specialises such inputs (`STATIC_VALUE_INPUTS`) to their values:
+they enter the trace as Python lists (constants for torch.export), a forward pre-hook makes them
+tensors again inside the trace, and `constant_tracing` makes the fake mode and the tracer keep
+what is computed from constants (and `torch.arange` of Python numbers) as constants, up to 65536
+elements instead of their 1, so that `.tolist()` of them gives Python numbers; what is left
+data-dependent is decided by real propagation. The graph is the forward at that grid: its FFN
+sites and modules are those of any grid, and the rewritten model runs eagerly for any.
 """
 
 from __future__ import annotations
@@ -34,9 +45,10 @@ import torch
 import torch.nn as nn
 
 from .errors import CaptureError
-from .inputs import DEFAULT_BATCH, DEFAULT_SEQ, example_inputs_for, model_device
+from .inputs import DEFAULT_BATCH, DEFAULT_SEQ, STATIC_VALUE_INPUTS, example_inputs_for, model_device
 
-__all__ = ["Captured", "capture", "example_inputs_for", "DEFAULT_BATCH", "DEFAULT_SEQ"]
+__all__ = ["Captured", "capture", "specialised", "constant_tracing", "static_values", "example_inputs_for",
+           "DEFAULT_BATCH", "DEFAULT_SEQ"]
 
 
 @dataclass
@@ -112,6 +124,81 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, device: torch.device, r
             return torch.export.export(model, args, kwargs, strict=False)
 
 
+_CONSTANT_NUMEL = 1 << 16  # tensors computed from constants that the fake mode keeps as constants
+
+
+@contextlib.contextmanager
+def constant_tracing() -> Iterator[None]:
+    """Inside the block, torch.export keeps tensors computed from constants (up to
+    `_CONSTANT_NUMEL` elements) as constants, in its fake mode and in its tracer, so that
+    `.tolist()` of them gives Python numbers (see the module docstring)."""
+    import torch._subclasses.fake_tensor as fake_tensor
+    import torch.fx.experimental.proxy_tensor as proxy_tensor
+
+    mode_class = fake_tensor.FakeTensorMode
+    may_turn_const = mode_class.may_turn_const
+
+    def constants(mode, t: torch.Tensor) -> bool:
+        # never a tensor whose elements share memory (an expand): the fake of a constant is
+        # made by copying into a tensor of its strides
+        return may_turn_const(mode, t) or (
+            t.numel() <= _CONSTANT_NUMEL and not t.is_sparse and not mode.is_our_fake(t)
+            and t.device.type != "meta" and torch._debug_has_internal_overlap(t) != 1)  # 1: overlaps
+
+    mode_class.may_turn_const = constants
+    limit = proxy_tensor.CONSTANT_NUMEL_LIMIT  # the tracer's own record of constants, read per op
+    proxy_tensor.CONSTANT_NUMEL_LIMIT = max(limit, _CONSTANT_NUMEL)
+    try:
+        with _ConstantRanges():
+            yield
+    finally:
+        proxy_tensor.CONSTANT_NUMEL_LIMIT = limit
+        mode_class.may_turn_const = may_turn_const
+
+
+class _ConstantRanges(torch.overrides.TorchFunctionMode):
+    """torch.arange of Python numbers as a constant: neither the fake mode nor the tracer makes
+    constants of factories, and the windows of a fixed grid are cut from such ranges."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.arange and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            from torch.utils._python_dispatch import _disable_current_modes
+
+            with _disable_current_modes():
+                real = torch.arange(*args, **kwargs)
+            if real.numel() <= _CONSTANT_NUMEL:
+                return torch.ops.aten.lift_fresh_copy(real)  # what torch.tensor(data) records: a constant
+        return func(*args, **kwargs)
+
+
+def static_values(kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The inputs among `kwargs` whose values fix the forward's shapes (STATIC_VALUE_INPUTS)."""
+    return {k: v for k, v in kwargs.items() if k in STATIC_VALUE_INPUTS and isinstance(v, torch.Tensor)}
+
+
+@contextlib.contextmanager
+def specialised(model: nn.Module, kwargs: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Inside the block, `model` traced with the kwargs this yields is specialised to the values
+    of its STATIC_VALUE_INPUTS (see the module docstring); with none, nothing changes."""
+    static = static_values(kwargs)
+    if not static:
+        yield kwargs
+        return
+    kinds = {k: (v.dtype, v.device) for k, v in static.items()}
+
+    def as_tensors(_module, args, kw):
+        return args, {k: torch.tensor(v, dtype=kinds[k][0], device=kinds[k][1]) if k in kinds and isinstance(v, list)
+                      else v for k, v in kw.items()}
+
+    handle = model.register_forward_pre_hook(as_tensors, with_kwargs=True)
+    try:
+        with constant_tracing():
+            yield {k: v.tolist() if k in static else v for k, v in kwargs.items()}
+    finally:
+        handle.remove()
+
+
 def _data_dependent(err: BaseException) -> bool:
     from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
@@ -159,13 +246,13 @@ def capture(
     was_training = model.training
     model.eval()
     try:
-        with _quiet_export():
+        with _quiet_export(), specialised(model, kwargs) as traced:
             try:
-                program = _export(model, args, kwargs, device, real_values=False)
+                program = _export(model, args, traced, device, real_values=False)
             except Exception as err:
                 if not _data_dependent(err):
                     raise
-                program = _export(model, args, kwargs, device, real_values=True)
+                program = _export(model, args, traced, device, real_values=True)
     except Exception as err:  # torch.export raises many types; all mean "could not capture"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CaptureError(

@@ -23,6 +23,13 @@ that input must have. One rule per kind of input, keyed by the input's name:
                      all-ones past_observed_mask (Time Series Transformer, Informer, Autoformer);
                      [batch, context_length, num_input_channels] for patch models (PatchTST,
                      PatchTSMixer)
+    grid_thw         vision towers of Qwen2-VL style (Qwen2.5/3-VL, GLM-4V, ...), whose forward takes
+                     flattened patches (hidden_states or pixel_values) and the grid they were cut
+                     from: `batch` images of [1, 2m, 2m] patches (m the spatial_merge_size), the
+                     patches [batch * 4m^2, channels * temporal_patch_size * patch_size^2], and
+                     merge_sizes [batch] (m) where forward takes it (VideoLLaMA 3). The grid's
+                     values fix every shape of the forward (which reads them with .tolist()):
+                     its specs are `static_values`, which capture and export specialise to
 
 `input_specs` gives the shapes (and which axes may vary, for exports with dynamic shapes);
 `example_inputs_for` gives seeded tensors. A model that fits none of the rules, or whose
@@ -42,7 +49,7 @@ import torch.nn as nn
 
 from .errors import CaptureError
 
-__all__ = ["InputSpec", "input_specs", "example_inputs_for", "main_input_name", "model_device",
+__all__ = ["InputSpec", "input_specs", "STATIC_VALUE_INPUTS", "example_inputs_for", "main_input_name", "model_device",
            "DEFAULT_BATCH", "DEFAULT_SEQ"]
 
 DEFAULT_BATCH, DEFAULT_SEQ = 2, 8
@@ -64,6 +71,9 @@ class InputSpec:
     high: int = 0  # token ids are drawn from [0, high); 0: a float input drawn from N(0, 1)
     dynamic: tuple[int, ...] = (0,)
     fill: tuple[int, ...] = ()  # a constant, broadcast to the shape (a mask of ones), not drawn
+    # values the forward reads as Python numbers to size its tensors (an image grid): a capture or
+    # an export is specialised to them, and an exported graph holds them instead of taking them
+    static_values: bool = False
 
     def make(self, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """A seeded tensor of this spec on `device`."""
@@ -100,10 +110,21 @@ def _forward_params(model: nn.Module) -> tuple[set[str], bool]:
     return {p.name for p in params}, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
+GRID_INPUTS = ("grid_thw", "image_grid_thw")  # the names vision towers give the grid of their patches
+STATIC_VALUE_INPUTS = (*GRID_INPUTS, "merge_sizes")  # inputs made with static_values=True
+
+
+def _grid_input(names: set[str]) -> str | None:
+    return next((n for n in GRID_INPUTS if n in names), None)
+
+
 def main_input_name(model: nn.Module) -> str | None:
-    """The input a model is fed: its `main_input_name` when forward takes it, else the first
-    of the known kinds that forward takes."""
+    """The input a model is fed: its flattened patches when forward takes an image grid and no
+    token ids (a vision tower; the whole vision-language model is fed token ids), else its
+    `main_input_name` when forward takes it, else the first of the known kinds that forward takes."""
     names, _ = _forward_params(model)
+    if _grid_input(names) and "input_ids" not in names:
+        return next((n for n in ("hidden_states", "pixel_values") if n in names), None)
     declared = getattr(model, "main_input_name", None)
     if declared in names:
         return declared
@@ -207,6 +228,25 @@ def _series(config, names: set[str], batch: int, dtype: torch.dtype) -> list[Inp
     return specs
 
 
+def _patch_grid(model: nn.Module, config, names: set[str], main: str, batch: int,
+                dtype: torch.dtype) -> list[InputSpec]:
+    """Flattened patches of `batch` images and their grid (see the module docstring)."""
+    patch = getattr(config, "patch_size", None)
+    if not isinstance(patch, int) or patch <= 0:
+        raise CaptureError(f"cannot make {main} for {type(model).__name__}: its config has no patch_size; "
+                           "pass example_inputs=(x,)")
+    temporal = getattr(config, "temporal_patch_size", None) or getattr(config, "patch_temporal", None) or 1
+    channels = getattr(config, "in_channels", None) or getattr(config, "num_channels", None) or 3
+    merge = getattr(config, "spatial_merge_size", None) or 1
+    side = 2 * merge
+    specs = [InputSpec(main, (batch * side * side, channels * temporal * patch * patch), dtype, dynamic=()),
+             InputSpec(_grid_input(names), (batch, 3), torch.long, dynamic=(), fill=(1, side, side),
+                       static_values=True)]
+    if "merge_sizes" in names:
+        specs.append(InputSpec("merge_sizes", (batch,), torch.long, dynamic=(), fill=(merge,), static_values=True))
+    return specs
+
+
 def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ) -> list[InputSpec]:
     """The inputs to feed `model` (see the module docstring), main input first."""
     config = getattr(model, "config", None)
@@ -227,6 +267,8 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
         specs.append(InputSpec("input_ids", (batch, seq), torch.long, high=vocab, dynamic=(0, 1)))
         if "attention_mask" in names:
             specs.append(InputSpec("attention_mask", (batch, seq), torch.long, dynamic=(0, 1)))
+    elif main in ("hidden_states", "pixel_values") and _grid_input(names):
+        specs.extend(_patch_grid(model, config, names, main, batch, dtype))
     elif main in ("pixel_values", "pixel_values_videos"):
         specs.append(_image(config, batch, dtype, main))
         patches = _patches(config, specs[-1])

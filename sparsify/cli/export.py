@@ -54,7 +54,7 @@ def export(
         "command": "export", "source": source, "files": [str(f) for f in result.files], "opset": result.opset,
         "target": result.target, "dynamic": dynamic, "batch": None if dynamic else batch, "seq": None if dynamic else seq,
         "graphs": [{"role": g.role, "file": str(g.path), "inputs": list(g.inputs), "outputs": list(g.outputs),
-                    **g.report.to_dict(), "lines": g.report.lines()} for g in result.graphs],
+                    **({"fixed_inputs": g.fixed} if g.fixed else {}), **g.report.to_dict(), "lines": g.report.lines()} for g in result.graphs],
     }
     o.emit(doc)
     o.result(f"exported {source} -> {', '.join(doc['files'])}")
@@ -62,5 +62,7 @@ def export(
     o.detail(f"  opset {doc['opset']}, target {doc['target']}, {shape_text}")
     for g in doc["graphs"]:
         o.detail(f"  {Path(g['file']).name}: ({', '.join(g['inputs'])}) -> {', '.join(g['outputs'])}")
+        for name, values in g.get("fixed_inputs", {}).items():
+            o.detail(f"    fixed in the graph, not an input: {name} = {values}")
         for line in g["lines"]:
             o.detail(f"    {line}")

@@ -14,12 +14,15 @@ and `encoder_attention_mask` after a token encoder -> `logits`). See `signatures
 from __future__ import annotations
 
 import ast
+import contextlib
+import functools
 import json
+import operator
 import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import onnx_ir as ir
 import torch
@@ -32,7 +35,7 @@ from ..inputs import main_input_name
 from ..io.atomic import check_output
 from ..passes.onnx.cleanup import cleanup
 from ..passes.onnx.fuse_moe_ort import SITE_KEY, FuseMoEOrt, FusionReport
-from .signatures import WRAPPER, graph_paths, model_graphs, name_io
+from .signatures import WRAPPER, fixed_inputs, graph_paths, model_graphs, name_io
 from .torch_op import TRANSLATIONS, export_friendly
 
 __all__ = [
@@ -67,6 +70,7 @@ class ExportedGraph:
     inputs: list[str]
     outputs: list[str]
     report: FusionReport = field(default_factory=FusionReport)
+    fixed: dict[str, list] = field(default_factory=dict)  # inputs held fixed in the graph (an image grid)
 
 
 @dataclass
@@ -103,8 +107,10 @@ def capture_onnx(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None, o
     inner = getattr(module, WRAPPER, module)
     attention = _set_attention(inner, "eager")
     try:
-        with export_friendly(module):
+        with export_friendly(module), _fixed_grid(module):
             program = _export_program(module, kwargs, dynamic_shapes)
+            if fixed_inputs(module):
+                program = _fold_grid(program, kwargs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=TRANSLATIONS,
@@ -120,6 +126,50 @@ def capture_onnx(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None, o
         _set_attention(inner, attention)
     _tag_scopes(onnx_program.model)
     return onnx_program.model
+
+
+@contextlib.contextmanager
+def _fixed_grid(module: nn.Module) -> Iterator[None]:
+    """For a wrapper that holds an image grid fixed (signatures.GridGraph): the trace keeps what
+    is computed from the grid as constants (sparsify.capture.constant_tracing), so that the
+    forward's `.tolist()` of them gives Python numbers; for others nothing changes. (No real
+    propagation: the weights are real here, and ranges made constant leave nothing data-dependent.)"""
+    if not fixed_inputs(module):
+        yield
+        return
+    from ..capture import constant_tracing
+
+    with constant_tracing():
+        yield
+
+
+def _fold_grid(program: torch.export.ExportedProgram, kwargs: dict) -> torch.export.ExportedProgram:
+    """The program with everything computed from its constants alone (the fixed grid's windows,
+    boundaries, positions: data-dependent ops on constants) folded into constants, exported
+    again: torch.onnx's decomposition re-traces the program, and would meet those ops with
+    symbolic sizes. Nothing computed from a parameter or buffer is folded."""
+    from torch._export.passes.constant_folding import replace_node_with_constant
+
+    module = program.module()
+    sig = program.graph_signature
+    state = {*program.state_dict, *sig.parameters, *sig.buffers}  # what is folded: never these
+    values: dict[torch.fx.Node, object] = {}  # what each node computed from constants alone holds
+    with torch.utils._python_dispatch._disable_current_modes(), torch.no_grad():
+        for node in module.graph.nodes:
+            if node.op == "get_attr" and node.target not in state:
+                values[node] = functools.reduce(getattr, node.target.split("."), module)
+            elif (node.op == "call_function" and node.all_input_nodes and all(a in values for a in node.all_input_nodes)
+                  and (node.target is operator.getitem  # an element of a folded split
+                       or isinstance(node.target, torch._ops.OpOverload)
+                       and torch.Tag.nondeterministic_seeded not in node.target.tags)):
+                args, kw = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: values[a])
+                values[node] = node.target(*args, **kw)
+    for node, value in values.items():
+        if node.op == "call_function" and isinstance(value, torch.Tensor) and any(u not in values for u in node.users):
+            replace_node_with_constant(module, node, value)
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    return torch.export.export(module, (), kwargs, strict=False)
 
 
 def _export_program(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None) -> torch.export.ExportedProgram:
@@ -162,6 +212,7 @@ class CapturedGraph:
     role: str
     model: ir.Model
     outputs: list[str]
+    fixed: dict[str, list] = field(default_factory=dict)  # inputs the graph holds instead of taking
 
 
 def check_export_options(target: str, opset: int, batch: int, seq: int) -> None:
@@ -191,7 +242,7 @@ def capture_graphs(model: nn.Module, opset: int = DEFAULT_OPSET, dynamic: bool =
             onnx_model = capture_onnx(wrapper, kwargs, shapes if dynamic else None, opset)
             outputs = [output]
             name_io(onnx_model, outputs)
-            graphs.append(CapturedGraph(role, onnx_model, outputs))
+            graphs.append(CapturedGraph(role, onnx_model, outputs, fixed_inputs(wrapper)))
     finally:
         model.train(was_training)
     return graphs
@@ -207,9 +258,10 @@ def write_graphs(graphs: list[CapturedGraph], model: nn.Module, out: str | Path,
     for g in graphs:
         opset = g.model.opset_imports.get("", DEFAULT_OPSET)
         report = lower_onnx(g.model, target)
-        g.model.metadata_props[METADATA_KEY] = json.dumps(_metadata(model, g.role, target, opset, report))
+        g.model.metadata_props[METADATA_KEY] = json.dumps(_metadata(model, g.role, target, opset, report, g.fixed))
         exported[paths[g.role]] = g.model
-        written.append(ExportedGraph(g.role, paths[g.role], [v.name for v in g.model.graph.inputs], g.outputs, report))
+        written.append(ExportedGraph(g.role, paths[g.role], [v.name for v in g.model.graph.inputs], g.outputs, report,
+                                     g.fixed))
     files = write_onnx(exported, force=force, sources=sources)
     return ExportResult(written, files, target, opset)
 
@@ -260,9 +312,11 @@ def lower_onnx(model: ir.Model, target: str) -> FusionReport:
     return fuse.report
 
 
-def _metadata(model: nn.Module, role: str, target: str, opset: int, report: FusionReport) -> dict:
+def _metadata(model: nn.Module, role: str, target: str, opset: int, report: FusionReport,
+              fixed: dict[str, list] | None = None) -> dict:
     plan = getattr(model, "sparsify_plan", None)
     return {
+        **({"fixed_inputs": fixed} if fixed else {}),  # values the graph holds (an image grid), not inputs
         "sparsify_version": __version__,
         "graph": role,
         "target": target,

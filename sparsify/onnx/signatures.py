@@ -10,6 +10,11 @@ MAIN is the model's own input (`sparsify.inputs`): `input_ids` (with `attention_
 model's forward gives them. Each graph is a small wrapper module around the model (held as
 attribute `WRAPPER`), traced with example inputs and, by default, dynamic axes: batch and
 sequence for token inputs, batch for images and audio (their other sizes are the configured ones).
+
+Vision towers of Qwen2-VL style take flattened patches and the grid they were cut from, whose
+values size every tensor of the forward: their graph takes the patches only and holds the grid
+of its example inputs (`GridGraph.fixed`), static; the export records that grid in the graph's
+metadata, and a dynamic export is refused in one line saying so.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ import torch.nn as nn
 from ..inputs import input_specs, main_input_name
 from ..verify import main_output
 
-__all__ = ["WRAPPER", "ModelGraph", "PixelGraph", "FeaturesGraph", "AudioGraph", "EncoderGraph", "DecoderGraph",
-           "graph_paths", "model_graphs", "name_io", "output_name"]
+__all__ = ["WRAPPER", "ModelGraph", "PixelGraph", "GridGraph", "PatchesGraph", "PixelPatchesGraph", "FeaturesGraph", "AudioGraph", "EncoderGraph", "DecoderGraph",
+           "graph_paths", "model_graphs", "fixed_inputs", "name_io", "output_name"]
 
 WRAPPER = "model"  # attribute under which the wrappers hold the model
 
@@ -91,6 +96,34 @@ class SeriesGraph(ModelGraph):
         extra = {k: v for k, v in (("past_time_features", past_time_features),
                                    ("past_observed_mask", past_observed_mask)) if v is not None}
         return self._run(past_values=past_values, **extra)
+
+
+class GridGraph(ModelGraph):
+    """Flattened patches -> the first output, at the fixed image grid (and merge sizes) `fixed`
+    ({input name: values}), which the graph holds as constants instead of taking as inputs."""
+
+    def __init__(self, model: nn.Module, fixed: dict[str, list]) -> None:
+        super().__init__(model)
+        self.fixed = fixed
+
+    def _patches(self, name: str, patches: torch.Tensor) -> torch.Tensor:
+        # made here, from Python numbers: torch.export keeps them constants (sparsify.capture)
+        fixed = {k: torch.tensor(v, dtype=torch.long, device=patches.device) for k, v in self.fixed.items()}
+        return self._run(**{name: patches}, **fixed)
+
+
+class PatchesGraph(GridGraph):
+    """hidden_states (flattened patches; Qwen2.5-VL, GLM-4V) -> the first output."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self._patches("hidden_states", hidden_states)
+
+
+class PixelPatchesGraph(GridGraph):
+    """pixel_values (flattened patches; GLM-Image, VideoLLaMA 3) -> the first output."""
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._patches("pixel_values", pixel_values)
 
 
 class EncoderGraph(ModelGraph):
@@ -168,9 +201,12 @@ def model_graphs(model: nn.Module, batch: int, seq: int, dynamic: bool) -> list[
 
     config = model.config
     main = main_input_name(model)
-    wrapper = _GRAPHS[main]
     specs = {s.name: s for s in input_specs(model, batch, seq)}
     inputs = {k: v for k, v in example_inputs_for(model, batch, seq).items() if k in specs}
+    fixed = {k: inputs[k].tolist() for k, s in specs.items() if s.static_values}
+    if fixed:
+        return [_grid_graph(model, main, inputs, fixed, dynamic)]
+    wrapper = _GRAPHS[main]
     own = {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
     shapes = {k: _dims(specs[k], dynamic) for k in own}
     if not _two_graphs(model):
@@ -192,6 +228,24 @@ def model_graphs(model: nn.Module, batch: int, seq: int, dynamic: bool) -> list[
         ("encoder", wrapper(model, encoder=True), own, shapes, "last_hidden_state"),
         ("decoder", DecoderGraph(model), decoder, decoder_shapes, "logits"),
     ]
+
+
+def _grid_graph(model: nn.Module, main: str, inputs: dict, fixed: dict[str, list], dynamic: bool):
+    """The one graph of a vision tower fed flattened patches, at the grid of `inputs`."""
+    from ..errors import CaptureError
+
+    if dynamic:
+        raise CaptureError(
+            f"could not export {type(model).__name__} to ONNX with dynamic shapes: its forward is sized by the values "
+            f"of {', '.join(fixed)} (the image grid), which a graph cannot take as an input; export with static shapes "
+            "(--static, or dynamic=False): the graph then holds the grid of --batch images, recorded in its metadata")
+    wrapper = (PatchesGraph if main == "hidden_states" else PixelPatchesGraph)(model, fixed)
+    return ("model", wrapper, {main: inputs[main]}, {main: None}, output_name(model, inputs))
+
+
+def fixed_inputs(module: nn.Module) -> dict[str, list]:
+    """The inputs an export wrapper holds fixed instead of taking them ({} for most)."""
+    return dict(getattr(module, "fixed", None) or {})
 
 
 def name_io(model: ir.Model, outputs: list[str]) -> None:
