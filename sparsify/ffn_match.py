@@ -23,13 +23,40 @@ from .activations import identify_activation, identify_parametrised
 from .capture import Captured
 from .projections import VIEWS, Projection, is_op, part_at, projection_at, through_views_back
 
-__all__ = ["Projection", "FFNMatch", "match_ffns", "TRANSPARENT"]
+__all__ = ["Projection", "FFNMatch", "match_ffns", "TRANSPARENT", "is_transparent", "constant_scale"]
 
 aten = torch.ops.aten
 
 # Ops that do not change values (at inference): looked through between pattern pieces.
 TRANSPARENT = VIEWS | {aten.dropout.default}
 _MAX_ACTIVATION_NODES = 24
+_SCALES = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
+# reductions over features, and the normalisations made of them: a function between the
+# projections that computes one is no activation (elementwise) but mixes the intermediate features
+_REDUCTIONS = {aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default, aten.var.correction,
+               aten.var_mean.correction, aten.amax.default, aten.norm.ScalarOpt_dim, aten.linalg_vector_norm.default,
+               aten.rms_norm.default, aten.layer_norm.default, aten.group_norm.default}
+
+
+def constant_scale(node: Node) -> float | None:
+    """The constant c when `node` is `x * c` or `x / c` by a Python number (Falcon-H1's
+    multipliers), as a factor; None for anything else."""
+    if not is_op(node, *_SCALES) or len(node.args) != 2 or not isinstance(node.args[0], Node):
+        return None
+    c = node.args[1]
+    if isinstance(c, bool) or not isinstance(c, (int, float)):
+        return None
+    if node.target in (aten.div.Tensor, aten.div.Scalar):
+        return 1.0 / c if c else None
+    return float(c)
+
+
+def is_transparent(node: Node) -> bool:
+    """True for an op that returns its input's values (at inference): a view, a clone, a
+    dropout, or a product with the constant 1 (`x * 1.0` is `x` for every float)."""
+    if is_op(node, *TRANSPARENT):
+        return True
+    return constant_scale(node) == 1.0 and node.args[1] == 1
 
 
 @dataclass
@@ -182,45 +209,136 @@ def _pair(gate: Projection, up: Projection) -> bool:
             and gate.part[1:] == up.part[1:])
 
 
+def _gated_at(captured: Captured, z: Node) -> tuple[Projection, Projection, list[Node], list[Node]] | None:
+    """When `z` is act(G(x)) * U(x): the gate and up projections, the activation region and the
+    views between up and the product; else None."""
+    if not (_is(z, aten.mul.Tensor) and all(isinstance(a, Node) for a in z.args[:2])):
+        return None
+    for gate_side, up_side in ((z.args[0], z.args[1]), (z.args[1], z.args[0])):
+        up_extra: list[Node] = []
+        up = _find_projection_ending_at(captured, up_side, up_extra)
+        if up is None:
+            continue
+        gate = _find_gate(captured, gate_side)
+        if gate is None:
+            continue
+        g_proj, region = gate
+        if _pair(g_proj, up):
+            return g_proj, up, region, up_extra
+    return None
+
+
+def _gated_match(captured: Captured, z: Node, w2: Projection, between: list[Node], dropout: float) -> FFNMatch | None:
+    gated = _gated_at(captured, z)
+    if gated is None:
+        return None
+    g_proj, up, region, up_extra = gated
+    act, act_params = _name_activation(captured, region, g_proj.output)
+    front = [*g_proj.nodes, *region, *up.nodes, *up_extra, z]
+    return FFNMatch("gated", _through_views_back(g_proj.input, []), w2.output, g_proj, w2, up, act,
+                    _ordered(front), between, dropout, act_nodes=region, activation_params=act_params)
+
+
 def _match_at(captured: Captured, w2: Projection) -> FFNMatch | None:
     between: list[Node] = []
     z = w2.input
     dropout = 0.0
-    while _is(z, *TRANSPARENT):
+    while is_transparent(z):
         if z.target is aten.dropout.default:
             dropout = float(z.args[1])
         between.append(z)
         z = z.args[0]
     between.reverse()
     # gated: z = act(G(x)) * U(x)
-    if _is(z, aten.mul.Tensor) and all(isinstance(a, Node) for a in z.args[:2]):
-        for gate_side, up_side in ((z.args[0], z.args[1]), (z.args[1], z.args[0])):
-            up_extra: list[Node] = []
-            up = _find_projection_ending_at(captured, up_side, up_extra)
-            if up is None:
-                continue
-            gate = _find_gate(captured, gate_side)
-            if gate is None:
-                continue
-            g_proj, region = gate
-            if not _pair(g_proj, up):
-                continue
-            act, act_params = _name_activation(captured, region, g_proj.output)
-            front = [*g_proj.nodes, *region, *up.nodes, *up_extra, z]
-            m = FFNMatch("gated", _through_views_back(g_proj.input, []), w2.output, g_proj, w2, up, act,
-                         _ordered(front), between, dropout, act_nodes=region, activation_params=act_params)
-            return _check(m)
+    m = _gated_match(captured, z, w2, between, dropout)
+    if m is not None:
+        return _check(m)
     # dense: z = act(W1 x)
     g = _find_gate(captured, z)
-    if g is None:
+    if g is not None:
+        w1, region = g
+        if not region:
+            return None  # two projections in a row: no nonlinearity, not an FFN
+        act, act_params = _name_activation(captured, region, w1.output)
+        m = FFNMatch("dense", _through_views_back(w1.input, []), w2.output, w1, w2, None, act,
+                     _ordered([*w1.nodes, *region]), between, dropout, act_nodes=region,
+                     activation_params=act_params)
+        return _check(m)
+    return _normalised_gated(captured, z, w2, between, dropout)
+
+
+def _normalised_gated(captured: Captured, z: Node, w2: Projection, between: list[Node],
+                      dropout: float) -> FFNMatch | None:
+    """A gated FFN whose product passes through a function of it alone before the output
+    projection (BitNet's and Dory's `ffn_sub_norm`, an RMSNorm over the intermediate features):
+    matched so that it is rejected with its reason, never converted."""
+    seen: set[Node] = set()
+    todo = [z]
+    while todo and len(seen) < _MAX_ACTIVATION_NODES:
+        n = todo.pop(0)
+        if n in seen or n.op != "call_function":
+            continue
+        seen.add(n)
+        if n is not z:
+            m = _gated_match(captured, n, w2, between, dropout) or _loose_gated(captured, n, w2, between, dropout)
+            if m is not None:
+                region = _activation_region(captured, z, n)
+                if region is None or any(projection_at(captured, r) is not None for r in region):
+                    return None
+                m.front = _ordered([*m.front, *region])
+                m = _check(m)
+                m.problem = _not_elementwise(region) or m.problem or \
+                    "the gated product passes through a function of it before the output projection"
+                return m
+        todo.extend(n.all_input_nodes)
+    return None
+
+
+def _loose_gated(captured: Captured, z: Node, w2: Projection, between: list[Node], dropout: float) -> FFNMatch | None:
+    """`z` = f(G(x)) * g(U(x)) with both sides elementwise functions of paired projections (Dory
+    scales its up projection by a learned vector): only for naming why such an FFN is rejected."""
+    if not (_is(z, aten.mul.Tensor) and all(isinstance(a, Node) for a in z.args[:2])):
         return None
-    w1, region = g
-    if not region:
-        return None  # two projections in a row: no nonlinearity, not an FFN
-    act, act_params = _name_activation(captured, region, w1.output)
-    m = FFNMatch("dense", _through_views_back(w1.input, []), w2.output, w1, w2, None, act,
-                 _ordered([*w1.nodes, *region]), between, dropout, act_nodes=region, activation_params=act_params)
-    return _check(m)
+    for gate_side, up_side in ((z.args[0], z.args[1]), (z.args[1], z.args[0])):
+        gate, up = _find_gate(captured, gate_side), _find_gate(captured, up_side)
+        if gate is None or up is None or not _pair(gate[0], up[0]):
+            continue
+        (g_proj, region), (u_proj, up_region) = gate, up
+        act, act_params = _name_activation(captured, region, g_proj.output)
+        front = [*g_proj.nodes, *region, *u_proj.nodes, *up_region, z]
+        m = FFNMatch("gated", _through_views_back(g_proj.input, []), w2.output, g_proj, w2, u_proj, act,
+                     _ordered(front), between, dropout, act_nodes=region, activation_params=act_params)
+        if up_region:
+            m.problem = "the up projection's output passes through a function of it before the gate product"
+        return m
+    return None
+
+
+def _not_elementwise(region: list[Node]) -> str | None:
+    """Why `region` is no activation when it reduces over values (a normalisation), else None."""
+    reductions = [n for n in region if _is(n, *_REDUCTIONS)]
+    if not reductions:
+        return None
+    return (f"the function between the projections is not elementwise: it reduces with {reductions[0].target} "
+            "(a normalisation across the intermediate features), which experts that each hold part of those "
+            "features cannot compute")
+
+
+def _scaled_activation(region: list[Node]) -> str | None:
+    """Why `region` is no known activation when it is a known one of its input scaled by a
+    constant other than 1 (Falcon-H1's gate multiplier), else None."""
+    c = constant_scale(region[0]) if region else None
+    if c is None or c == 1.0:
+        return None
+    head, rest = region[0], region[1:]
+    inside = {head, *rest}
+    if any(a not in inside for n in rest for a in n.all_input_nodes):
+        return None
+    name = identify_activation(_region_fn(rest, head))
+    if name is None:
+        return None
+    return (f"the activation ({name}) is applied to the projection's output scaled by the constant {c:g} (a "
+            "multiplier in the FFN's forward), which sparsify's experts do not carry")
 
 
 def _find_gate(captured: Captured, node: Node) -> tuple[Projection, list[Node]] | None:
@@ -255,7 +373,8 @@ def _check(m: FFNMatch) -> FFNMatch:
     if len(kinds) > 1:
         m.problem = "the projections are of different kinds (" + ", ".join(sorted(k for k, _ in kinds)) + ")"
     elif m.activation is None:
-        m.problem = "the function between the projections is not a known activation"
+        m.problem = (_not_elementwise(m.act_nodes) or _scaled_activation(m.act_nodes)
+                     or "the function between the projections is not a known activation")
     elif m.w2.out_features != h:
         m.problem = f"output projection maps to {m.w2.out_features} features, not back to the input's {h}"
     elif m.w2.in_features != m.w1.out_features or (m.w3 and m.w3.out_features != m.w1.out_features):

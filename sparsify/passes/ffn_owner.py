@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from torch.fx import Node
 
-from ..ffn_match import TRANSPARENT, FFNMatch
+from ..ffn_match import FFNMatch, constant_scale, is_transparent
 
 __all__ = ["Owner", "PlainPiece", "find_owner", "ModuleIndex", "common_module", "within"]
 
@@ -113,7 +113,7 @@ def _trailing(m: FFNMatch, scope: str, by_module: dict[Node, str]) -> tuple[list
     out, rate, nodes = m.output, 0.0, []
     while len(out.users) == 1:
         nxt = next(iter(out.users))
-        if nxt in by_module and nxt.target in TRANSPARENT and within(by_module[nxt], scope):
+        if nxt in by_module and is_transparent(nxt) and within(by_module[nxt], scope):
             if nxt.target is aten.dropout.default:
                 rate = float(nxt.args[1])
             nodes.append(nxt)
@@ -138,8 +138,32 @@ def _owned(m: FFNMatch, calls: list[FFNMatch], index: ModuleIndex) -> Owner | st
     if not scope:
         return "the FFN's ops are not inside any one submodule (it is the whole model or spread across its top level)"
     extra = inside - pattern
+    scale = _output_scale(m, calls, scope, by_module)
+    if scale is not None:
+        return _Scaled(f"module '{scope}' multiplies the output projection's result by the constant {scale:g} "
+                       "(a multiplier in the FFN's forward), which sparsify's experts do not carry")
     return (f"module '{scope}' also computes ops outside the FFN ({_describe(extra, by_module)}); "
             "put the FFN in a submodule of its own")
+
+
+class _Scaled(str):
+    """Why the owning module cannot be converted: it scales the FFN's output (preferred to a
+    chain's reason when no chain owns the FFN either)."""
+
+
+def _output_scale(m: FFNMatch, calls: list[FFNMatch], scope: str, by_module: dict[Node, str]) -> float | None:
+    """The constant c when what `scope` computes beyond the FFN is `output * c` (Falcon-H1's
+    down multiplier, other than 1), in every call; else None."""
+    found = set()
+    for call in calls:
+        trail = _trailing(call, scope, by_module)[0]
+        out = trail[-1] if trail else call.output
+        users = list(out.users)
+        c = constant_scale(users[0]) if len(users) == 1 and users[0].args[0] is out else None
+        if c is None or users[0] not in by_module or not within(by_module[users[0]], scope):
+            return None
+        found.add(c)
+    return found.pop() if len(found) == 1 else None
 
 
 def _one_input(module: nn.Module) -> bool:
@@ -196,7 +220,7 @@ def _chain(m: FFNMatch, group: set[Node], index: ModuleIndex) -> Owner | str:
             return f"the activation is computed partly by a module and partly by {where}"
         pieces.append(PlainPiece("activation", by_module[act_plain[0]], act_plain))
     for n in plain:
-        if n in act or n.target in _VALUE_IDENTITIES:
+        if n in act or n.target in _VALUE_IDENTITIES or constant_scale(n) == 1.0:
             continue
         if n.target is aten.dropout.default:
             rate = float(n.args[1])
@@ -224,4 +248,6 @@ def find_owner(m: FFNMatch, calls: list[FFNMatch], index: ModuleIndex) -> Owner 
         return owned
     group = {n for call in calls for n in call.nodes}
     chain = _chain(m, group, index)
-    return chain if chain is not None else owned
+    if chain is None or (isinstance(chain, str) and isinstance(owned, _Scaled)):
+        return owned
+    return chain

@@ -145,13 +145,25 @@ def _probe(model: nn.Module, captured: Captured, probes: list[tuple[Need, nn.Mod
             setattr(module, name, value)
     graph = graph_of.graph
     found: dict[int, list[str]] = {}
+    also_outside: dict[int, str] = {}
     for need, module, name, mark in probes:
         marked = {n for n in graph.nodes if _marked(n, need.piece.kind, mark)}
-        if marked and marked <= _between(graph, graph_of, need.w1, need.w2):
+        between = _between(graph, graph_of, need.w1, need.w2)
+        if marked and marked <= between:
             found.setdefault(id(need), []).append(name)
+        elif marked & between:
+            also_outside[id(need)] = name
     for need in {id(n): n for n, *_ in probes}.values():
         names = found.get(id(need), [])
         if isinstance(result.get(need.key), str):
+            continue
+        if not names and id(need) in also_outside:
+            # XLNet: one nn.Dropout applied between the projections and again after them
+            what = "dropout rate" if need.piece.kind == "dropout" else "activation"
+            where = f"{need.piece.path}.{also_outside[id(need)]}" if need.piece.path else also_outside[id(need)]
+            result[need.key] = (f"no single attribute of '{need.piece.path}' holds the {what} it applies between "
+                                f"the FFN's projections and nothing else: '{where}' sets it there and also outside "
+                                "the FFN, so the MoE cannot take over the one without changing the other")
             continue
         if len(names) != 1:
             what = "dropout rate" if need.piece.kind == "dropout" else "activation"

@@ -29,6 +29,8 @@ BEGIN, END = "<!-- coverage:begin -->", "<!-- coverage:end -->"
 # (class, pattern of stage + reason), first match wins
 _CLASSES = [
     ("FFN written inline in the layer, or its module adds the residual", r"also computes ops outside the FFN"),
+    ("a normalisation between the projections, or a constant multiplier in the FFN",
+     r"is not elementwise|by the constant"),
     ("activation the matcher does not know (or a fused gate/up projection)", r"not a known activation"),
     ("projections the matcher does not see (x @ W.T, 1x1 convolutions, ...)", r"no two projections with an activation"),
     ("checkpoint tensor names differ from the module's", r"lacks (or misshapes )?tensor"),

@@ -92,6 +92,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "vjepa2": {"pred_hidden_size": 32, "pred_num_attention_heads": 4, "pred_num_hidden_layers": 2},
     # BiT's group norms have 32 groups; the tiny stages are 16 channels wide
     "bit": {"num_groups": 2},
+    # one gated-delta-net layer, not two: its reference chunked kernel unrolls a 63-step loop per
+    # layer, which ONNX export and its optimiser take minutes over on one core (sweep timeout 300 s)
+    **dict.fromkeys(("olmo_hybrid", "qwen3_5_text"), {"num_hidden_layers": 2,
+                                                      "layer_types": ["linear_attention", "full_attention"]}),
 }
 
 
