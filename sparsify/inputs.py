@@ -11,9 +11,11 @@ that input must have. One rule per kind of input, keyed by the input's name:
     noise            beside pixel values, where forward takes it (ViT-MAE's random masking):
                      seeded [batch, patches], so that the forward is a function of its inputs
     input_features   mel features: [batch, num_mel_bins, frames] when the config has num_mel_bins
-                     (Whisper: exactly the frames its encoder's convolutions reduce to
-                     max_source_positions), else [batch, frames, feature size] (Speech2Text,
-                     SeamlessM4T, wav2vec2-BERT)
+                     and a 1-d convolution reads them as channels (Whisper: exactly the frames its
+                     encoder's convolutions reduce to max_source_positions); [batch, frames,
+                     num_mel_bins] when none does (Parakeet, LASR); else [batch, frames, feature
+                     size] (Speech2Text, SeamlessM4T, wav2vec2-BERT)
+    input_features_mask  beside features, where forward takes it: [batch, frames], all valid
     input_values     a spectrogram [batch, max_length, num_mel_bins] when the config has both
                      (audio spectrogram transformer), else raw audio [batch, samples], as many
                      samples as the convolutional feature encoder turns into `seq` frames
@@ -42,7 +44,7 @@ import torch.nn as nn
 
 from .errors import CaptureError
 
-__all__ = ["InputSpec", "input_specs", "example_inputs_for", "main_input_name", "model_device",
+__all__ = ["InputSpec", "input_specs", "example_inputs_for", "main_input_name", "model_device", "fixed_options",
            "DEFAULT_BATCH", "DEFAULT_SEQ"]
 
 DEFAULT_BATCH, DEFAULT_SEQ = 2, 8
@@ -95,9 +97,16 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _forward_params(model: nn.Module) -> tuple[set[str], bool]:
-    """The names forward takes, and whether it also takes **kwargs."""
+    """The names forward takes, and whether it also takes **kwargs of any name (untyped, or typed
+    by a TypedDict that declares use_cache; transformers' `Unpack[TransformersKwargs]` does not)."""
     params = inspect.signature(model.forward).parameters.values()
-    return {p.name for p in params}, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    untyped = False
+    for p in params:
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            typed = getattr(p.annotation, "__args__", (p.annotation,))[0]  # Unpack[X] -> X
+            keys = getattr(typed, "__annotations__", None) if hasattr(typed, "__total__") else None
+            untyped = untyped or not isinstance(keys, dict) or "use_cache" in keys
+    return {p.name for p in params}, untyped
 
 
 def main_input_name(model: nn.Module) -> str | None:
@@ -157,6 +166,14 @@ def _patches(config, image: InputSpec) -> int | None:
 
 def _features(model: nn.Module, config, batch: int, seq: int, dtype: torch.dtype) -> InputSpec:
     mel = getattr(config, "num_mel_bins", None)
+    if mel and not any(isinstance(m, nn.Conv1d) and m.in_channels == mel for m in model.modules()):
+        # no convolution reads the mel bins as channels: frames first, bins last (Parakeet, LASR),
+        # as many as its subsampling (the config's subsampling_factor, else its convolutions: 1-d,
+        # or 2-d over [time, bins]) turns into `seq`
+        stride = getattr(config, "subsampling_factor", None)
+        if not (isinstance(stride, int) and stride > 0):
+            stride = math.prod(m.stride[0] for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d)))
+        return InputSpec("input_features", (batch, seq * stride, mel), dtype, dynamic=(0, 1))
     if mel:
         stride = _conv_stride(_encoder(model) or model)
         positions = getattr(config, "max_source_positions", None)
@@ -172,22 +189,82 @@ def _features(model: nn.Module, config, batch: int, seq: int, dtype: torch.dtype
     return InputSpec("input_features", (batch, seq * max(stride, 1), width), dtype, dynamic=(0, 1))
 
 
+def _frame_mask(model: nn.Module, main: InputSpec) -> list[InputSpec]:
+    """An all-valid mask over the frames of `main` ([batch, frames]) where forward takes one
+    named after it (`input_features_mask`: Qwen3-ASR, Fun-ASR, Audio Flamingo 3, whose encoders
+    read their lengths from it), of the dtype its annotation names (bool for a BoolTensor, else
+    integer ones as a feature extractor returns them)."""
+    param = inspect.signature(model.forward).parameters.get(f"{main.name}_mask")
+    if param is None:
+        return []
+    axis = main.dynamic[1] if len(main.dynamic) > 1 else len(main.shape) - 1
+    dtype = torch.bool if "BoolTensor" in str(param.annotation) else torch.long
+    dynamic = (0, 1) if axis in main.dynamic else (0,)
+    return [InputSpec(param.name, (main.shape[0], main.shape[axis]), dtype, dynamic=dynamic, fill=(1,))]
+
+
 def _values(model: nn.Module, config, batch: int, seq: int, dtype: torch.dtype) -> InputSpec:
     mel, frames = getattr(config, "num_mel_bins", None), getattr(config, "max_length", None)
     kernels, strides = getattr(config, "conv_kernel", None), getattr(config, "conv_stride", None)
     if mel and frames and not kernels:
         return InputSpec("input_values", (batch, frames, mel), dtype)
+    samples = _DEFAULT_SAMPLES
     if kernels and strides:
         # samples the feature encoder turns into `seq` frames: its receptive field, then one hop per frame
         receptive, hop = 1, 1
         for k, s in zip(kernels, strides):
             receptive += (k - 1) * hop
             hop *= s
-        return InputSpec("input_values", (batch, receptive + (seq - 1) * hop), dtype, dynamic=(0, 1))
-    channels = getattr(config, "audio_channels", None)
+        samples = receptive + (seq - 1) * hop
+    channels = _read_channels(model, batch, samples, dtype)
+    if channels is None and not (kernels and strides):
+        channels = getattr(config, "audio_channels", None)
     if isinstance(channels, int) and channels > 0:  # audio codecs read [batch, channels, samples]
-        return InputSpec("input_values", (batch, channels, _DEFAULT_SAMPLES), dtype, dynamic=(0, 2))
-    return InputSpec("input_values", (batch, _DEFAULT_SAMPLES), dtype, dynamic=(0, 1))
+        return InputSpec("input_values", (batch, channels, samples), dtype, dynamic=(0, 2))
+    return InputSpec("input_values", (batch, samples), dtype, dynamic=(0, 1))
+
+
+class _Reached(Exception):
+    """Raised by the probe's hook at the first convolution, to stop the forward there."""
+
+
+def _read_channels(model: nn.Module, batch: int, samples: int, dtype: torch.dtype) -> int | None:
+    """How many channels of raw audio `model` reads, as [batch, channels, samples], when it hands
+    input_values to its first 1-d convolution without a channel axis (codecs: DAC, EnCodec, VibeVoice); None
+    when it adds the channel axis itself (wav2vec2 and its kin read [batch, samples]) or the probe
+    cannot tell. The probe is the model's own forward on [batch, samples] zeros, stopped at the
+    first convolution it reaches (on the meta device for a model whose weights are there)."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv1d)]
+    if not convs:
+        return None
+    reached: list[tuple[nn.Conv1d, torch.Tensor]] = []
+
+    def hook(module, args):
+        reached.append((module, args[0]))
+        raise _Reached
+
+    params = [*model.parameters()]
+    device = torch.device("meta") if params and params[0].device.type == "meta" else model_device(model)
+    x = torch.zeros(batch, samples, dtype=dtype, device=device)
+    handles = [c.register_forward_pre_hook(hook) for c in convs]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(input_values=x)
+    except _Reached:
+        pass
+    except Exception:  # a forward that cannot run on the probe: the config decides
+        return None
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    if not reached:
+        return None
+    conv, got = reached[0]
+    # a 2-d input is one unbatched [channels, samples] to a convolution: the batch read as channels
+    return conv.in_channels if isinstance(got, torch.Tensor) and got.dim() == 2 else None
 
 
 def _series(config, names: set[str], batch: int, dtype: torch.dtype) -> list[InputSpec]:
@@ -236,6 +313,7 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
             specs.append(InputSpec("noise", (batch, patches), dtype))
     elif main == "input_features":
         specs.append(_features(model, config, batch, seq, dtype))
+        specs.extend(_frame_mask(model, specs[-1]))
     elif main == "past_values":
         specs.extend(_series(config, names, batch, dtype))
     else:
@@ -262,13 +340,27 @@ def _required(model: nn.Module) -> set[str]:
 def example_inputs_for(
     model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ, seed: int = 0
 ) -> dict[str, Any]:
-    """Seeded keyword inputs for `model` (see `input_specs`), plus `use_cache=False` where the
-    model takes it, on the model's device (the CPU for a model on the meta device)."""
+    """Seeded keyword inputs for `model` (see `input_specs`), plus its `fixed_options`, on the
+    model's device (the CPU for a model on the meta device)."""
     specs = input_specs(model, batch, seq)
     g = torch.Generator().manual_seed(seed)
     device = model_device(model)
     kwargs: dict[str, Any] = {s.name: s.make(g, device) for s in specs}
+    return {**kwargs, **fixed_options(model)}
+
+
+def fixed_options(model: nn.Module) -> dict[str, bool]:
+    """Options every call of `model` is given: `use_cache=False` where its config has use_cache
+    and its forward takes it (by name, or through **kwargs that are untyped or declare it: a
+    forward whose typed **kwargs do not may pass its own, Mimi's encoder, and one more would be a
+    second value for the same keyword); `sample=False` where forward samples by default (a
+    sigma-VAE, VibeVoice's tokenizer, draws noise into its latents), so that it is a function of
+    its inputs."""
     names, any_kwarg = _forward_params(model)
-    if hasattr(model.config, "use_cache") and ("use_cache" in names or any_kwarg):
-        kwargs["use_cache"] = False
-    return kwargs
+    out: dict[str, bool] = {}
+    if hasattr(getattr(model, "config", None), "use_cache") and ("use_cache" in names or any_kwarg):
+        out["use_cache"] = False
+    sample = inspect.signature(model.forward).parameters.get("sample")
+    if sample is not None and sample.default is True:
+        out["sample"] = False
+    return out

@@ -22,7 +22,7 @@ import onnx_ir as ir
 import torch
 import torch.nn as nn
 
-from ..inputs import input_specs, main_input_name
+from ..inputs import input_specs, main_input_name, fixed_options
 from ..verify import main_output
 
 __all__ = ["WRAPPER", "ModelGraph", "PixelGraph", "FeaturesGraph", "AudioGraph", "EncoderGraph", "DecoderGraph",
@@ -49,7 +49,7 @@ class ModelGraph(nn.Module):
         model = getattr(self, WRAPPER)
         if self.encoder:
             return model.get_encoder()(**inputs).last_hidden_state
-        extra = {"use_cache": False} if hasattr(model.config, "use_cache") else {}
+        extra = fixed_options(model)
         return main_output(model(**inputs, **extra))
 
 
@@ -131,12 +131,18 @@ def output_name(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None)
     The export passes its example inputs: some models (Funnel) run only at their shapes."""
     from ..inputs import example_inputs_for
 
-    extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
-    out = model(**(inputs if inputs is not None else example_inputs_for(model, batch=1, seq=2)), **extra)
+    inputs = inputs if inputs is not None else example_inputs_for(model, batch=1, seq=2)
+    out = model(**{**inputs, **fixed_options(model)})
     if isinstance(out, dict):  # the key of what main_output returns
-        return next((k for k, v in out.items() if isinstance(v, torch.Tensor) or isinstance(v, (tuple, list)) and v),
-                    "output")
+        found = main_output(out)
+        return next((k for k, v in out.items() if _holds(v, found)), "output")
     return "output"
+
+
+def _holds(value: Any, tensor: torch.Tensor) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value is tensor
+    return isinstance(value, (tuple, list)) and any(_holds(v, tensor) for v in value)
 
 
 def _two_graphs(model_or_config: Any) -> bool:

@@ -92,6 +92,15 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "vjepa2": {"pred_hidden_size": 32, "pred_num_attention_heads": 4, "pred_num_hidden_layers": 2},
     # BiT's group norms have 32 groups; the tiny stages are 16 channels wide
     "bit": {"num_groups": 2},
+    # the decoder's upsampling is depthwise: one group per channel of the (shrunk) hidden size
+    **dict.fromkeys(("mimi", "mimi_decoder", "pocket_tts_audio_tokenizer", "pocket_tts_audio_tokenizer_decoder"),
+                    {"upsample_groups": _HIDDEN}),
+    # these audio encoders have as many key/value heads as query heads (their default configs);
+    # grouped queries without a mask take SDPA's enable_gqa path, which torch.export cannot trace
+    **dict.fromkeys(("nemotron3_5_transcribe_asr_audio", "nemotron3_diarization_audio"),
+                    {"num_key_value_heads": _HEADS}),
+    # no projections around the quantizer: the codebook is as wide as the hidden size
+    **dict.fromkeys(("wavtokenizer", "wavtokenizer_encoder"), {"codebook_dim": _HIDDEN}),
 }
 
 
