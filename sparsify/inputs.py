@@ -8,6 +8,8 @@ that input must have. One rule per kind of input, keyed by the input's name:
     pixel_values     [batch, num_channels, image_size, image_size] (224 when none is configured);
                      [batch, num_frames, num_channels, image_size, image_size] for video (also as
                      pixel_values_videos: V-JEPA 2's crop_size and frames_per_clip)
+    inputs_embeds    where it is the declared main input (a head fed another model's states):
+                     [batch, seq, hidden_size]
     noise            beside pixel values, where forward takes it (ViT-MAE's random masking):
                      seeded [batch, patches], so that the forward is a function of its inputs
     input_features   mel features: [batch, num_mel_bins, frames] when the config has num_mel_bins
@@ -34,6 +36,7 @@ forward requires more than these (image grids, bounding boxes, past values), rai
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from dataclasses import dataclass
@@ -44,8 +47,8 @@ import torch.nn as nn
 
 from .errors import CaptureError
 
-__all__ = ["InputSpec", "input_specs", "example_inputs_for", "main_input_name", "model_device", "fixed_options",
-           "DEFAULT_BATCH", "DEFAULT_SEQ"]
+__all__ = ["InputSpec", "input_specs", "example_inputs_for", "main_input_name", "main_input_param", "model_device",
+           "fixed_options", "DEFAULT_BATCH", "DEFAULT_SEQ"]
 
 DEFAULT_BATCH, DEFAULT_SEQ = 2, 8
 _DEFAULT_IMAGE = 224
@@ -109,15 +112,38 @@ def _forward_params(model: nn.Module) -> tuple[set[str], bool]:
     return {p.name for p in params}, untyped
 
 
+_KINDS = ("input_ids", "pixel_values", "pixel_values_videos", "input_features", "input_values", "past_values")
+
+
 def main_input_name(model: nn.Module) -> str | None:
-    """The input a model is fed: its `main_input_name` when forward takes it, else the first
-    of the known kinds that forward takes."""
+    """The kind of input a model is fed: its `main_input_name` when forward takes it, else the
+    first of the known kinds that forward takes, else the declared kind where forward takes it
+    under another name (see `main_input_param`)."""
     names, _ = _forward_params(model)
     declared = getattr(model, "main_input_name", None)
     if declared in names:
         return declared
-    return next((n for n in ("input_ids", "pixel_values", "pixel_values_videos", "input_features", "input_values",
-                             "past_values") if n in names), None)
+    found = next((n for n in _KINDS if n in names), None)
+    if found is None and declared in (*_KINDS, "latents") and _first_required(model):
+        return declared
+    return found
+
+
+def main_input_param(model: nn.Module) -> str | None:
+    """The forward argument the main input goes to: its kind's name, or for a forward that names
+    its declared main input otherwise, its first argument (VibeVoice's tokenizer halves declare
+    input_values and take `hidden_states`)."""
+    kind = main_input_name(model)
+    names, _ = _forward_params(model)
+    return kind if kind in names or kind is None else _first_required(model)
+
+
+def _first_required(model: nn.Module) -> str | None:
+    """The forward's first argument, where it has no default."""
+    params = [*inspect.signature(model.forward).parameters.values()]
+    if params and params[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and params[0].default is inspect.Parameter.empty:
+        return params[0].name
+    return None
 
 
 def _vocab(config, *names: str) -> int | None:
@@ -217,6 +243,11 @@ def _values(model: nn.Module, config, batch: int, seq: int, dtype: torch.dtype) 
             hop *= s
         samples = receptive + (seq - 1) * hop
     channels = _read_channels(model, batch, samples, dtype)
+    audio = getattr(config, "audio_channels", None) or getattr(config, "channels", None)
+    if isinstance(channels, int) and isinstance(audio, int) and channels > audio:
+        # the convolution reads more channels than the audio has: latents, whatever the model
+        # declares (VibeVoice's decoder inherits input_values): [batch, channels, seq frames]
+        return InputSpec("input_values", (batch, channels, seq), dtype, dynamic=(0, 2))
     if channels is None and not (kernels and strides):
         channels = getattr(config, "audio_channels", None)
     if isinstance(channels, int) and channels > 0:  # audio codecs read [batch, channels, samples]
@@ -224,16 +255,27 @@ def _values(model: nn.Module, config, batch: int, seq: int, dtype: torch.dtype) 
     return InputSpec("input_values", (batch, samples), dtype, dynamic=(0, 1))
 
 
+def _latents(model: nn.Module, config, batch: int, seq: int, dtype: torch.dtype) -> InputSpec:
+    """An audio decoder's latents: [batch, channels, seq frames], as many channels as its first
+    convolution reads (Mimi's and Pocket TTS's decoders), else the hidden size."""
+    channels = _read_channels(model, batch, seq, dtype) or _vocab(config, "hidden_size", "d_model")
+    if channels is None:
+        raise CaptureError(f"cannot make latents for {type(model).__name__}: no convolution reads them and its config "
+                           "has no hidden_size; pass example_inputs=(x,)")
+    return InputSpec("latents", (batch, channels, seq), dtype, dynamic=(0, 2))
+
+
 class _Reached(Exception):
     """Raised by the probe's hook at the first convolution, to stop the forward there."""
 
 
 def _read_channels(model: nn.Module, batch: int, samples: int, dtype: torch.dtype) -> int | None:
-    """How many channels of raw audio `model` reads, as [batch, channels, samples], when it hands
-    input_values to its first 1-d convolution without a channel axis (codecs: DAC, EnCodec, VibeVoice); None
-    when it adds the channel axis itself (wav2vec2 and its kin read [batch, samples]) or the probe
-    cannot tell. The probe is the model's own forward on [batch, samples] zeros, stopped at the
-    first convolution it reaches (on the meta device for a model whose weights are there)."""
+    """How many channels `model` reads its main input with, as [batch, channels, samples], when
+    it hands that input to its first 1-d convolution without a channel axis (codecs: DAC, EnCodec,
+    VibeVoice; audio decoders' latents); None when it adds the channel axis itself (wav2vec2 and
+    its kin read [batch, samples]) or the probe cannot tell. The probe is the model's own forward
+    on [batch, samples] zeros, stopped at the first convolution it reaches (on the meta device for
+    a model whose weights are there)."""
     convs = [m for m in model.modules() if isinstance(m, nn.Conv1d)]
     if not convs:
         return None
@@ -246,12 +288,13 @@ def _read_channels(model: nn.Module, batch: int, samples: int, dtype: torch.dtyp
     params = [*model.parameters()]
     device = torch.device("meta") if params and params[0].device.type == "meta" else model_device(model)
     x = torch.zeros(batch, samples, dtype=dtype, device=device)
+    param = main_input_param(model) or "input_values"
     handles = [c.register_forward_pre_hook(hook) for c in convs]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(input_values=x)
+            model(**{param: x})
     except _Reached:
         pass
     except Exception:  # a forward that cannot run on the probe: the config decides
@@ -304,6 +347,12 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
         specs.append(InputSpec("input_ids", (batch, seq), torch.long, high=vocab, dynamic=(0, 1)))
         if "attention_mask" in names:
             specs.append(InputSpec("attention_mask", (batch, seq), torch.long, dynamic=(0, 1)))
+    elif main == "inputs_embeds":  # a model fed another's states (Nemotron 3.5's word-timestamp head)
+        width = _vocab(config, "hidden_size", "d_model")
+        if width is None:
+            raise CaptureError(f"cannot make inputs_embeds for {type(model).__name__}: its config has no hidden_size; "
+                               "pass example_inputs=(x,)")
+        specs.append(InputSpec("inputs_embeds", (batch, seq, width), dtype, dynamic=(0, 1)))
     elif main in ("pixel_values", "pixel_values_videos"):
         specs.append(_image(config, batch, dtype, main))
         patches = _patches(config, specs[-1])
@@ -316,8 +365,13 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
         specs.extend(_frame_mask(model, specs[-1]))
     elif main == "past_values":
         specs.extend(_series(config, names, batch, dtype))
+    elif main == "latents":
+        specs.append(_latents(model, config, batch, seq, dtype))
     else:
         specs.append(_values(model, config, batch, seq, dtype))
+    param = main_input_param(model)
+    if param != specs[0].name:  # the declared kind, under the forward's own name for it
+        specs[0] = dataclasses.replace(specs[0], name=param)
     if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in names:
         vocab = _vocab(config, "tgt_vocab_size", "vocab_size")
         specs.append(InputSpec("decoder_input_ids", (batch, seq), torch.long, high=vocab or 2, dynamic=(0, 1)))

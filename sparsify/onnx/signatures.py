@@ -22,7 +22,7 @@ import onnx_ir as ir
 import torch
 import torch.nn as nn
 
-from ..inputs import input_specs, main_input_name, fixed_options
+from ..inputs import fixed_options, input_specs, main_input_name, main_input_param
 from ..verify import main_output
 
 __all__ = ["WRAPPER", "ModelGraph", "PixelGraph", "FeaturesGraph", "AudioGraph", "EncoderGraph", "DecoderGraph",
@@ -69,10 +69,12 @@ class VideoGraph(ModelGraph):
 
 
 class FeaturesGraph(ModelGraph):
-    """input_features (mel or filter-bank features) -> the first output (or the encoder's)."""
+    """input_features (mel or filter-bank features), with their frame mask where the model takes
+    one -> the first output (or the encoder's)."""
 
-    def forward(self, input_features: torch.Tensor) -> torch.Tensor:
-        return self._run(input_features=input_features)
+    def forward(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = {} if input_features_mask is None else {"input_features_mask": input_features_mask}
+        return self._run(input_features=input_features, **mask)
 
 
 class AudioGraph(ModelGraph):
@@ -80,6 +82,28 @@ class AudioGraph(ModelGraph):
 
     def forward(self, input_values: torch.Tensor) -> torch.Tensor:
         return self._run(input_values=input_values)
+
+
+class LatentsGraph(ModelGraph):
+    """latents (an audio decoder's: Mimi's) -> the first output."""
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._run(latents=latents)
+
+
+class HiddenStatesGraph(ModelGraph):
+    """hidden_states, where forward names its main input so (VibeVoice's tokenizer halves) -> the
+    first output."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self._run(hidden_states=hidden_states)
+
+
+class EmbedsGraph(ModelGraph):
+    """inputs_embeds (another model's states, where they are the main input) -> the first output."""
+
+    def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        return self._run(inputs_embeds=inputs_embeds)
 
 
 class SeriesGraph(ModelGraph):
@@ -120,7 +144,8 @@ class DecoderGraph(nn.Module):
 
 
 _GRAPHS = {"input_ids": ModelGraph, "pixel_values": PixelGraph, "input_features": FeaturesGraph,
-           "input_values": AudioGraph, "past_values": SeriesGraph, "pixel_values_videos": VideoGraph}
+           "input_values": AudioGraph, "past_values": SeriesGraph, "pixel_values_videos": VideoGraph,
+           "inputs_embeds": EmbedsGraph, "latents": LatentsGraph, "hidden_states": HiddenStatesGraph}
 
 
 @torch.no_grad()
@@ -173,7 +198,7 @@ def model_graphs(model: nn.Module, batch: int, seq: int, dynamic: bool) -> list[
     from ..inputs import example_inputs_for
 
     config = model.config
-    main = main_input_name(model)
+    main = main_input_param(model)
     wrapper = _GRAPHS[main]
     specs = {s.name: s for s in input_specs(model, batch, seq)}
     inputs = {k: v for k, v in example_inputs_for(model, batch, seq).items() if k in specs}
