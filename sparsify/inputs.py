@@ -20,8 +20,14 @@ that input must have. One rule per kind of input, keyed by the input's name:
     input_features_mask  beside features, where forward takes it: [batch, frames], all valid
     input_values     a spectrogram [batch, max_length, num_mel_bins] when the config has both
                      (audio spectrogram transformer), else raw audio [batch, samples], as many
-                     samples as the convolutional feature encoder turns into `seq` frames
-                     ([batch, audio_channels, samples] for codecs that configure channels)
+                     samples as the convolutional feature encoder turns into `seq` frames (seq
+                     times samples_per_token where the config says how many one token reads)
+                     ([batch, channels, samples] where forward hands them to its first
+                     convolution as they are, which a probe of the forward finds: codecs; latents
+                     [batch, channels, seq] where that convolution reads more channels than the
+                     configured audio has)
+    latents          an audio decoder's: [batch, channels its first convolution reads, seq]
+    (a declared main input that forward names otherwise is fed under forward's name for it)
     past_values      a time series: [batch, context_length + the largest lag] (by input_size
                      when it is above 1), with past_time_features [.., num_time_features] and an
                      all-ones past_observed_mask (Time Series Transformer, Informer, Autoformer);
@@ -242,6 +248,9 @@ def _values(model: nn.Module, config, batch: int, seq: int, dtype: torch.dtype) 
             receptive += (k - 1) * hop
             hop *= s
         samples = receptive + (seq - 1) * hop
+    per_token = getattr(config, "samples_per_token", None)
+    if isinstance(per_token, int) and per_token > 0:  # an encoder that reads whole tokens' samples (Muse Spark)
+        samples = seq * per_token
     channels = _read_channels(model, batch, samples, dtype)
     audio = getattr(config, "audio_channels", None) or getattr(config, "channels", None)
     if isinstance(channels, int) and isinstance(audio, int) and channels > audio:

@@ -13,6 +13,7 @@ make those inputs:
   Pocket TTS's), and a declared main input that forward names otherwise, under forward's name
   (VibeVoice's tokenizer halves: raw audio to the encoder, latents to the decoder);
 - inputs_embeds, [batch, seq, hidden], where they are the declared main input;
+- raw audio of seq whole tokens where the config says how many samples one token reads;
 - use_cache=False only where forward takes it, sample=False where it samples by default;
 - the main output is the first floating-point one (a codec's audio, not its integer codes).
 """
@@ -164,3 +165,13 @@ def test_main_input_under_the_forwards_name():
             assert torch.isfinite(main_output(model(**example_inputs_for(model, batch=2, seq=8)))).all()
     mimi = _meta("mimi_decoder", "MimiDecoderModel")
     assert [(s.name, s.shape) for s in input_specs(mimi, batch=2, seq=8)] == [("latents", (2, mimi.config.hidden_size, 8))]
+
+
+def test_raw_audio_of_whole_tokens():
+    """An encoder that reads samples_per_token samples a token (Muse Spark) gets seq tokens' worth."""
+    model = _tiny("muse_spark_audio", "MuseSparkAudioModel")
+    (spec,) = input_specs(model, batch=2, seq=3)
+    assert spec.shape == (2, 3 * model.config.samples_per_token)
+    with torch.no_grad():
+        out = main_output(model(**example_inputs_for(model, batch=2, seq=3)))
+    assert out.shape[:2] == (2, 3)
