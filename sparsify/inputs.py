@@ -205,7 +205,10 @@ def _features(model: nn.Module, config, batch: int, seq: int, dtype: torch.dtype
         stride = getattr(config, "subsampling_factor", None)
         if not (isinstance(stride, int) and stride > 0):
             stride = math.prod(m.stride[0] for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d)))
-        return InputSpec("input_features", (batch, seq * stride, mel), dtype, dynamic=(0, 1))
+        # a config's input_size: frames stacked by the feature extractor (Fun-ASR: 7 x the bins)
+        width = getattr(config, "input_size", None)
+        width = width if isinstance(width, int) and width >= mel else mel
+        return InputSpec("input_features", (batch, seq * stride, width), dtype, dynamic=(0, 1))
     if mel:
         stride = _conv_stride(_encoder(model) or model)
         positions = getattr(config, "max_source_positions", None)

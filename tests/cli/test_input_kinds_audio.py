@@ -105,6 +105,13 @@ def test_mel_layout_follows_the_convolution_that_reads_the_bins():
     (spec,) = input_specs(parakeet, batch=2, seq=8)
     assert spec.shape == (2, 8 * parakeet.config.subsampling_factor, parakeet.config.num_mel_bins)
     assert spec.dynamic == (0, 1)
+    # frames stacked by the feature extractor: the config's input_size wide (Fun-ASR)
+    fun = _tiny("fun_asr_nano_encoder", "FunAsrNanoEncoder")
+    features, mask = input_specs(fun, batch=2, seq=8)
+    assert features.shape[2] == fun.config.input_size == fun.config.num_mel_bins * fun.config.num_stacked_frames
+    assert mask.shape == features.shape[:2]
+    with torch.no_grad():
+        assert torch.isfinite(main_output(fun(**example_inputs_for(fun, batch=2, seq=8)))).all()
 
 
 def test_frame_mask_beside_features():
