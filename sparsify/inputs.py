@@ -379,8 +379,12 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
         specs.extend(_series(config, names, batch, dtype))
     elif main == "latents":
         specs.append(_latents(model, config, batch, seq, dtype))
-    else:
+    elif main == "input_values":
         specs.append(_values(model, config, batch, seq, dtype))
+    else:
+        raise CaptureError(f"cannot make example inputs for {type(model).__name__}: its main input {main} is not a "
+                           "kind sparsify makes (token ids, pixel values, audio, features, latents, time series); "
+                           "pass example_inputs=(x,)")
     param = main_input_param(model)
     if param != specs[0].name:  # the declared kind, under the forward's own name for it
         specs[0] = dataclasses.replace(specs[0], name=param)

@@ -182,3 +182,12 @@ def test_raw_audio_of_whole_tokens():
     with torch.no_grad():
         out = main_output(model(**example_inputs_for(model, batch=2, seq=3)))
     assert out.shape[:2] == (2, 3)
+
+
+def test_an_unknown_main_input_is_named():
+    """Gemma 3n's audio encoder reads audio_mel (with a padding mask whose polarity no signature
+    says): one line naming the input and what to pass, not inputs of another kind."""
+    from sparsify.errors import CaptureError
+
+    with pytest.raises(CaptureError, match="main input audio_mel .*pass example_inputs"):
+        input_specs(_meta("gemma3n_audio", "Gemma3nAudioEncoder"))
