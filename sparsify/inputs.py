@@ -8,16 +8,26 @@ that input must have. One rule per kind of input, keyed by the input's name:
     pixel_values     [batch, num_channels, image_size, image_size] (224 when none is configured);
                      [batch, num_frames, num_channels, image_size, image_size] for video (also as
                      pixel_values_videos: V-JEPA 2's crop_size and frames_per_clip)
+    inputs_embeds    where it is the declared main input (a head fed another model's states):
+                     [batch, seq, hidden_size]
     noise            beside pixel values, where forward takes it (ViT-MAE's random masking):
                      seeded [batch, patches], so that the forward is a function of its inputs
     input_features   mel features: [batch, num_mel_bins, frames] when the config has num_mel_bins
-                     (Whisper: exactly the frames its encoder's convolutions reduce to
-                     max_source_positions), else [batch, frames, feature size] (Speech2Text,
-                     SeamlessM4T, wav2vec2-BERT)
+                     and a 1-d convolution reads them as channels (Whisper: exactly the frames its
+                     encoder's convolutions reduce to max_source_positions); [batch, frames,
+                     num_mel_bins] when none does (Parakeet, LASR); else [batch, frames, feature
+                     size] (Speech2Text, SeamlessM4T, wav2vec2-BERT)
+    input_features_mask  beside features, where forward takes it: [batch, frames], all valid
     input_values     a spectrogram [batch, max_length, num_mel_bins] when the config has both
                      (audio spectrogram transformer), else raw audio [batch, samples], as many
-                     samples as the convolutional feature encoder turns into `seq` frames
-                     ([batch, audio_channels, samples] for codecs that configure channels)
+                     samples as the convolutional feature encoder turns into `seq` frames (seq
+                     times samples_per_token where the config says how many one token reads)
+                     ([batch, channels, samples] where forward hands them to its first
+                     convolution as they are, which a probe of the forward finds: codecs; latents
+                     [batch, channels, seq] where that convolution reads more channels than the
+                     configured audio has)
+    latents          an audio decoder's: [batch, channels its first convolution reads, seq]
+    (a declared main input that forward names otherwise is fed under forward's name for it)
     past_values      a time series: [batch, context_length + the largest lag] (by input_size
                      when it is above 1), with past_time_features [.., num_time_features] and an
                      all-ones past_observed_mask (Time Series Transformer, Informer, Autoformer);
@@ -39,6 +49,7 @@ forward requires more than these (image grids, bounding boxes, past values), rai
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from dataclasses import dataclass
@@ -49,8 +60,8 @@ import torch.nn as nn
 
 from .errors import CaptureError
 
-__all__ = ["InputSpec", "input_specs", "STATIC_VALUE_INPUTS", "example_inputs_for", "main_input_name", "model_device",
-           "DEFAULT_BATCH", "DEFAULT_SEQ"]
+__all__ = ["InputSpec", "input_specs", "STATIC_VALUE_INPUTS", "example_inputs_for", "main_input_name",
+           "main_input_param", "model_device", "fixed_options", "DEFAULT_BATCH", "DEFAULT_SEQ"]
 
 DEFAULT_BATCH, DEFAULT_SEQ = 2, 8
 _DEFAULT_IMAGE = 224
@@ -105,9 +116,19 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _forward_params(model: nn.Module) -> tuple[set[str], bool]:
-    """The names forward takes, and whether it also takes **kwargs."""
+    """The names forward takes, and whether it also takes **kwargs of any name (untyped, or typed
+    by a TypedDict that declares use_cache; transformers' `Unpack[TransformersKwargs]` does not)."""
     params = inspect.signature(model.forward).parameters.values()
-    return {p.name for p in params}, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    untyped = False
+    for p in params:
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            typed = getattr(p.annotation, "__args__", (p.annotation,))[0]  # Unpack[X] -> X
+            keys = getattr(typed, "__annotations__", None) if hasattr(typed, "__total__") else None
+            untyped = untyped or not isinstance(keys, dict) or "use_cache" in keys
+    return {p.name for p in params}, untyped
+
+
+_KINDS = ("input_ids", "pixel_values", "pixel_values_videos", "input_features", "input_values", "past_values")
 
 
 GRID_INPUTS = ("grid_thw", "image_grid_thw")  # the names vision towers give the grid of their patches
@@ -119,17 +140,37 @@ def _grid_input(names: set[str]) -> str | None:
 
 
 def main_input_name(model: nn.Module) -> str | None:
-    """The input a model is fed: its flattened patches when forward takes an image grid and no
-    token ids (a vision tower; the whole vision-language model is fed token ids), else its
-    `main_input_name` when forward takes it, else the first of the known kinds that forward takes."""
+    """The kind of input a model is fed: its flattened patches when forward takes an image grid
+    and no token ids (a vision tower; the whole vision-language model is fed token ids), else its
+    `main_input_name` when forward takes it, else the first of the known kinds that forward takes,
+    else the declared kind where forward takes it under another name (see `main_input_param`)."""
     names, _ = _forward_params(model)
     if _grid_input(names) and "input_ids" not in names:
         return next((n for n in ("hidden_states", "pixel_values") if n in names), None)
     declared = getattr(model, "main_input_name", None)
     if declared in names:
         return declared
-    return next((n for n in ("input_ids", "pixel_values", "pixel_values_videos", "input_features", "input_values",
-                             "past_values") if n in names), None)
+    found = next((n for n in _KINDS if n in names), None)
+    if found is None and declared in (*_KINDS, "latents") and _first_required(model):
+        return declared
+    return found
+
+
+def main_input_param(model: nn.Module) -> str | None:
+    """The forward argument the main input goes to: its kind's name, or for a forward that names
+    its declared main input otherwise, its first argument (VibeVoice's tokenizer halves declare
+    input_values and take `hidden_states`)."""
+    kind = main_input_name(model)
+    names, _ = _forward_params(model)
+    return kind if kind in names or kind is None else _first_required(model)
+
+
+def _first_required(model: nn.Module) -> str | None:
+    """The forward's first argument, where it has no default."""
+    params = [*inspect.signature(model.forward).parameters.values()]
+    if params and params[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and params[0].default is inspect.Parameter.empty:
+        return params[0].name
+    return None
 
 
 def _vocab(config, *names: str) -> int | None:
@@ -178,6 +219,17 @@ def _patches(config, image: InputSpec) -> int | None:
 
 def _features(model: nn.Module, config, batch: int, seq: int, dtype: torch.dtype) -> InputSpec:
     mel = getattr(config, "num_mel_bins", None)
+    if mel and not any(isinstance(m, nn.Conv1d) and m.in_channels == mel for m in model.modules()):
+        # no convolution reads the mel bins as channels: frames first, bins last (Parakeet, LASR),
+        # as many as its subsampling (the config's subsampling_factor, else its convolutions: 1-d,
+        # or 2-d over [time, bins]) turns into `seq`
+        stride = getattr(config, "subsampling_factor", None)
+        if not (isinstance(stride, int) and stride > 0):
+            stride = math.prod(m.stride[0] for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d)))
+        # a config's input_size: frames stacked by the feature extractor (Fun-ASR: 7 x the bins)
+        width = getattr(config, "input_size", None)
+        width = width if isinstance(width, int) and width >= mel else mel
+        return InputSpec("input_features", (batch, seq * stride, width), dtype, dynamic=(0, 1))
     if mel:
         stride = _conv_stride(_encoder(model) or model)
         positions = getattr(config, "max_source_positions", None)
@@ -193,22 +245,102 @@ def _features(model: nn.Module, config, batch: int, seq: int, dtype: torch.dtype
     return InputSpec("input_features", (batch, seq * max(stride, 1), width), dtype, dynamic=(0, 1))
 
 
+def _frame_mask(model: nn.Module, main: InputSpec) -> list[InputSpec]:
+    """An all-valid mask over the frames of `main` ([batch, frames]) where forward takes one
+    named after it (`input_features_mask`: Qwen3-ASR, Fun-ASR, Audio Flamingo 3, whose encoders
+    read their lengths from it), of the dtype its annotation names (bool for a BoolTensor, else
+    integer ones as a feature extractor returns them)."""
+    param = inspect.signature(model.forward).parameters.get(f"{main.name}_mask")
+    if param is None:
+        return []
+    axis = main.dynamic[1] if len(main.dynamic) > 1 else len(main.shape) - 1
+    dtype = torch.bool if "BoolTensor" in str(param.annotation) else torch.long
+    dynamic = (0, 1) if axis in main.dynamic else (0,)
+    return [InputSpec(param.name, (main.shape[0], main.shape[axis]), dtype, dynamic=dynamic, fill=(1,))]
+
+
 def _values(model: nn.Module, config, batch: int, seq: int, dtype: torch.dtype) -> InputSpec:
     mel, frames = getattr(config, "num_mel_bins", None), getattr(config, "max_length", None)
     kernels, strides = getattr(config, "conv_kernel", None), getattr(config, "conv_stride", None)
     if mel and frames and not kernels:
         return InputSpec("input_values", (batch, frames, mel), dtype)
+    samples = _DEFAULT_SAMPLES
     if kernels and strides:
         # samples the feature encoder turns into `seq` frames: its receptive field, then one hop per frame
         receptive, hop = 1, 1
         for k, s in zip(kernels, strides):
             receptive += (k - 1) * hop
             hop *= s
-        return InputSpec("input_values", (batch, receptive + (seq - 1) * hop), dtype, dynamic=(0, 1))
-    channels = getattr(config, "audio_channels", None)
+        samples = receptive + (seq - 1) * hop
+    per_token = getattr(config, "samples_per_token", None)
+    if isinstance(per_token, int) and per_token > 0:  # an encoder that reads whole tokens' samples (Muse Spark)
+        samples = seq * per_token
+    channels = _read_channels(model, batch, samples, dtype)
+    audio = getattr(config, "audio_channels", None) or getattr(config, "channels", None)
+    if isinstance(channels, int) and isinstance(audio, int) and channels > audio:
+        # the convolution reads more channels than the audio has: latents, whatever the model
+        # declares (VibeVoice's decoder inherits input_values): [batch, channels, seq frames]
+        return InputSpec("input_values", (batch, channels, seq), dtype, dynamic=(0, 2))
+    if channels is None and not (kernels and strides):
+        channels = getattr(config, "audio_channels", None)
     if isinstance(channels, int) and channels > 0:  # audio codecs read [batch, channels, samples]
-        return InputSpec("input_values", (batch, channels, _DEFAULT_SAMPLES), dtype, dynamic=(0, 2))
-    return InputSpec("input_values", (batch, _DEFAULT_SAMPLES), dtype, dynamic=(0, 1))
+        return InputSpec("input_values", (batch, channels, samples), dtype, dynamic=(0, 2))
+    return InputSpec("input_values", (batch, samples), dtype, dynamic=(0, 1))
+
+
+def _latents(model: nn.Module, config, batch: int, seq: int, dtype: torch.dtype) -> InputSpec:
+    """An audio decoder's latents: [batch, channels, seq frames], as many channels as its first
+    convolution reads (Mimi's and Pocket TTS's decoders), else the hidden size."""
+    channels = _read_channels(model, batch, seq, dtype) or _vocab(config, "hidden_size", "d_model")
+    if channels is None:
+        raise CaptureError(f"cannot make latents for {type(model).__name__}: no convolution reads them and its config "
+                           "has no hidden_size; pass example_inputs=(x,)")
+    return InputSpec("latents", (batch, channels, seq), dtype, dynamic=(0, 2))
+
+
+class _Reached(Exception):
+    """Raised by the probe's hook at the first convolution, to stop the forward there."""
+
+
+def _read_channels(model: nn.Module, batch: int, samples: int, dtype: torch.dtype) -> int | None:
+    """How many channels `model` reads its main input with, as [batch, channels, samples], when
+    it hands that input to its first 1-d convolution without a channel axis (codecs: DAC, EnCodec,
+    VibeVoice; audio decoders' latents); None when it adds the channel axis itself (wav2vec2 and
+    its kin read [batch, samples]) or the probe cannot tell. The probe is the model's own forward
+    on [batch, samples] zeros, stopped at the first convolution it reaches (on the meta device for
+    a model whose weights are there)."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv1d)]
+    if not convs:
+        return None
+    reached: list[tuple[nn.Conv1d, torch.Tensor]] = []
+
+    def hook(module, args):
+        reached.append((module, args[0]))
+        raise _Reached
+
+    params = [*model.parameters()]
+    device = torch.device("meta") if params and params[0].device.type == "meta" else model_device(model)
+    x = torch.zeros(batch, samples, dtype=dtype, device=device)
+    param = main_input_param(model) or "input_values"
+    handles = [c.register_forward_pre_hook(hook) for c in convs]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(**{param: x})
+    except _Reached:
+        pass
+    except Exception:  # a forward that cannot run on the probe: the config decides
+        return None
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    if not reached:
+        return None
+    conv, got = reached[0]
+    # a 2-d input is one unbatched [channels, samples] to a convolution: the batch read as channels
+    return conv.in_channels if isinstance(got, torch.Tensor) and got.dim() == 2 else None
 
 
 def _series(config, names: set[str], batch: int, dtype: torch.dtype) -> list[InputSpec]:
@@ -269,6 +401,12 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
             specs.append(InputSpec("attention_mask", (batch, seq), torch.long, dynamic=(0, 1)))
     elif main in ("hidden_states", "pixel_values") and _grid_input(names):
         specs.extend(_patch_grid(model, config, names, main, batch, dtype))
+    elif main == "inputs_embeds":  # a model fed another's states (Nemotron 3.5's word-timestamp head)
+        width = _vocab(config, "hidden_size", "d_model")
+        if width is None:
+            raise CaptureError(f"cannot make inputs_embeds for {type(model).__name__}: its config has no hidden_size; "
+                               "pass example_inputs=(x,)")
+        specs.append(InputSpec("inputs_embeds", (batch, seq, width), dtype, dynamic=(0, 1)))
     elif main in ("pixel_values", "pixel_values_videos"):
         specs.append(_image(config, batch, dtype, main))
         patches = _patches(config, specs[-1])
@@ -278,10 +416,20 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
             specs.append(InputSpec("noise", (batch, patches), dtype))
     elif main == "input_features":
         specs.append(_features(model, config, batch, seq, dtype))
+        specs.extend(_frame_mask(model, specs[-1]))
     elif main == "past_values":
         specs.extend(_series(config, names, batch, dtype))
-    else:
+    elif main == "latents":
+        specs.append(_latents(model, config, batch, seq, dtype))
+    elif main == "input_values":
         specs.append(_values(model, config, batch, seq, dtype))
+    else:
+        raise CaptureError(f"cannot make example inputs for {type(model).__name__}: its main input {main} is not a "
+                           "kind sparsify makes (token ids, pixel values, audio, features, latents, time series); "
+                           "pass example_inputs=(x,)")
+    param = main_input_param(model)
+    if param != specs[0].name:  # the declared kind, under the forward's own name for it
+        specs[0] = dataclasses.replace(specs[0], name=param)
     if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in names:
         vocab = _vocab(config, "tgt_vocab_size", "vocab_size")
         specs.append(InputSpec("decoder_input_ids", (batch, seq), torch.long, high=vocab or 2, dynamic=(0, 1)))
@@ -304,13 +452,27 @@ def _required(model: nn.Module) -> set[str]:
 def example_inputs_for(
     model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ, seed: int = 0
 ) -> dict[str, Any]:
-    """Seeded keyword inputs for `model` (see `input_specs`), plus `use_cache=False` where the
-    model takes it, on the model's device (the CPU for a model on the meta device)."""
+    """Seeded keyword inputs for `model` (see `input_specs`), plus its `fixed_options`, on the
+    model's device (the CPU for a model on the meta device)."""
     specs = input_specs(model, batch, seq)
     g = torch.Generator().manual_seed(seed)
     device = model_device(model)
     kwargs: dict[str, Any] = {s.name: s.make(g, device) for s in specs}
+    return {**kwargs, **fixed_options(model)}
+
+
+def fixed_options(model: nn.Module) -> dict[str, bool]:
+    """Options every call of `model` is given: `use_cache=False` where its config has use_cache
+    and its forward takes it (by name, or through **kwargs that are untyped or declare it: a
+    forward whose typed **kwargs do not may pass its own, Mimi's encoder, and one more would be a
+    second value for the same keyword); `sample=False` where forward samples by default (a
+    sigma-VAE, VibeVoice's tokenizer, draws noise into its latents), so that it is a function of
+    its inputs."""
     names, any_kwarg = _forward_params(model)
-    if hasattr(model.config, "use_cache") and ("use_cache" in names or any_kwarg):
-        kwargs["use_cache"] = False
-    return kwargs
+    out: dict[str, bool] = {}
+    if hasattr(getattr(model, "config", None), "use_cache") and ("use_cache" in names or any_kwarg):
+        out["use_cache"] = False
+    sample = inspect.signature(model.forward).parameters.get("sample")
+    if sample is not None and sample.default is True:
+        out["sample"] = False
+    return out

@@ -64,17 +64,27 @@ def check_atol(atol: float | None, name: str = "atol") -> float | None:
     return atol
 
 
-def main_output(out) -> torch.Tensor:
-    """The first tensor of a model output (logits, or the last hidden state; a backbone's first
-    feature map, inside the tuple it returns)."""
+def _first_tensor(out, floating: bool) -> torch.Tensor | None:
     if isinstance(out, torch.Tensor):
-        return out
-    for o in out.values() if isinstance(out, dict) else out:
-        if isinstance(o, torch.Tensor):
-            return o
-        if isinstance(o, (tuple, list, dict)) and o:
-            return main_output(o)
-    raise ValueError(f"the model returned no tensor ({type(out).__name__})")
+        return out if out.is_floating_point() or not floating else None
+    if isinstance(out, (tuple, list, dict)):
+        for o in out.values() if isinstance(out, dict) else out:
+            t = _first_tensor(o, floating)
+            if t is not None:
+                return t
+    return None
+
+
+def main_output(out) -> torch.Tensor:
+    """The first floating-point tensor of a model output (logits, or the last hidden state; a
+    backbone's first feature map, inside the tuple it returns; an audio codec's audio values,
+    after its integer codes), else its first tensor."""
+    t = _first_tensor(out, floating=True)
+    if t is None:
+        t = _first_tensor(out, floating=False)
+    if t is None:
+        raise ValueError(f"the model returned no tensor ({type(out).__name__})")
+    return t
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ import onnx_ir as ir
 import torch
 import torch.nn as nn
 
-from ..inputs import input_specs, main_input_name
+from ..inputs import fixed_options, input_specs, main_input_name, main_input_param
 from ..verify import main_output
 
 __all__ = ["WRAPPER", "ModelGraph", "PixelGraph", "GridGraph", "PatchesGraph", "PixelPatchesGraph", "FeaturesGraph", "AudioGraph", "EncoderGraph", "DecoderGraph",
@@ -54,7 +54,7 @@ class ModelGraph(nn.Module):
         model = getattr(self, WRAPPER)
         if self.encoder:
             return model.get_encoder()(**inputs).last_hidden_state
-        extra = {"use_cache": False} if hasattr(model.config, "use_cache") else {}
+        extra = fixed_options(model)
         return main_output(model(**inputs, **extra))
 
 
@@ -74,10 +74,12 @@ class VideoGraph(ModelGraph):
 
 
 class FeaturesGraph(ModelGraph):
-    """input_features (mel or filter-bank features) -> the first output (or the encoder's)."""
+    """input_features (mel or filter-bank features), with their frame mask where the model takes
+    one -> the first output (or the encoder's)."""
 
-    def forward(self, input_features: torch.Tensor) -> torch.Tensor:
-        return self._run(input_features=input_features)
+    def forward(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = {} if input_features_mask is None else {"input_features_mask": input_features_mask}
+        return self._run(input_features=input_features, **mask)
 
 
 class AudioGraph(ModelGraph):
@@ -85,6 +87,28 @@ class AudioGraph(ModelGraph):
 
     def forward(self, input_values: torch.Tensor) -> torch.Tensor:
         return self._run(input_values=input_values)
+
+
+class LatentsGraph(ModelGraph):
+    """latents (an audio decoder's: Mimi's) -> the first output."""
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._run(latents=latents)
+
+
+class HiddenStatesGraph(ModelGraph):
+    """hidden_states, where forward names its main input so (VibeVoice's tokenizer halves) -> the
+    first output."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self._run(hidden_states=hidden_states)
+
+
+class EmbedsGraph(ModelGraph):
+    """inputs_embeds (another model's states, where they are the main input) -> the first output."""
+
+    def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        return self._run(inputs_embeds=inputs_embeds)
 
 
 class SeriesGraph(ModelGraph):
@@ -153,7 +177,8 @@ class DecoderGraph(nn.Module):
 
 
 _GRAPHS = {"input_ids": ModelGraph, "pixel_values": PixelGraph, "input_features": FeaturesGraph,
-           "input_values": AudioGraph, "past_values": SeriesGraph, "pixel_values_videos": VideoGraph}
+           "input_values": AudioGraph, "past_values": SeriesGraph, "pixel_values_videos": VideoGraph,
+           "inputs_embeds": EmbedsGraph, "latents": LatentsGraph, "hidden_states": HiddenStatesGraph}
 
 
 @torch.no_grad()
@@ -164,12 +189,18 @@ def output_name(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None)
     The export passes its example inputs: some models (Funnel) run only at their shapes."""
     from ..inputs import example_inputs_for
 
-    extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
-    out = model(**(inputs if inputs is not None else example_inputs_for(model, batch=1, seq=2)), **extra)
+    inputs = inputs if inputs is not None else example_inputs_for(model, batch=1, seq=2)
+    out = model(**{**inputs, **fixed_options(model)})
     if isinstance(out, dict):  # the key of what main_output returns
-        return next((k for k, v in out.items() if isinstance(v, torch.Tensor) or isinstance(v, (tuple, list)) and v),
-                    "output")
+        found = main_output(out)
+        return next((k for k, v in out.items() if _holds(v, found)), "output")
     return "output"
+
+
+def _holds(value: Any, tensor: torch.Tensor) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value is tensor
+    return isinstance(value, (tuple, list)) and any(_holds(v, tensor) for v in value)
 
 
 def _two_graphs(model_or_config: Any) -> bool:
@@ -200,7 +231,7 @@ def model_graphs(model: nn.Module, batch: int, seq: int, dynamic: bool) -> list[
     from ..inputs import example_inputs_for
 
     config = model.config
-    main = main_input_name(model)
+    main = main_input_param(model)
     specs = {s.name: s for s in input_specs(model, batch, seq)}
     inputs = {k: v for k, v in example_inputs_for(model, batch, seq).items() if k in specs}
     fixed = {k: inputs[k].tolist() for k, s in specs.items() if s.static_values}

@@ -96,6 +96,25 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # layer, which ONNX export and its optimiser take minutes over on one core (sweep timeout 300 s)
     **dict.fromkeys(("olmo_hybrid", "qwen3_5_text"), {"num_hidden_layers": 2,
                                                       "layer_types": ["linear_attention", "full_attention"]}),
+    # the decoder's upsampling is depthwise: one group per channel of the (shrunk) hidden size
+    **dict.fromkeys(("mimi", "mimi_decoder", "pocket_tts_audio_tokenizer", "pocket_tts_audio_tokenizer_decoder"),
+                    {"upsample_groups": _HIDDEN}),
+    # these audio encoders have as many key/value heads as query heads (their default configs);
+    # grouped queries without a mask take SDPA's enable_gqa path, which torch.export cannot trace
+    **dict.fromkeys(("nemotron3_5_transcribe_asr_audio", "nemotron3_diarization_audio"),
+                    {"num_key_value_heads": _HEADS}),
+    # the flow head is conditioned on the backbone's hidden states: as wide as the shrunk backbone
+    "pocket_tts": {"flow_head_config": {"hidden_size": _HIDDEN, "num_hidden_layers": _LAYERS, "condition_dim": _HIDDEN}},
+    # the flow head as wide as the backbone (above), and no grouped queries, as in its default
+    # config: the conversion of its saved (original-format) attention weights permutes them by
+    # query heads, which transformers' own reload of the tiny checkpoint also fails on
+    "gradium_phonon_tts": {"flow_head_config": {"hidden_size": _HIDDEN, "num_hidden_layers": _LAYERS,
+                                                "condition_dim": _HIDDEN}, "num_key_value_heads": _HEADS},
+    # the CTC blank is the last class, which the config checks is inside the (shrunk) vocabulary
+    # (and, as its audio encoder, no grouped queries in its default config)
+    "nemotron3_5_transcribe_word_timestamp": {"blank_token_id": VOCAB - 1, "num_key_value_heads": _HEADS},
+    # no projections around the quantizer: the codebook is as wide as the hidden size
+    **dict.fromkeys(("wavtokenizer", "wavtokenizer_encoder"), {"codebook_dim": _HIDDEN}),
 }
 
 
