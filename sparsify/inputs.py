@@ -37,7 +37,11 @@ that input must have. One rule per kind of input, keyed by the input's name:
                      flattened patches (hidden_states or pixel_values) and the grid they were cut
                      from: `batch` images of [1, 2m, 2m] patches (m the spatial_merge_size), the
                      patches [batch * 4m^2, channels * temporal_patch_size * patch_size^2], and
-                     merge_sizes [batch] (m) where forward takes it (VideoLLaMA 3). The grid's
+                     merge_sizes [batch] (m) where forward takes it (VideoLLaMA 3). A tower whose
+                     forward cannot read flat rows gets them shaped as its patch embedding
+                     consumes them: [.., channels, patch, patch] for a convolution it hands them
+                     to (Kimi K2.5), one merged token's patches as an image [.., m*patch, m*patch,
+                     channels] for a Linear over one patch (Inkling 2, its grid in tokens). The grid's
                      values fix every shape of the forward (which reads them with .tolist()):
                      its specs are `static_values`, which capture and export specialise to
 
@@ -362,7 +366,8 @@ def _series(config, names: set[str], batch: int, dtype: torch.dtype) -> list[Inp
 
 def _patch_grid(model: nn.Module, config, names: set[str], main: str, batch: int,
                 dtype: torch.dtype) -> list[InputSpec]:
-    """Flattened patches of `batch` images and their grid (see the module docstring)."""
+    """Patches of `batch` images and their grid (see the module docstring), each row of the
+    patches in the layout the tower's patch embedding reads (`_patch_layouts`)."""
     patch = getattr(config, "patch_size", None)
     if not isinstance(patch, int) or patch <= 0:
         raise CaptureError(f"cannot make {main} for {type(model).__name__}: its config has no patch_size; "
@@ -371,12 +376,74 @@ def _patch_grid(model: nn.Module, config, names: set[str], main: str, batch: int
     channels = getattr(config, "in_channels", None) or getattr(config, "num_channels", None) or 3
     merge = getattr(config, "spatial_merge_size", None) or 1
     side = 2 * merge
-    specs = [InputSpec(main, (batch * side * side, channels * temporal * patch * patch), dtype, dynamic=()),
-             InputSpec(_grid_input(names), (batch, 3), torch.long, dynamic=(), fill=(1, side, side),
-                       static_values=True)]
+    grid = [InputSpec(_grid_input(names), (batch, 3), torch.long, dynamic=(), fill=(1, side, side),
+                      static_values=True)]
     if "merge_sizes" in names:
-        specs.append(InputSpec("merge_sizes", (batch,), torch.long, dynamic=(), fill=(merge,), static_values=True))
-    return specs
+        grid.append(InputSpec("merge_sizes", (batch,), torch.long, dynamic=(), fill=(merge,), static_values=True))
+    embed = _patch_embedding(model)
+    layouts = _patch_layouts(embed, channels * temporal * patch * patch, patch, merge)
+    candidates = [[InputSpec(main, (batch * side * side, *row), dtype, dynamic=()), *grid] for row in layouts]
+    if len(candidates) > 1:
+        for specs in candidates:
+            if _reaches(model, specs, embed):
+                return specs
+    return candidates[0]  # none reads: the flat rows, whose error then names what the tower expected
+
+
+_EMBEDDINGS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _patch_embedding(model: nn.Module) -> nn.Module | None:
+    """A vision tower's patch embedding: its first Linear or convolution (the tower builds its
+    patch embedding first, the first module its forward hands the patches to)."""
+    return next((m for m in model.modules() if isinstance(m, _EMBEDDINGS)), None)
+
+
+def _patch_layouts(embed: nn.Module | None, flat: int, patch: int, merge: int) -> list[tuple[int, ...]]:
+    """The shapes one row of patches may take, from what the patch embedding consumes: the flat
+    row of `flat` values first (towers that view it as they need: Qwen2-VL and most); a
+    convolution's input window [in_channels, *kernel] (a tower that hands the rows to its
+    convolution as they are: Kimi K2.5); for a Linear over one patch of c channels
+    (in_features = c * patch^2) the merge x merge patches of one merged token as an image,
+    channels last [merge * patch, merge * patch, c] (Inkling 2), the grid then counting
+    merged tokens, so a row per grid cell as in the other layouts."""
+    layouts = [(flat,)]
+    if isinstance(embed, nn.Linear) and embed.in_features % (patch * patch) == 0:
+        layouts.append((merge * patch, merge * patch, embed.in_features // (patch * patch)))
+    elif isinstance(embed, _EMBEDDINGS) and embed.groups == 1:
+        layouts.append(tuple(embed.weight.shape[1:]))
+    return list(dict.fromkeys(layouts))
+
+
+class _Reached(Exception):
+    """Raised by the probe's hook once the patch embedding has run on the patches."""
+
+
+def _reaches(model: nn.Module, specs: list[InputSpec], embed: nn.Module) -> bool:
+    """Whether the tower's forward, fed `specs`, gets its patches through its patch embedding
+    (False on any error before). It runs on fake weights, as capture traces (so a tower on the
+    meta device is probed alike, and nothing touching a weight is computed), and is stopped
+    once the embedding has run."""
+    from .capture import _fake_mode, _fake_weights  # capture imports this module
+
+    device = model_device(model)
+    generator = torch.Generator().manual_seed(0)
+    inputs = {s.name: s.make(generator, device) for s in specs}
+
+    def stop(*_):
+        raise _Reached
+
+    handle = embed.register_forward_hook(stop)
+    try:
+        with torch.no_grad(), _fake_weights(model, _fake_mode(), device):
+            model(**inputs)
+    except _Reached:
+        return True
+    except Exception:  # a layout the tower cannot read fails in its own code, in any way
+        return False
+    finally:
+        handle.remove()
+    return True  # the forward ran through without the embedding: it read the patches all the same
 
 
 def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ) -> list[InputSpec]:

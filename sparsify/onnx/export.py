@@ -167,6 +167,10 @@ def _fold_grid(program: torch.export.ExportedProgram, kwargs: dict) -> torch.exp
     for node, value in values.items():
         if node.op == "call_function" and isinstance(value, torch.Tensor) and any(u not in values for u in node.users):
             replace_node_with_constant(module, node, value)
+        elif node.op == "call_function" and value is None and not node.users:
+            # a check of folded values (_assert_tensor_metadata), which passed as they were folded:
+            # left in, it would keep all it checks in the graph (Kimi K2.5's merge index)
+            module.graph.erase_node(node)
     module.graph.eliminate_dead_code()
     module.recompile()
     return torch.export.export(module, (), kwargs, strict=False)

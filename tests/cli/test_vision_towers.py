@@ -112,3 +112,59 @@ def test_onnx_export_is_static_and_records_its_grid(tmp_path, sparsify_cli):
     assert [i.name for i in sess.get_inputs()] == ["hidden_states"]
     got = torch.from_numpy(np.asarray(sess.run(None, {"hidden_states": inputs["hidden_states"].numpy()})[0]))
     assert _rel(got.float(), _out(moe, inputs)) <= 1e-4
+
+
+# towers whose patch embedding reads rows of another layout than flat: Kimi K2.5 hands them to its
+# Conv2d as they are ([patches, 3, patch, patch]), Inkling 2 reads a merged token's patches as an
+# image, channels last ([tokens, m * patch, m * patch, channels]), its grid counting tokens
+LAYOUTS = {"kimi_k25_vision": "Kimi_K25VisionModel", "inkling2_vision": "Inkling2VisionModel"}
+
+
+def _layout_tower(model_type):
+    torch.manual_seed(0)
+    class_name = LAYOUTS[model_type]
+    return getattr(transformers, class_name)(tiny_config(model_type, [class_name])).eval()
+
+
+def _flat(inputs):
+    main = next(iter(inputs))
+    return {**inputs, main: inputs[main].reshape(inputs[main].shape[0], -1)}
+
+
+@pytest.mark.parametrize("model_type", list(LAYOUTS))
+def test_patches_are_shaped_as_the_patch_embedding_reads_them(model_type):
+    model = _layout_tower(model_type)
+    config = model.config
+    patch, merge = config.patch_size, getattr(config, "spatial_merge_size", None) or 1
+    specs = input_specs(model, batch=3)
+    side = 2 * merge
+    main, grid = specs[0], specs[1]
+    assert main.name == "pixel_values" and grid.static_values and grid.fill == (1, side, side)
+    if model_type == "kimi_k25_vision":  # its convolution's input window
+        assert main.shape == (3 * side * side, *model.patch_embed.proj.weight.shape[1:])
+    else:  # a merged token's patches, channels last, from the Linear over one patch
+        channels = model.embeddings.patch_embedding.in_features // patch ** 2
+        assert main.shape == (3 * side * side, merge * patch, merge * patch, channels)
+    inputs = example_inputs_for(model, batch=3)
+    assert _out(model, inputs).abs().max() > 0  # the tower runs on them
+    with pytest.raises(RuntimeError):  # and not on the flat rows of the other towers
+        _out(model, _flat(inputs))
+
+
+@pytest.mark.parametrize("model_type", list(LAYOUTS))
+def test_upcycle_load_and_onnx_of_a_tower_of_another_layout(tmp_path, sparsify_cli, model_type):
+    import onnxruntime as ort
+
+    dense = _layout_tower(model_type)
+    dense.save_pretrained(tmp_path / "dense")
+    assert sparsify_cli("upcycle", tmp_path / "dense", "--experts", "4", "-o", tmp_path / "moe")[0] == 0
+    moe = sparsify.load(tmp_path / "moe")  # built on the meta device and captured there: the same layout
+    inputs = example_inputs_for(moe, batch=2)
+    assert _rel(_out(moe, inputs), _out(dense, inputs)) <= 1e-5
+    code, _, err = sparsify_cli("export", tmp_path / "moe", "--onnx", "--static", "--batch", "2",
+                                  "-o", tmp_path / "m.onnx")
+    assert code == 0, err
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["pixel_values"]
+    got = torch.from_numpy(np.asarray(sess.run(None, {"pixel_values": inputs["pixel_values"].numpy()})[0]))
+    assert _rel(got.float(), _out(moe, inputs)) <= 1e-4
