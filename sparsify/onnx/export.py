@@ -153,7 +153,10 @@ def _check_guards(program: torch.export.ExportedProgram, others: Sequence[dict],
     on input sizes that the traced code took for granted (its guards: SEW pads its upsampled
     frames only for odd lengths, so its graph assumes the example's even length); torch checks
     them when the program runs, but an ONNX graph has no such check and computes a wrong result
-    at other sizes. Each guard is evaluated on the inputs `others`."""
+    at other sizes. Each guard is evaluated on the inputs `others` that lie in the ranges the
+    program declares for its sizes (a model's fixed limit, as its maximum positions, is no branch:
+    an example at that limit is not refused)."""
+    others = [kwargs for kwargs in others if _in_range(program, kwargs)]
     for code in getattr(program, "_guards_code", None) or ():
         for kwargs in others:
             try:
@@ -166,6 +169,20 @@ def _check_guards(program: torch.export.ExportedProgram, others: Sequence[dict],
             raise CaptureError(f"could not export {model} to ONNX with dynamic shapes: the traced graph holds only "
                                f"for some input sizes (not for {sizes}: its code branches on them); export with "
                                "static shapes (--static, or dynamic=False)")
+
+
+def _in_range(program: torch.export.ExportedProgram, kwargs: dict) -> bool:
+    """Whether each size of `kwargs` lies in the range torch.export recorded for its symbol."""
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    for name, value in kwargs.items():
+        fake = placeholders[name].meta.get("val") if name in placeholders else None
+        if not isinstance(value, torch.Tensor) or not isinstance(fake, torch.Tensor):
+            continue
+        for size, dim in zip(value.shape, fake.shape):
+            bounds = program.range_constraints.get(getattr(getattr(dim, "node", None), "expr", None))
+            if bounds is not None and not (bounds.lower <= size <= bounds.upper):
+                return False
+    return True
 
 
 # onnxscript's optimizer (which torch.onnx runs) removes `x + c`, `x - c` as no-ops when

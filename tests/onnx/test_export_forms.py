@@ -127,3 +127,22 @@ def test_native_experts_of_transformers_export_and_match_torch(tmp_path):
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+
+class Positions(torch.nn.Module):
+    """Absolute positions from a table of 8: the traced graph declares sequences of at most 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Embedding(8, 4)
+        self.register_buffer("ids", torch.arange(8))
+
+    def forward(self, x):
+        return x + self.table(self.ids[: x.shape[1]])
+
+
+def test_an_example_at_the_models_size_limit_still_exports_dynamic():
+    d = torch.export.Dim.DYNAMIC
+    # sizes past the limit lie outside the program's declared range: not a branch to refuse
+    capture_onnx(Positions().eval(), {"x": torch.randn(2, 8, 4)}, {"x": {0: d, 1: d}},
+                 others=[{"x": torch.randn(3, 9, 4)}, {"x": torch.randn(3, 10, 4)}])
