@@ -35,7 +35,7 @@ from ..inputs import main_input_name
 from ..io.atomic import check_output
 from ..passes.onnx.cleanup import cleanup
 from ..passes.onnx.fuse_moe_ort import SITE_KEY, FuseMoEOrt, FusionReport
-from .signatures import WRAPPER, fixed_inputs, graph_paths, model_graphs, name_io
+from .signatures import WRAPPER, fixed_inputs, graph_inputs, graph_paths, model_graphs, name_io
 from .torch_op import TRANSLATIONS, export_friendly
 
 __all__ = [
@@ -101,16 +101,22 @@ def _reason(err: BaseException) -> str:
     return _ANSI.sub("", first)[:300]
 
 
-def capture_onnx(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None, opset: int = DEFAULT_OPSET) -> ir.Model:
+def capture_onnx(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None, opset: int = DEFAULT_OPSET,
+                 others: Sequence[dict] = ()) -> ir.Model:
     """`module(**kwargs)` as an ONNX model whose MoE layers are standard ops (not yet cleaned
-    up or fused: see `lower_onnx`)."""
+    up or fused: see `lower_onnx`). `others`: inputs at other sizes that a dynamic graph must
+    hold for (see `_check_guards`)."""
     inner = getattr(module, WRAPPER, module)
     attention = _set_attention(inner, "eager")
+    experts = _set_experts(inner, "batched_mm")
     try:
         with export_friendly(module), _fixed_grid(module):
             program = _export_program(module, kwargs, dynamic_shapes)
             if fixed_inputs(module):
                 program = _fold_grid(program, kwargs)
+        if dynamic_shapes:
+            _check_guards(program, others, type(inner).__name__)
+        _keep_near_identity_constants(program)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=TRANSLATIONS,
@@ -124,6 +130,7 @@ def capture_onnx(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None, o
         raise CaptureError(f"could not export {type(inner).__name__} to ONNX: {first}") from err
     finally:
         _set_attention(inner, attention)
+        _set_experts(inner, experts)
     _tag_scopes(onnx_program.model)
     return onnx_program.model
 
@@ -195,6 +202,89 @@ def _export_program(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None
                            "(or ties it to another); export with static shapes (--static, or dynamic=False)") from err
 
 
+def _check_guards(program: torch.export.ExportedProgram, others: Sequence[dict], model: str) -> None:
+    """Refuse a dynamic graph that holds only at some sizes. torch.export records the conditions
+    on input sizes that the traced code took for granted (its guards: SEW pads its upsampled
+    frames only for odd lengths, so its graph assumes the example's even length); torch checks
+    them when the program runs, but an ONNX graph has no such check and computes a wrong result
+    at other sizes. Each guard is evaluated on the inputs `others` that lie in the ranges the
+    program declares for its sizes (a model's fixed limit, as its maximum positions, is no branch:
+    an example at that limit is not refused)."""
+    others = [kwargs for kwargs in others if _in_range(program, kwargs)]
+    for code in getattr(program, "_guards_code", None) or ():
+        for kwargs in others:
+            try:
+                holds = eval(code, {"__builtins__": {}, "min": min, "max": max, "L": kwargs})  # noqa: S307
+            except Exception:  # a guard on something other than input sizes: not ours to judge
+                continue
+            if holds:
+                continue
+            sizes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+            raise CaptureError(f"could not export {model} to ONNX with dynamic shapes: the traced graph holds only "
+                               f"for some input sizes (not for {sizes}: its code branches on them); export with "
+                               "static shapes (--static, or dynamic=False)")
+
+
+def _in_range(program: torch.export.ExportedProgram, kwargs: dict) -> bool:
+    """Whether each size of `kwargs` lies in the range torch.export recorded for its symbol."""
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    for name, value in kwargs.items():
+        fake = placeholders[name].meta.get("val") if name in placeholders else None
+        if not isinstance(value, torch.Tensor) or not isinstance(fake, torch.Tensor):
+            continue
+        for size, dim in zip(value.shape, fake.shape):
+            bounds = program.range_constraints.get(getattr(getattr(dim, "node", None), "expr", None))
+            if bounds is not None and not (bounds.lower <= size <= bounds.upper):
+                return False
+    return True
+
+
+# onnxscript's optimizer (which torch.onnx runs) removes `x + c`, `x - c` as no-ops when
+# |c| <= 1e-8 and `x * c`, `x / c` when c is within 1e-5 of 1 (its scalar patterns' math.isclose
+# tolerances): an RMSNorm's eps of 1e-8 vanishes, and the norm of a small vector is wrong
+# (MuseGlimmer's post-norms). Such scalars are written as one-element tensors, which those
+# scalar patterns do not match; the result is the same for any input of rank 1 or more.
+_NEAR_IDENTITY = {"add": 0.0, "sub": 0.0, "mul": 1.0, "div": 1.0}
+_ABS_TOL, _REL_TOL = 1e-8, 1e-5
+
+
+def _near_identity(op: str, value) -> bool:
+    if not isinstance(value, float) or value == _NEAR_IDENTITY[op]:
+        return False
+    if _NEAR_IDENTITY[op] == 0.0:
+        return abs(value) <= _ABS_TOL
+    return abs(value - 1.0) <= max(_REL_TOL * max(abs(value), 1.0), _ABS_TOL)
+
+
+def _keep_near_identity_constants(program: torch.export.ExportedProgram) -> int:
+    """Rewrite in place each add/sub/mul/div of a tensor (rank >= 1) by a Python scalar the
+    optimizer would take for 0 or 1 into one by a one-element tensor; returns how many."""
+    aten = torch.ops.aten
+    ops = {getattr(aten, name).Tensor: name for name in _NEAR_IDENTITY}
+    ops.update({getattr(aten, name).Scalar: name for name in _NEAR_IDENTITY})
+    graph, changed = program.graph, 0
+    for node in list(graph.nodes):
+        op = ops.get(node.target) if node.op == "call_function" else None
+        if op is None or len(node.args) < 2 or not _near_identity(op, node.args[1]):
+            continue
+        x = node.args[0]
+        fake = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+        if not isinstance(fake, torch.Tensor) or fake.dim() == 0 or not fake.is_floating_point():
+            continue
+        with graph.inserting_before(node):
+            const = graph.call_function(aten.full.default, ([1], node.args[1]),
+                                        {"dtype": fake.dtype, "device": fake.device})
+        const.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        const.meta["val"] = fake.new_full((1,), node.args[1])
+        target = getattr(aten, op).Tensor
+        node.target = target
+        node.args = (x, const, *node.args[2:])
+        changed += 1
+    if changed:
+        program.graph_module.recompile()
+    return changed
+
+
 def _tag_scopes(model: ir.Model) -> None:
     """Make the module scopes the exporter recorded read as paths of the model (not of the
     export wrapper), and mark the nodes of each MoE layer with `sparsify.site`."""
@@ -242,8 +332,13 @@ def capture_graphs(model: nn.Module, opset: int = DEFAULT_OPSET, dynamic: bool =
     model.eval()
     graphs = []
     try:
+        # inputs one batch and one or two positions larger, that a dynamic graph must also hold for
+        others: dict[str, list[dict]] = {}
+        for size in (1, 2) if dynamic else ():
+            for role, kwargs, _ in graph_inputs(model, batch + 1, seq + size, True):
+                others.setdefault(role, []).append(kwargs)
         for role, wrapper, kwargs, shapes, output in model_graphs(model, batch, seq, dynamic):
-            onnx_model = capture_onnx(wrapper, kwargs, shapes if dynamic else None, opset)
+            onnx_model = capture_onnx(wrapper, kwargs, shapes if dynamic else None, opset, others.get(role, ()))
             outputs = [output]
             name_io(onnx_model, outputs)
             graphs.append(CapturedGraph(role, onnx_model, outputs, fixed_inputs(wrapper)))
@@ -302,6 +397,19 @@ def _set_attention(model: nn.Module, implementation: str | None) -> str | None:
     previous = getattr(config, "_attn_implementation", None)
     if implementation and previous and previous != implementation and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(implementation)
+    return previous
+
+
+def _set_experts(model: nn.Module, implementation: str | None) -> str | None:
+    """Switch the implementation of transformers' native experts (models with MoE blocks of
+    their own that sparsify keeps, HunYuan-MoE's); returns the previous one. Exports use
+    "batched_mm", one batched matmul over each token's selected experts: the default
+    "grouped_mm" calls a custom op (transformers::grouped_mm_fallback) ONNX has no translation
+    for, and "eager" loops over the experts a batch hits, which torch.export cannot trace."""
+    config = getattr(model, "config", None)
+    previous = getattr(config, "_experts_implementation", None)
+    if implementation and previous and previous != implementation and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(implementation)
     return previous
 
 

@@ -27,11 +27,12 @@ import onnx_ir as ir
 import torch
 import torch.nn as nn
 
-from ..inputs import fixed_options, input_specs, main_input_name, main_input_param
+from ..inputs import fixed_options, input_specs, main_input_param
 from ..verify import main_output
 
-__all__ = ["WRAPPER", "ModelGraph", "PixelGraph", "GridGraph", "PatchesGraph", "PixelPatchesGraph", "FeaturesGraph", "AudioGraph", "EncoderGraph", "DecoderGraph",
-           "graph_paths", "model_graphs", "fixed_inputs", "name_io", "output_name"]
+__all__ = ["WRAPPER", "ModelGraph", "PixelGraph", "GridGraph", "PatchesGraph", "PixelPatchesGraph", "FeaturesGraph",
+           "AudioGraph", "EncoderGraph", "DecoderGraph", "graph_inputs", "graph_paths", "model_graphs", "fixed_inputs",
+           "name_io", "output_name"]
 
 WRAPPER = "model"  # attribute under which the wrappers hold the model
 
@@ -167,13 +168,35 @@ class DecoderGraph(nn.Module):
 
     def forward(self, decoder_input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        from transformers.modeling_outputs import BaseModelOutput
-
-        encoded = BaseModelOutput(last_hidden_state=encoder_hidden_states)
+        encoded = _encoder_output(encoder_hidden_states)
         mask = {} if encoder_attention_mask is None else {"attention_mask": encoder_attention_mask}
         out = getattr(self, WRAPPER)(encoder_outputs=encoded, decoder_input_ids=decoder_input_ids, use_cache=False,
                                      **mask)
         return out.logits
+
+
+_ENCODER_OUTPUT = []
+
+
+def _encoder_output(hidden: torch.Tensor):
+    """The encoder's output as the decoder graph is given it: its last hidden state, with an
+    `attention_mask` of None. Encoders that change the sequence length return their positions'
+    mask with their output, and their model's forward reads it from there (Moonshine:
+    `encoder_outputs.attention_mask`); it is None when the encoder is given no mask, as audio
+    encoders' graphs are. Token encoders' masks reach the decoder as `attention_mask`, as the
+    model's forward takes them (None fields are not in the output's tuple, so indexing it is as
+    for a BaseModelOutput)."""
+    if not _ENCODER_OUTPUT:  # a ModelOutput class registers itself with torch's pytree once
+        from dataclasses import dataclass
+
+        from transformers.modeling_outputs import BaseModelOutput
+
+        @dataclass
+        class EncoderOutput(BaseModelOutput):
+            attention_mask: torch.Tensor | None = None
+
+        _ENCODER_OUTPUT.append(EncoderOutput)
+    return _ENCODER_OUTPUT[0](last_hidden_state=hidden)
 
 
 _GRAPHS = {"input_ids": ModelGraph, "pixel_values": PixelGraph, "input_features": FeaturesGraph,
@@ -181,7 +204,6 @@ _GRAPHS = {"input_ids": ModelGraph, "pixel_values": PixelGraph, "input_features"
            "inputs_embeds": EmbedsGraph, "latents": LatentsGraph, "hidden_states": HiddenStatesGraph}
 
 
-@torch.no_grad()
 @torch.no_grad()
 def output_name(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> str:
     """What the model returns first ("logits", "last_hidden_state", ...), from one forward of
@@ -230,18 +252,36 @@ def model_graphs(model: nn.Module, batch: int, seq: int, dynamic: bool) -> list[
     """(role, wrapper, example kwargs, dynamic shapes, output name) for each graph of `model`."""
     from ..inputs import example_inputs_for
 
+    main = main_input_param(model)
+    specs = {s.name: s for s in input_specs(model, batch, seq)}
+    if any(s.static_values for s in specs.values()):
+        inputs = {k: v for k, v in example_inputs_for(model, batch, seq).items() if k in specs}
+        fixed = {k: inputs[k].tolist() for k, s in specs.items() if s.static_values}
+        return [_grid_graph(model, main, inputs, fixed, dynamic)]
+    wrapper = _GRAPHS[main]
+    graphs = graph_inputs(model, batch, seq, dynamic)
+    if len(graphs) == 1:
+        _, own, shapes = graphs[0]
+        return [("model", wrapper(model), own, shapes, output_name(model, own))]
+    (_, own, shapes), (_, decoder, decoder_shapes) = graphs
+    return [
+        ("encoder", wrapper(model, encoder=True), own, shapes, "last_hidden_state"),
+        ("decoder", DecoderGraph(model), decoder, decoder_shapes, "logits"),
+    ]
+
+
+def graph_inputs(model: nn.Module, batch: int, seq: int, dynamic: bool) -> list[tuple[str, dict, dict]]:
+    """(role, example kwargs, dynamic shapes) for each graph of `model`, at `batch` and `seq`."""
+    from ..inputs import example_inputs_for
+
     config = model.config
     main = main_input_param(model)
     specs = {s.name: s for s in input_specs(model, batch, seq)}
     inputs = {k: v for k, v in example_inputs_for(model, batch, seq).items() if k in specs}
-    fixed = {k: inputs[k].tolist() for k, s in specs.items() if s.static_values}
-    if fixed:
-        return [_grid_graph(model, main, inputs, fixed, dynamic)]
-    wrapper = _GRAPHS[main]
     own = {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
     shapes = {k: _dims(specs[k], dynamic) for k in own}
     if not _two_graphs(model):
-        return [("model", wrapper(model), own, shapes, output_name(model, own))]
+        return [("model", own, shapes)]
     g = torch.Generator().manual_seed(0)
     width = getattr(config, "d_model", None) or getattr(config, "hidden_size", 0)
     hidden = torch.randn(batch, seq, width, generator=g).to(inputs[main].dtype if main != "input_ids" else torch.float32)
@@ -255,10 +295,7 @@ def model_graphs(model: nn.Module, batch: int, seq: int, dynamic: bool) -> list[
     if "attention_mask" in own:
         decoder["encoder_attention_mask"] = own["attention_mask"]
         decoder_shapes["encoder_attention_mask"] = tokens
-    return [
-        ("encoder", wrapper(model, encoder=True), own, shapes, "last_hidden_state"),
-        ("decoder", DecoderGraph(model), decoder, decoder_shapes, "logits"),
-    ]
+    return [("encoder", own, shapes), ("decoder", decoder, decoder_shapes)]
 
 
 def _grid_graph(model: nn.Module, main: str, inputs: dict, fixed: dict[str, list], dynamic: bool):

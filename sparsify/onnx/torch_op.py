@@ -17,6 +17,7 @@ import math
 from typing import Iterator, Optional
 
 import numpy as np
+import onnx_ir as ir
 import torch
 import torch.nn as nn
 
@@ -131,8 +132,41 @@ def _erfinv(x):
     return op.Where(op.Equal(op.Abs(x), c(1.0)), op.Mul(x, c(np.inf)), refined)  # +-inf at +-1, as torch
 
 
+def _histc(x, bins: int = 100, min: float = 0.0, max: float = 0.0):  # noqa: A002 (torch's names)
+    """torch.histc: counts of `x` in `bins` equal bins over [min, max] (the last bin closed;
+    values outside, and NaNs, not counted). With min == max (the default 0, 0) the range is the
+    data's own, widened by 1 each way when all values are equal: transformers' grouped-matmul
+    experts count tokens per expert so (onnxscript writes only fixed ranges). Each value's bin
+    is the number of inner bin edges at or below it."""
+    from onnxscript import opset18 as op
+
+    from .builder import const
+
+    dtype = np.float32 if x.dtype is None or x.dtype.numpy() == np.float32 else x.dtype.numpy()
+
+    def c(v):
+        return const(op, v, dtype)
+
+    flat = op.Reshape(x, const(op, [-1], np.int64))
+    if min == max:
+        lo = op.ReduceMin(flat, keepdims=0)
+        hi = op.ReduceMax(flat, keepdims=0)
+        same = op.Equal(lo, hi)
+        lo, hi = op.Where(same, op.Sub(lo, c(1.0)), lo), op.Where(same, op.Add(hi, c(1.0)), hi)
+    else:
+        lo, hi = c(float(min)), c(float(max))
+    fractions = c([k / bins for k in range(1, bins)])  # inner edges at lo + (hi - lo) * k / bins
+    edges = op.Add(lo, op.Mul(op.Sub(hi, lo), fractions))
+    column = op.Unsqueeze(flat, const(op, [1], np.int64))
+    index = op.ReduceSum(op.Cast(op.GreaterOrEqual(column, op.Unsqueeze(edges, const(op, [0], np.int64))),
+                                 to=ir.DataType.INT64), const(op, [1], np.int64), keepdims=1)
+    counted = op.And(op.And(op.GreaterOrEqual(column, lo), op.LessOrEqual(column, hi)), op.Not(op.IsNaN(column)))
+    hits = op.And(op.Equal(index, op.Unsqueeze(const(op, list(range(bins)), np.int64), const(op, [0], np.int64))), counted)
+    return op.ReduceSum(op.CastLike(hits, x), const(op, [0], np.int64), keepdims=0)
+
+
 TRANSLATIONS = {torch.ops.sparsify.moe_ffn.default: _translate, torch.ops.prims.erf_inv.default: _erfinv,
-                torch.ops.aten.erfinv.default: _erfinv}
+                torch.ops.aten.erfinv.default: _erfinv, torch.ops.aten.histc.default: _histc}
 
 
 class ExportMoE(nn.Module):
