@@ -7,7 +7,9 @@ that input must have. One rule per kind of input, keyed by the input's name:
                      (ones) when forward takes one, and decoder ids for encoder-decoder models
     pixel_values     [batch, num_channels, image_size, image_size] (224 when none is configured);
                      [batch, num_frames, num_channels, image_size, image_size] for video (also as
-                     pixel_values_videos: V-JEPA 2's crop_size and frames_per_clip)
+                     pixel_values_videos: V-JEPA 2's crop_size and frames_per_clip);
+                     [batch, 2, num_channels, image_size, image_size] for the image pairs of
+                     keypoint matchers (the families of transformers' keypoint-matching class)
     noise            beside pixel values, where forward takes it (ViT-MAE's random masking):
                      seeded [batch, patches], so that the forward is a function of its inputs
     input_features   mel features: [batch, num_mel_bins, frames] when the config has num_mel_bins
@@ -144,7 +146,17 @@ def _image(config, batch: int, dtype: torch.dtype, name: str = "pixel_values") -
         frames = 2 * tubelet if isinstance(tubelet, int) and tubelet > 0 else 2
     if isinstance(frames, int) and frames > 0:  # a video: VideoMAE, TimeSformer, ViViT, V-JEPA 2
         return InputSpec(name, (batch, frames, channels, h, w), dtype)
+    if _keypoint_matcher(config):  # two images to match keypoints between, side by side
+        return InputSpec(name, (batch, 2, channels, h, w), dtype)
     return InputSpec(name, (batch, channels, h, w), dtype)
+
+
+def _keypoint_matcher(config) -> bool:
+    """The config is of a family that transformers' keypoint-matching auto class serves
+    (EfficientLoFTR, SuperGlue, LightGlue): its models read image pairs."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_KEYPOINT_MATCHING_MAPPING_NAMES
+
+    return getattr(config, "model_type", None) in MODEL_FOR_KEYPOINT_MATCHING_MAPPING_NAMES
 
 
 def _patches(config, image: InputSpec) -> int | None:

@@ -25,7 +25,8 @@ __all__ = ["has_ffn_like_chain"]
 aten = torch.ops.aten
 _LINEAR = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default, aten.bmm.default,
            aten.einsum.default}
-_CONV = {aten.conv1d.default, aten.conv2d.default, aten.convolution.default}
+_CONV = {aten.conv1d.default, aten.conv2d.default, aten.convolution.default, aten.conv1d.padding,
+         aten.conv2d.padding}
 _LOOKED_THROUGH = {
     operator.getitem, *TRANSPARENT, aten.to.dtype, aten._to_copy.default, aten.type_as.default,
     aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.split.Tensor,

@@ -1,0 +1,81 @@
+"""Vision and document checkpoints through the CLI with no argument about their inputs: the
+inputs their forward requires beyond pixels or tokens are made from the config and signature,
+and `upcycle`, `verify` and `export --onnx` run on them.
+
+Tiny real models built from configs (tests/coverage/tiny.py), saved with the module's own tensor
+names, upcycled through the CLI and compared with the dense model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import sparsify
+from sparsify.inputs import example_inputs_for, input_specs
+from sparsify.verify import compare, main_output
+from tests.coverage.check import run_onnx
+from sparsify.onnx.signatures import graph_paths
+from tests.coverage.tiny import tiny_config
+
+# id: (model_type, class, ONNX graph inputs of the single graph)
+CASES = {
+    # squeeze-and-excitation blocks: 1x1 convolutions written with padding="same"
+    "efficientnet": ("efficientnet", "EfficientNetForImageClassification", ["pixel_values"]),
+}
+
+
+def _saved(model_type: str, cls: str, path):
+    config = tiny_config(model_type, [cls])
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(config).eval()
+    model.save_pretrained(path, save_original_format=False)
+    return model
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_upcycle_verify_export(case, tmp_path, sparsify_cli):
+    model_type, cls, graph_inputs = CASES[case]
+    dense = _saved(model_type, cls, tmp_path / "dense")
+    code, _, err = sparsify_cli("upcycle", tmp_path / "dense", "--experts", "4", "-o", tmp_path / "moe")
+    assert code == 0, err
+    moe = sparsify.load(tmp_path / "moe")
+    c = compare(dense, moe)
+    assert c.max_abs <= 1e-5 * c.max_ref, (c.max_abs, c.max_ref)
+    code, stdout, _ = sparsify_cli("verify", tmp_path / "dense", tmp_path / "moe")
+    assert code == 0 and "match" in stdout
+    out = tmp_path / "moe.onnx"
+    code, _, err = sparsify_cli("export", tmp_path / "moe", "--onnx", "-o", out)
+    assert code == 0, err
+    import onnx
+
+    assert [i.name for i in onnx.load(str(graph_paths(moe, out)["model"])).graph.input] == graph_inputs
+    inputs = example_inputs_for(moe, batch=3, seq=11, seed=1)
+    with torch.no_grad():
+        ref = main_output(moe(**inputs)).float()
+    got = torch.from_numpy(run_onnx(graph_paths(moe, out), inputs)).float()
+    assert got.shape == ref.shape and float((got - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
+def test_efficientnet_squeeze_excitation_is_converted(tmp_path, sparsify_cli):
+    """The FFNs found are the squeeze-and-excitation pairs (reduce -> swish -> expand), the only
+    projection pairs of an EfficientNet."""
+    _saved("efficientnet", "EfficientNetForImageClassification", tmp_path / "dense")
+    code, _, err = sparsify_cli("upcycle", tmp_path / "dense", "--experts", "4", "--every", "1",
+                                "-o", tmp_path / "moe")
+    assert code == 0, err
+    moe = sparsify.load(tmp_path / "moe")
+    converted = {name for name, m in moe.named_modules() if type(m).__module__.startswith("sparsify")}
+    assert any(name.endswith("squeeze_excite") or ".squeeze_excite." in name for name in converted), converted
+
+
+def test_keypoint_matcher_gets_image_pairs():
+    """EfficientLoFTR (transformers' keypoint-matching family) reads pairs of images."""
+    config = tiny_config("efficientloftr", ["EfficientLoFTRModel"])
+    torch.manual_seed(0)
+    model = transformers.EfficientLoFTRModel(config).eval()
+    (spec,) = input_specs(model, batch=2)
+    assert spec.name == "pixel_values" and spec.shape[:3] == (2, 2, 3)
+    with torch.no_grad():
+        out = main_output(model(**example_inputs_for(model, batch=2)))
+    assert out.shape[:2] == (2, 2) and torch.isfinite(out).all()
