@@ -79,3 +79,18 @@ def test_keypoint_matcher_gets_image_pairs():
     with torch.no_grad():
         out = main_output(model(**example_inputs_for(model, batch=2)))
     assert out.shape[:2] == (2, 2) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("model_type,expected", [("bit", False), ("convnextv2", True), ("efficientnet", True)])
+def test_ffn_like_chains_of_convolutional_families(model_type, expected):
+    """BiT's only projection -> activation -> projection path runs from one block's output
+    convolution, summed with the projected shortcut, into the next block: a residual merge, no FFN;
+    ConvNeXt V2's response normalisation adds the FFN's own rescaled value back (still one FFN);
+    EfficientNet's squeeze-excitation pairs are 1x1 convolutions with padding="same"."""
+    from sparsify.capture import capture
+    from sparsify.io.skeleton import build_skeleton
+    from tests.coverage.ffn_like import has_ffn_like_chain
+    from tests.coverage.registry import family
+
+    config = tiny_config(model_type, [family(model_type).class_name])
+    assert has_ffn_like_chain(capture(build_skeleton(config))) is expected
