@@ -3,8 +3,12 @@
 A Hugging Face model names its main input (`main_input_name`) and its config holds the sizes
 that input must have. One rule per kind of input, keyed by the input's name:
 
-    input_ids        token ids [batch, seq] below the vocabulary size; with attention_mask
-                     (ones) when forward takes one, and decoder ids for encoder-decoder models
+    input_ids        token ids [batch, seq] below the vocabulary size (the config's, else that of
+                     a tokenizer that needs no files: CANINE's Unicode code points); with attention_mask
+                     (ones) when forward takes one, and decoder ids for encoder-decoder models;
+                     bbox [batch, seq, 4] for document models that take one (LayoutLM, LiLT,
+                     BROS, UDOP): a box per token, x0 <= x1 and y0 <= y1, integers below
+                     max_2d_position_embeddings (and 1001) where configured, else in [0, 1)
     pixel_values     [batch, num_channels, image_size, image_size] (224 when none is configured);
                      [batch, num_frames, num_channels, image_size, image_size] for video (also as
                      pixel_values_videos: V-JEPA 2's crop_size and frames_per_clip);
@@ -25,6 +29,8 @@ that input must have. One rule per kind of input, keyed by the input's name:
                      all-ones past_observed_mask (Time Series Transformer, Informer, Autoformer);
                      [batch, context_length, num_input_channels] for patch models (PatchTST,
                      PatchTSMixer)
+    states           a Decision Transformer's episode: states [batch, seq, state_dim], actions
+                     [.., act_dim], returns_to_go [.., 1], timesteps below max_ep_len, a mask
 
 `input_specs` gives the shapes (and which axes may vary, for exports with dynamic shapes);
 `example_inputs_for` gives seeded tensors. A model that fits none of the rules, or whose
@@ -73,11 +79,24 @@ class InputSpec:
             t = torch.tensor(self.fill, dtype=self.dtype).expand(self.shape).clone()
         elif self.name.endswith("attention_mask"):
             t = torch.ones(self.shape, dtype=self.dtype)
+        elif self.name.endswith("bbox"):
+            t = _boxes(self, generator)
         elif self.high:
             t = torch.randint(0, self.high, self.shape, generator=generator, dtype=self.dtype)
         else:
             t = torch.randn(self.shape, generator=generator).to(self.dtype)
         return t.to(device)
+
+
+def _boxes(spec: InputSpec, generator: torch.Generator) -> torch.Tensor:
+    """Boxes (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1: integers below `spec.high`, or
+    fractions of the page where `high` is 0."""
+    shape = (*spec.shape[:-1], 2, 2)  # two corners of (x, y)
+    if spec.high:
+        corners = torch.randint(0, spec.high, shape, generator=generator)
+    else:
+        corners = torch.rand(shape, generator=generator)
+    return corners.sort(dim=-2).values.reshape(spec.shape).to(spec.dtype)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -121,6 +140,20 @@ def _vocab(config, *names: str) -> int | None:
     return None
 
 
+def _tokenizer_vocab(config) -> int | None:
+    """The id space of the family's tokenizer where the config names none and the tokenizer needs
+    no vocabulary file to say it (CANINE reads Unicode code points)."""
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES, tokenizer_class_from_name
+
+    name = TOKENIZER_MAPPING_NAMES.get(getattr(config, "model_type", None) or "")
+    name = name[0] if isinstance(name, (list, tuple)) else name
+    try:
+        vocab = tokenizer_class_from_name(name)().vocab_size if name else None
+    except Exception:  # a tokenizer that needs its files (or is not installed): nothing to learn here
+        return None
+    return vocab if isinstance(vocab, int) and vocab > 0 else None
+
+
 def _conv_stride(module: nn.Module | None) -> int:
     """How many input frames one output position of `module`'s 1-d convolutions covers."""
     if module is None:
@@ -157,6 +190,15 @@ def _keypoint_matcher(config) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_KEYPOINT_MATCHING_MAPPING_NAMES
 
     return getattr(config, "model_type", None) in MODEL_FOR_KEYPOINT_MATCHING_MAPPING_NAMES
+
+
+def _bbox(config, batch: int, seq: int, dtype: torch.dtype) -> InputSpec:
+    """A box per token for document models: integer corners below max_2d_position_embeddings
+    (LayoutLM's page normalised to 0-1000) where the config sets it, else fractions (BROS)."""
+    positions = getattr(config, "max_2d_position_embeddings", None)
+    if isinstance(positions, int) and positions > 1:
+        return InputSpec("bbox", (batch, seq, 4), torch.long, high=min(positions, 1001), dynamic=(0, 1))
+    return InputSpec("bbox", (batch, seq, 4), dtype, dynamic=(0, 1))
 
 
 def _patches(config, image: InputSpec) -> int | None:
@@ -219,6 +261,23 @@ def _series(config, names: set[str], batch: int, dtype: torch.dtype) -> list[Inp
     return specs
 
 
+def _trajectory(config, names: set[str], batch: int, seq: int, dtype: torch.dtype) -> list[InputSpec]:
+    """An episode for a Decision Transformer: states, actions and returns-to-go per step, the
+    steps' timesteps (below max_ep_len) and a mask of ones."""
+    steps = (batch, seq)
+    specs = [InputSpec("states", (*steps, config.state_dim), dtype, dynamic=(0, 1))]
+    if "actions" in names:
+        specs.append(InputSpec("actions", (*steps, config.act_dim), dtype, dynamic=(0, 1)))
+    if "returns_to_go" in names:
+        specs.append(InputSpec("returns_to_go", (*steps, 1), dtype, dynamic=(0, 1)))
+    if "timesteps" in names:
+        high = getattr(config, "max_ep_len", None) or seq
+        specs.append(InputSpec("timesteps", steps, torch.long, high=high, dynamic=(0, 1)))
+    if "attention_mask" in names:
+        specs.append(InputSpec("attention_mask", steps, torch.long, dynamic=(0, 1)))
+    return specs
+
+
 def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ) -> list[InputSpec]:
     """The inputs to feed `model` (see the module docstring), main input first."""
     config = getattr(model, "config", None)
@@ -232,13 +291,15 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
     dtype = _float_dtype(model)
     specs: list[InputSpec] = []
     if main == "input_ids":
-        vocab = _vocab(config, "vocab_size", "src_vocab_size")
+        vocab = _vocab(config, "vocab_size", "src_vocab_size") or _tokenizer_vocab(config)
         if vocab is None:
             raise CaptureError(f"cannot make input_ids for {type(model).__name__}: its config has no vocab_size; "
                                "pass example_inputs=(x,)")
         specs.append(InputSpec("input_ids", (batch, seq), torch.long, high=vocab, dynamic=(0, 1)))
         if "attention_mask" in names:
             specs.append(InputSpec("attention_mask", (batch, seq), torch.long, dynamic=(0, 1)))
+        if "bbox" in names:
+            specs.append(_bbox(config, batch, seq, dtype))
     elif main in ("pixel_values", "pixel_values_videos"):
         specs.append(_image(config, batch, dtype, main))
         patches = _patches(config, specs[-1])
@@ -250,6 +311,8 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
         specs.append(_features(model, config, batch, seq, dtype))
     elif main == "past_values":
         specs.extend(_series(config, names, batch, dtype))
+    elif main == "states":
+        specs.extend(_trajectory(config, names, batch, seq, dtype))
     else:
         specs.append(_values(model, config, batch, seq, dtype))
     if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in names:

@@ -5,9 +5,11 @@
                                   STEM-decoder: decoder_input_ids, encoder_hidden_states
                                                 [, encoder_attention_mask] -> logits
 
-MAIN is the model's own input (`sparsify.inputs`): `input_ids` (with `attention_mask`),
-`pixel_values`, `input_features` or `input_values`, so a graph's inputs carry the names the
-model's forward gives them. Each graph is a small wrapper module around the model (held as
+MAIN is the model's own input (`sparsify.inputs`): `input_ids` (with `attention_mask`, and
+`bbox` for document models), `pixel_values`, `input_features`, `input_values`, `past_values` or a
+Decision Transformer's `states` (with actions, returns-to-go, timesteps and mask), so a
+graph's inputs carry the names the model's forward gives them. Each graph is a small wrapper
+module around the model (held as
 attribute `WRAPPER`), traced with example inputs and, by default, dynamic axes: batch and
 sequence for token inputs, batch for images and audio (their other sizes are the configured ones).
 """
@@ -40,10 +42,12 @@ class ModelGraph(nn.Module):
         setattr(self, WRAPPER, model)
         self.encoder = encoder
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        # no mask for models whose forward takes none (FNet, xLSTM): model_graphs then passes none
-        mask = {} if attention_mask is None else {"attention_mask": attention_mask}
-        return self._run(input_ids=input_ids, **mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                bbox: torch.Tensor | None = None) -> torch.Tensor:
+        # no mask for models whose forward takes none (FNet, xLSTM): model_graphs then passes none;
+        # bbox: the token boxes of document models (LayoutLM, LiLT, BROS)
+        extra = {k: v for k, v in (("attention_mask", attention_mask), ("bbox", bbox)) if v is not None}
+        return self._run(input_ids=input_ids, **extra)
 
     def _run(self, **inputs: torch.Tensor) -> torch.Tensor:
         model = getattr(self, WRAPPER)
@@ -93,6 +97,18 @@ class SeriesGraph(ModelGraph):
         return self._run(past_values=past_values, **extra)
 
 
+class TrajectoryGraph(ModelGraph):
+    """states, actions, returns_to_go, timesteps, attention_mask -> the first output (a Decision
+    Transformer's state predictions)."""
+
+    def forward(self, states: torch.Tensor, actions: torch.Tensor | None = None,
+                returns_to_go: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {k: v for k, v in (("actions", actions), ("returns_to_go", returns_to_go), ("timesteps", timesteps),
+                                   ("attention_mask", attention_mask)) if v is not None}
+        return self._run(states=states, **extra)
+
+
 class EncoderGraph(ModelGraph):
     """input_ids, attention_mask -> the encoder's last hidden state."""
 
@@ -120,7 +136,8 @@ class DecoderGraph(nn.Module):
 
 
 _GRAPHS = {"input_ids": ModelGraph, "pixel_values": PixelGraph, "input_features": FeaturesGraph,
-           "input_values": AudioGraph, "past_values": SeriesGraph, "pixel_values_videos": VideoGraph}
+           "input_values": AudioGraph, "past_values": SeriesGraph, "pixel_values_videos": VideoGraph,
+           "states": TrajectoryGraph}
 
 
 @torch.no_grad()

@@ -22,6 +22,14 @@ from tests.coverage.tiny import tiny_config
 CASES = {
     # squeeze-and-excitation blocks: 1x1 convolutions written with padding="same"
     "efficientnet": ("efficientnet", "EfficientNetForImageClassification", ["pixel_values"]),
+    # token boxes: fractions of the page (BROS), integers below max_2d_position_embeddings (LiLT)
+    "bros": ("bros", "BrosModel", ["input_ids", "attention_mask", "bbox"]),
+    "lilt": ("lilt", "LiltModel", ["input_ids", "attention_mask", "bbox"]),
+    # characters as Unicode code points: the config has no vocab_size, the tokenizer says it
+    "canine": ("canine", "CanineModel", ["input_ids", "attention_mask"]),
+    # an episode: states, actions, returns-to-go, timesteps
+    "decision-transformer": ("decision_transformer", "DecisionTransformerModel",
+                             ["states", "actions", "returns_to_go", "timesteps", "attention_mask"]),
 }
 
 
@@ -46,6 +54,9 @@ def test_upcycle_verify_export(case, tmp_path, sparsify_cli):
     assert code == 0 and "match" in stdout
     out = tmp_path / "moe.onnx"
     code, _, err = sparsify_cli("export", tmp_path / "moe", "--onnx", "-o", out)
+    if code and "export with static shapes (--static" in err:  # CANINE fixes its sizes, as the error says
+        code, _, err = sparsify_cli("export", tmp_path / "moe", "--onnx", "--static", "--batch", "3", "--seq", "11",
+                                    "-o", out)
     assert code == 0, err
     import onnx
 
@@ -67,6 +78,17 @@ def test_efficientnet_squeeze_excitation_is_converted(tmp_path, sparsify_cli):
     moe = sparsify.load(tmp_path / "moe")
     converted = {name for name, m in moe.named_modules() if type(m).__module__.startswith("sparsify")}
     assert any(name.endswith("squeeze_excite") or ".squeeze_excite." in name for name in converted), converted
+
+
+def test_boxes_are_boxes():
+    """x0 <= x1 and y0 <= y1: LiLT embeds the box's width and height as indices."""
+    for model_type, cls in (("lilt", "LiltModel"), ("bros", "BrosModel")):
+        model = getattr(transformers, cls)(tiny_config(model_type, [cls])).eval()
+        box = example_inputs_for(model, batch=3, seq=7)["bbox"]
+        assert box.shape == (3, 7, 4)
+        assert (box[..., 2] >= box[..., 0]).all() and (box[..., 3] >= box[..., 1]).all()
+        assert box.dtype == (torch.long if model_type == "lilt" else torch.float32)
+        assert int(box.max()) < 1001 if model_type == "lilt" else float(box.max()) < 1
 
 
 def test_keypoint_matcher_gets_image_pairs():

@@ -113,6 +113,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # four coordinate and two shape embeddings concatenate to the hidden size (4 x 4 + 2 x 8 = 32)
     "layoutlmv3": {"coordinate_size": 4, "shape_size": 8, "input_size": 32},
     "mobilevit": {"initializer_range": 0.25},
+    # BROS embeds each of its 8 box coordinates sinusoidally in hidden_size / 4 / 8 dimensions,
+    # taken in pairs: the width must be at least 64
+    "bros": {"hidden_size": 64, "head_dim": 16},
     # five stride-2 stages: 64 px leave the last one a 2x2 map for its 2x2 patches
     "mobilevitv2": {"image_size": 64, "initializer_range": 0.2},
     # Hiera's stages are embed_dim_per_stage wide (the first is hidden_size); a global-attention
