@@ -8,7 +8,9 @@ that input must have. One rule per kind of input, keyed by the input's name:
                      (ones) when forward takes one, and decoder ids for encoder-decoder models;
                      bbox [batch, seq, 4] for document models that take one (LayoutLM, LiLT,
                      BROS, UDOP): a box per token, x0 <= x1 and y0 <= y1, integers below
-                     max_2d_position_embeddings (and 1001) where configured, else in [0, 1)
+                     max_2d_position_embeddings (and 1001) where configured, else in [0, 1);
+                     pixel_values beside them where forward takes them and the config sizes
+                     the image (ViLT); lang_ids (X-MOD) in the configured default language
     pixel_values     [batch, num_channels, image_size, image_size] (224 when none is configured);
                      [batch, num_frames, num_channels, image_size, image_size] for video (also as
                      pixel_values_videos: V-JEPA 2's crop_size and frames_per_clip);
@@ -121,15 +123,20 @@ def _forward_params(model: nn.Module) -> tuple[set[str], bool]:
     return {p.name for p in params}, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
+_KINDS = ("input_ids", "pixel_values", "pixel_values_videos", "input_features", "input_values", "past_values",
+          "states")
+
+
 def main_input_name(model: nn.Module) -> str | None:
-    """The input a model is fed: its `main_input_name` when forward takes it, else the first
-    of the known kinds that forward takes."""
+    """The input a model is fed: its `main_input_name` when forward takes it and it is of a known
+    kind, else the first of the known kinds that forward takes, else the declared one."""
     names, _ = _forward_params(model)
     declared = getattr(model, "main_input_name", None)
-    if declared in names:
+    if declared in names and declared in _KINDS:
         return declared
-    return next((n for n in ("input_ids", "pixel_values", "pixel_values_videos", "input_features", "input_values",
-                             "past_values") if n in names), None)
+    # a declared input of no known kind (Perceiver's generic `inputs`) where forward also takes a
+    # known one (its `input_ids`): fed as that kind
+    return next((n for n in _KINDS if n in names), declared if declared in names else None)
 
 
 def _vocab(config, *names: str) -> int | None:
@@ -300,6 +307,15 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
             specs.append(InputSpec("attention_mask", (batch, seq), torch.long, dynamic=(0, 1)))
         if "bbox" in names:
             specs.append(_bbox(config, batch, seq, dtype))
+        if "pixel_values" in names and isinstance(getattr(config, "image_size", None), (int, list, tuple)):
+            # a vision-and-language model whose own config sizes its image (ViLT): the image too
+            specs.append(_image(config, batch, dtype))
+        languages = getattr(config, "languages", None)
+        if "lang_ids" in names and isinstance(languages, (list, tuple)) and languages:
+            # X-MOD's language adapters: each sequence in the configured default language (else the first)
+            default = getattr(config, "default_language", None)
+            index = list(languages).index(default) if default in languages else 0
+            specs.append(InputSpec("lang_ids", (batch,), torch.long, fill=(index,)))
     elif main in ("pixel_values", "pixel_values_videos"):
         specs.append(_image(config, batch, dtype, main))
         patches = _patches(config, specs[-1])

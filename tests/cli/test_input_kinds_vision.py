@@ -27,6 +27,10 @@ CASES = {
     "lilt": ("lilt", "LiltModel", ["input_ids", "attention_mask", "bbox"]),
     # characters as Unicode code points: the config has no vocab_size, the tokenizer says it
     "canine": ("canine", "CanineModel", ["input_ids", "attention_mask"]),
+    # Perceiver declares a generic `inputs`; its forward also takes input_ids, of a known kind
+    "perceiver": ("perceiver", "PerceiverForMaskedLM", ["input_ids", "attention_mask"]),
+    # X-MOD's language adapters read lang_ids: the configured default language (else the first)
+    "xmod": ("xmod", "XmodForMaskedLM", ["input_ids", "attention_mask", "lang_ids"]),
     # an episode: states, actions, returns-to-go, timesteps
     "decision-transformer": ("decision_transformer", "DecisionTransformerModel",
                              ["states", "actions", "returns_to_go", "timesteps", "attention_mask"]),
@@ -89,6 +93,26 @@ def test_boxes_are_boxes():
         assert (box[..., 2] >= box[..., 0]).all() and (box[..., 3] >= box[..., 1]).all()
         assert box.dtype == (torch.long if model_type == "lilt" else torch.float32)
         assert int(box.max()) < 1001 if model_type == "lilt" else float(box.max()) < 1
+
+
+def test_vision_and_language_model_gets_its_image():
+    """ViLT takes token ids and the image its config sizes; without the image it cannot run."""
+    config = tiny_config("vilt", ["ViltModel"])
+    torch.manual_seed(0)
+    model = transformers.ViltModel(config).eval()
+    names = [s.name for s in input_specs(model, batch=2, seq=5)]
+    assert names == ["input_ids", "attention_mask", "pixel_values"]
+    inputs = example_inputs_for(model, batch=2, seq=5)
+    assert inputs["pixel_values"].shape == (2, 3, config.image_size, config.image_size)
+    with torch.no_grad():
+        assert torch.isfinite(main_output(model(**inputs))).all()
+
+
+def test_xmod_language_is_the_default_one():
+    config = tiny_config("xmod", ["XmodModel"])
+    config.languages, config.default_language = ["en_XX", "de_DE"], "de_DE"
+    model = transformers.XmodModel(config).eval()
+    assert example_inputs_for(model, batch=3)["lang_ids"].tolist() == [1, 1, 1]
 
 
 def test_keypoint_matcher_gets_image_pairs():
