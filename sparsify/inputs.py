@@ -10,7 +10,9 @@ that input must have. One rule per kind of input, keyed by the input's name:
                      BROS, UDOP): a box per token, x0 <= x1 and y0 <= y1, integers below
                      max_2d_position_embeddings (and 1001) where configured, else in [0, 1);
                      pixel_values beside them where forward takes them and the config sizes
-                     the image (ViLT); lang_ids (X-MOD) in the configured default language
+                     the image (ViLT); visual_feats [batch, seq, visual_feat_dim] and their
+                     boxes visual_pos (LXMERT's regions); lang_ids (X-MOD) in the configured
+                     default language
     pixel_values     [batch, num_channels, image_size, image_size] (224 when none is configured);
                      [batch, num_frames, num_channels, image_size, image_size] for video (also as
                      pixel_values_videos: V-JEPA 2's crop_size and frames_per_clip);
@@ -28,7 +30,8 @@ that input must have. One rule per kind of input, keyed by the input's name:
                      ([batch, audio_channels, samples] for codecs that configure channels)
     past_values      a time series: [batch, context_length + the largest lag] (by input_size
                      when it is above 1), with past_time_features [.., num_time_features] and an
-                     all-ones past_observed_mask (Time Series Transformer, Informer, Autoformer);
+                     all-ones past_observed_mask (Time Series Transformer, Informer, Autoformer),
+                     or a past_values_padding of zeros and frequency class 0 (TimesFM);
                      [batch, context_length, num_input_channels] for patch models (PatchTST,
                      PatchTSMixer)
     states           a Decision Transformer's episode: states [batch, seq, state_dim], actions
@@ -81,7 +84,7 @@ class InputSpec:
             t = torch.tensor(self.fill, dtype=self.dtype).expand(self.shape).clone()
         elif self.name.endswith("attention_mask"):
             t = torch.ones(self.shape, dtype=self.dtype)
-        elif self.name.endswith("bbox"):
+        elif self.name.endswith("bbox") or self.name == "visual_pos" and self.shape[-1] == 4:
             t = _boxes(self, generator)
         elif self.high:
             t = torch.randint(0, self.high, self.shape, generator=generator, dtype=self.dtype)
@@ -265,6 +268,10 @@ def _series(config, names: set[str], batch: int, dtype: torch.dtype) -> list[Inp
         specs.append(InputSpec("past_time_features", (batch, length, getattr(config, "num_time_features", 0) or 0), dtype))
     if "past_observed_mask" in names:
         specs.append(InputSpec("past_observed_mask", values, dtype, fill=(1,)))
+    if "past_values_padding" in names:  # TimesFM: no step is padding
+        specs.append(InputSpec("past_values_padding", values, dtype, fill=(0,)))
+    if "freq" in names:  # TimesFM's frequency class of each series (0: high frequency)
+        specs.append(InputSpec("freq", (batch, 1), torch.long, fill=(0,)))
     return specs
 
 
@@ -307,6 +314,11 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
             specs.append(InputSpec("attention_mask", (batch, seq), torch.long, dynamic=(0, 1)))
         if "bbox" in names:
             specs.append(_bbox(config, batch, seq, dtype))
+        feats, pos = getattr(config, "visual_feat_dim", None), getattr(config, "visual_pos_dim", None)
+        if "visual_feats" in names and isinstance(feats, int) and isinstance(pos, int):
+            # LXMERT's image: detected regions' features and boxes (as many regions as tokens)
+            specs.append(InputSpec("visual_feats", (batch, seq, feats), dtype, dynamic=(0, 1)))
+            specs.append(InputSpec("visual_pos", (batch, seq, pos), dtype, dynamic=(0, 1)))
         if "pixel_values" in names and isinstance(getattr(config, "image_size", None), (int, list, tuple)):
             # a vision-and-language model whose own config sizes its image (ViLT): the image too
             specs.append(_image(config, batch, dtype))

@@ -6,7 +6,7 @@
                                                 [, encoder_attention_mask] -> logits
 
 MAIN is the model's own input (`sparsify.inputs`): `input_ids` (with `attention_mask`, and
-`bbox` for document models, `pixel_values` for ViLT, `lang_ids` for X-MOD), `pixel_values`, `input_features`, `input_values`, `past_values` or a
+`bbox` for document models, `pixel_values` for ViLT, LXMERT's regions, `lang_ids` for X-MOD), `pixel_values`, `input_features`, `input_values`, `past_values` or a
 Decision Transformer's `states` (with actions, returns-to-go, timesteps and mask), so a
 graph's inputs carry the names the model's forward gives them. Each graph is a small wrapper
 module around the model (held as
@@ -43,13 +43,15 @@ class ModelGraph(nn.Module):
         self.encoder = encoder
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                bbox: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                bbox: torch.Tensor | None = None, visual_feats: torch.Tensor | None = None,
+                visual_pos: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 lang_ids: torch.Tensor | None = None) -> torch.Tensor:
         # no mask for models whose forward takes none (FNet, xLSTM): model_graphs then passes none;
         # bbox: the token boxes of document models (LayoutLM, LiLT, BROS); pixel_values: the image
-        # of a vision-and-language model (ViLT); lang_ids: X-MOD's languages
-        extra = {k: v for k, v in (("attention_mask", attention_mask), ("bbox", bbox), ("pixel_values", pixel_values),
-                                   ("lang_ids", lang_ids)) if v is not None}
+        # of a vision-and-language model (ViLT); visual_*: LXMERT's regions; lang_ids: X-MOD's languages
+        extra = {k: v for k, v in (("attention_mask", attention_mask), ("bbox", bbox), ("visual_feats", visual_feats),
+                                   ("visual_pos", visual_pos), ("pixel_values", pixel_values), ("lang_ids", lang_ids))
+                 if v is not None}
         return self._run(input_ids=input_ids, **extra)
 
     def _run(self, **inputs: torch.Tensor) -> torch.Tensor:
@@ -90,13 +92,15 @@ class AudioGraph(ModelGraph):
 
 
 class SeriesGraph(ModelGraph):
-    """past_values (a time series), with its time features and observed mask where the model
-    takes them -> the first output."""
+    """past_values (a time series), with its time features and observed mask, or its padding
+    and frequency (TimesFM), where the model takes them -> the first output."""
 
     def forward(self, past_values: torch.Tensor, past_time_features: torch.Tensor | None = None,
-                past_observed_mask: torch.Tensor | None = None) -> torch.Tensor:
+                past_observed_mask: torch.Tensor | None = None, past_values_padding: torch.Tensor | None = None,
+                freq: torch.Tensor | None = None) -> torch.Tensor:
         extra = {k: v for k, v in (("past_time_features", past_time_features),
-                                   ("past_observed_mask", past_observed_mask)) if v is not None}
+                                   ("past_observed_mask", past_observed_mask),
+                                   ("past_values_padding", past_values_padding), ("freq", freq)) if v is not None}
         return self._run(past_values=past_values, **extra)
 
 

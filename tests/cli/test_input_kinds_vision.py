@@ -31,6 +31,8 @@ CASES = {
     "perceiver": ("perceiver", "PerceiverForMaskedLM", ["input_ids", "attention_mask"]),
     # X-MOD's language adapters read lang_ids: the configured default language (else the first)
     "xmod": ("xmod", "XmodForMaskedLM", ["input_ids", "attention_mask", "lang_ids"]),
+    # detected regions beside the tokens: their features and boxes
+    "lxmert": ("lxmert", "LxmertModel", ["input_ids", "attention_mask", "visual_feats", "visual_pos"]),
     # an episode: states, actions, returns-to-go, timesteps
     "decision-transformer": ("decision_transformer", "DecisionTransformerModel",
                              ["states", "actions", "returns_to_go", "timesteps", "attention_mask"]),
@@ -113,6 +115,18 @@ def test_xmod_language_is_the_default_one():
     config.languages, config.default_language = ["en_XX", "de_DE"], "de_DE"
     model = transformers.XmodModel(config).eval()
     assert example_inputs_for(model, batch=3)["lang_ids"].tolist() == [1, 1, 1]
+
+
+def test_timesfm_gets_padding_and_frequency():
+    """TimesFM requires past_values_padding and freq: no padding, frequency class 0."""
+    config = tiny_config("timesfm", ["TimesFmModel"])
+    torch.manual_seed(0)
+    model = transformers.TimesFmModel(config).eval()
+    inputs = example_inputs_for(model, batch=2)
+    assert inputs["past_values_padding"].shape == inputs["past_values"].shape
+    assert not inputs["past_values_padding"].any() and inputs["freq"].tolist() == [[0], [0]]
+    with torch.no_grad():
+        assert torch.isfinite(main_output(model(**inputs))).all()
 
 
 def test_keypoint_matcher_gets_image_pairs():
