@@ -18,6 +18,8 @@ that input must have. One rule per kind of input, keyed by the input's name:
                      pixel_values_videos: V-JEPA 2's crop_size and frames_per_clip);
                      [batch, 2, num_channels, image_size, image_size] for the image pairs of
                      keypoint matchers (the families of transformers' keypoint-matching class)
+    prompt_*         beside pixel values, where forward takes them (SegGPT's prompt image and
+                     mask), of the same shape: each half the height of the configured canvas
     noise            beside pixel values, where forward takes it (ViT-MAE's random masking):
                      seeded [batch, patches], so that the forward is a function of its inputs
     input_features   mel features: [batch, num_mel_bins, frames] when the config has num_mel_bins
@@ -335,6 +337,12 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
             # masked autoencoders (ViT-MAE) draw a random mask per call unless given its noise:
             # seeded noise makes the forward a function of its inputs, so outputs can be compared
             specs.append(InputSpec("noise", (batch, patches), dtype))
+        if "prompt_pixel_values" in names and len(specs[0].shape) == 4:
+            # SegGPT: the configured image is a canvas of the prompt stacked on the input, half as high each
+            b, c, h, w = specs[0].shape
+            specs[0] = InputSpec(specs[0].name, (b, c, h // 2, w), dtype)
+            specs.extend(InputSpec(name, specs[0].shape, dtype) for name in ("prompt_pixel_values", "prompt_masks")
+                         if name in names)
     elif main == "input_features":
         specs.append(_features(model, config, batch, seq, dtype))
     elif main == "past_values":

@@ -65,9 +65,13 @@ class ModelGraph(nn.Module):
 class PixelGraph(ModelGraph):
     """pixel_values -> the model's first output (or the encoder's last hidden state)."""
 
-    def forward(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        # noise: ViT-MAE's masking noise, an input of the graph so that it computes the same mask
-        return self._run(pixel_values=pixel_values, **({} if noise is None else {"noise": noise}))
+    def forward(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None,
+                prompt_pixel_values: torch.Tensor | None = None, prompt_masks: torch.Tensor | None = None) -> torch.Tensor:
+        # noise: ViT-MAE's masking noise, an input of the graph so that it computes the same mask;
+        # prompt_*: SegGPT's prompt image and mask
+        extra = {k: v for k, v in (("noise", noise), ("prompt_pixel_values", prompt_pixel_values),
+                                   ("prompt_masks", prompt_masks)) if v is not None}
+        return self._run(pixel_values=pixel_values, **extra)
 
 
 class VideoGraph(ModelGraph):

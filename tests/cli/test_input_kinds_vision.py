@@ -31,6 +31,8 @@ CASES = {
     "perceiver": ("perceiver", "PerceiverForMaskedLM", ["input_ids", "attention_mask"]),
     # X-MOD's language adapters read lang_ids: the configured default language (else the first)
     "xmod": ("xmod", "XmodForMaskedLM", ["input_ids", "attention_mask", "lang_ids"]),
+    # a prompt image and its mask beside the input, each half the configured canvas
+    "seggpt": ("seggpt", "SegGptModel", ["pixel_values", "prompt_pixel_values", "prompt_masks"]),
     # detected regions beside the tokens: their features and boxes
     "lxmert": ("lxmert", "LxmertModel", ["input_ids", "attention_mask", "visual_feats", "visual_pos"]),
     # an episode: states, actions, returns-to-go, timesteps
