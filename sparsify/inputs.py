@@ -17,7 +17,10 @@ that input must have. One rule per kind of input, keyed by the input's name:
                      [batch, num_frames, num_channels, image_size, image_size] for video (also as
                      pixel_values_videos: V-JEPA 2's crop_size and frames_per_clip);
                      [batch, 2, num_channels, image_size, image_size] for the image pairs of
-                     keypoint matchers (the families of transformers' keypoint-matching class)
+                     keypoint matchers (the families of transformers' keypoint-matching class);
+                     [batch, num_patches, channels x patch x patch] already cut into patches,
+                     with spatial_shapes and pixel_attention_mask, where forward takes them
+                     (SigLIP 2's NaFlex: a square grid)
     prompt_*         beside pixel values, where forward takes them (SegGPT's prompt image and
                      mask), of the same shape: each half the height of the configured canvas
     noise            beside pixel values, where forward takes it (ViT-MAE's random masking):
@@ -213,6 +216,22 @@ def _bbox(config, batch: int, seq: int, dtype: torch.dtype) -> InputSpec:
     return InputSpec("bbox", (batch, seq, 4), dtype, dynamic=(0, 1))
 
 
+def _patch_sequence(config, batch: int, dtype: torch.dtype, names: set[str]) -> list[InputSpec]:
+    """SigLIP 2's NaFlex input: images already cut into a square grid of num_patches flattened
+    patches [batch, num_patches, channels x patch x patch], their (rows, columns) and a mask of ones."""
+    patches, patch = getattr(config, "num_patches", None), getattr(config, "patch_size", None)
+    side = math.isqrt(patches) if isinstance(patches, int) and patches > 0 else 0
+    if not side or not isinstance(patch, int):
+        raise CaptureError("cannot make pixel_values for a model that reads spatial_shapes: its config names no "
+                           "num_patches and patch_size; pass example_inputs=(x,)")
+    channels = getattr(config, "num_channels", None) or 3
+    specs = [InputSpec("pixel_values", (batch, side * side, channels * patch * patch), dtype)]
+    if "pixel_attention_mask" in names:
+        specs.append(InputSpec("pixel_attention_mask", (batch, side * side), torch.long, fill=(1,)))
+    specs.append(InputSpec("spatial_shapes", (batch, 2), torch.long, fill=(side, side)))
+    return specs
+
+
 def _patches(config, image: InputSpec) -> int | None:
     """How many patches a ViT-style model cuts `image` into, None when its config does not say."""
     patch = getattr(config, "patch_size", None)
@@ -337,6 +356,8 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
             # masked autoencoders (ViT-MAE) draw a random mask per call unless given its noise:
             # seeded noise makes the forward a function of its inputs, so outputs can be compared
             specs.append(InputSpec("noise", (batch, patches), dtype))
+        if "spatial_shapes" in names:
+            specs[0:1] = _patch_sequence(config, batch, dtype, names)
         if "prompt_pixel_values" in names and len(specs[0].shape) == 4:
             # SegGPT: the configured image is a canvas of the prompt stacked on the input, half as high each
             b, c, h, w = specs[0].shape

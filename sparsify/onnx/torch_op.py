@@ -131,8 +131,18 @@ def _erfinv(x):
     return op.Where(op.Equal(op.Abs(x), c(1.0)), op.Mul(x, c(np.inf)), refined)  # +-inf at +-1, as torch
 
 
+def _is_all_true(x):
+    """aten._is_all_true, the reduction of a checked condition (SigLIP 2's `torch_compilable_check`
+    on its patch grid): no element false (True for none, as torch)."""
+    from onnxscript import INT64
+    from onnxscript import opset18 as op
+
+    false = op.ReduceSum(op.Cast(op.Not(x), to=INT64.dtype), keepdims=0)
+    return op.Equal(false, op.Constant(value_int=0))
+
+
 TRANSLATIONS = {torch.ops.sparsify.moe_ffn.default: _translate, torch.ops.prims.erf_inv.default: _erfinv,
-                torch.ops.aten.erfinv.default: _erfinv}
+                torch.ops.aten.erfinv.default: _erfinv, torch.ops.aten._is_all_true.default: _is_all_true}
 
 
 class ExportMoE(nn.Module):

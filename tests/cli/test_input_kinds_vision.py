@@ -31,6 +31,8 @@ CASES = {
     "perceiver": ("perceiver", "PerceiverForMaskedLM", ["input_ids", "attention_mask"]),
     # X-MOD's language adapters read lang_ids: the configured default language (else the first)
     "xmod": ("xmod", "XmodForMaskedLM", ["input_ids", "attention_mask", "lang_ids"]),
+    # images as sequences of patches with their grid (NaFlex); its checks on the grid export too
+    "siglip2": ("siglip2_vision_model", "Siglip2VisionModel", ["pixel_values", "pixel_attention_mask", "spatial_shapes"]),
     # a prompt image and its mask beside the input, each half the configured canvas
     "seggpt": ("seggpt", "SegGptModel", ["pixel_values", "prompt_pixel_values", "prompt_masks"]),
     # detected regions beside the tokens: their features and boxes
@@ -156,3 +158,23 @@ def test_ffn_like_chains_of_convolutional_families(model_type, expected):
 
     config = tiny_config(model_type, [family(model_type).class_name])
     assert has_ffn_like_chain(capture(build_skeleton(config))) is expected
+
+
+@pytest.mark.parametrize("values", [[True, True, True], [True, False, True], []])
+def test_is_all_true_in_onnx_runtime(values, tmp_path):
+    """aten._is_all_true (a checked condition's reduction) as ONNX: torch's answer, also for none."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from sparsify.onnx.torch_op import TRANSLATIONS
+
+    class AllTrue(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.aten._is_all_true.default(x > 0)
+
+    x = torch.tensor([1.0 if v else -1.0 for v in values])
+    program = torch.onnx.export(AllTrue(), (x,), dynamo=True, custom_translation_table=TRANSLATIONS, verbose=False)
+    program.save(str(tmp_path / "all.onnx"))
+    sess = ort.InferenceSession(str(tmp_path / "all.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    assert bool(np.asarray(got)) == bool(torch.ops.aten._is_all_true.default(x > 0))

@@ -113,6 +113,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # four coordinate and two shape embeddings concatenate to the hidden size (4 x 4 + 2 x 8 = 32)
     "layoutlmv3": {"coordinate_size": 4, "shape_size": 8, "input_size": 32},
     "mobilevit": {"initializer_range": 0.25},
+    # SigLIP 2 reads images as sequences of num_patches patches (a 4 x 4 grid)
+    "siglip2_vision_model": {"num_patches": 16},
     # SegGPT's image is a canvas of the prompt stacked on the input: twice as high as wide
     "seggpt": {"image_size": [64, 32]},
     # LXMERT's depths are per stream (language, cross-modality, regions); its region features 2048 wide
