@@ -36,7 +36,8 @@ that input must have. One rule per kind of input, keyed by the input's name:
     past_values      a time series: [batch, context_length + the largest lag] (by input_size
                      when it is above 1), with past_time_features [.., num_time_features] and an
                      all-ones past_observed_mask (Time Series Transformer, Informer, Autoformer),
-                     or a past_values_padding of zeros and frequency class 0 (TimesFM);
+                     or, where forward requires them, a past_values_padding of zeros and
+                     frequency class 0 (TimesFM);
                      [batch, context_length, num_input_channels] for patch models (PatchTST,
                      PatchTSMixer)
     states           a Decision Transformer's episode: states [batch, seq, state_dim], actions
@@ -275,7 +276,8 @@ def _values(model: nn.Module, config, batch: int, seq: int, dtype: torch.dtype) 
     return InputSpec("input_values", (batch, _DEFAULT_SAMPLES), dtype, dynamic=(0, 1))
 
 
-def _series(config, names: set[str], batch: int, dtype: torch.dtype) -> list[InputSpec]:
+def _series(config, names: set[str], batch: int, dtype: torch.dtype, required: set[str] = frozenset()
+            ) -> list[InputSpec]:
     context = getattr(config, "context_length", None) or DEFAULT_SEQ
     channels = getattr(config, "num_input_channels", None)
     if isinstance(channels, int) and channels > 0:  # patch models: [batch, time, channels]
@@ -289,9 +291,11 @@ def _series(config, names: set[str], batch: int, dtype: torch.dtype) -> list[Inp
         specs.append(InputSpec("past_time_features", (batch, length, getattr(config, "num_time_features", 0) or 0), dtype))
     if "past_observed_mask" in names:
         specs.append(InputSpec("past_observed_mask", values, dtype, fill=(1,)))
-    if "past_values_padding" in names:  # TimesFM: no step is padding
+    # TimesFM requires these (TimesFM 2.5 takes the padding optionally, no padding by default):
+    # no step is padding; each series of frequency class 0 (high frequency)
+    if "past_values_padding" in required:
         specs.append(InputSpec("past_values_padding", values, dtype, fill=(0,)))
-    if "freq" in names:  # TimesFM's frequency class of each series (0: high frequency)
+    if "freq" in required:
         specs.append(InputSpec("freq", (batch, 1), torch.long, fill=(0,)))
     return specs
 
@@ -367,7 +371,7 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
     elif main == "input_features":
         specs.append(_features(model, config, batch, seq, dtype))
     elif main == "past_values":
-        specs.extend(_series(config, names, batch, dtype))
+        specs.extend(_series(config, names, batch, dtype, _required(model)))
     elif main == "states":
         specs.extend(_trajectory(config, names, batch, seq, dtype))
     else:
