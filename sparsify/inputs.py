@@ -40,6 +40,8 @@ that input must have. One rule per kind of input, keyed by the input's name:
                      frequency class 0 (TimesFM);
                      [batch, context_length, num_input_channels] for patch models (PatchTST,
                      PatchTSMixer)
+    query_embeds     BLIP-2's Q-Former: queries [batch, seq, hidden_size] and the image encoder's
+                     encoder_hidden_states [batch, seq, encoder_hidden_size] they attend to
     states           a Decision Transformer's episode: states [batch, seq, state_dim], actions
                      [.., act_dim], returns_to_go [.., 1], timesteps below max_ep_len, a mask
 
@@ -133,7 +135,7 @@ def _forward_params(model: nn.Module) -> tuple[set[str], bool]:
 
 
 _KINDS = ("input_ids", "pixel_values", "pixel_values_videos", "input_features", "input_values", "past_values",
-          "states")
+          "states", "query_embeds")
 
 
 def main_input_name(model: nn.Module) -> str | None:
@@ -374,6 +376,11 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
         specs.extend(_series(config, names, batch, dtype, _required(model)))
     elif main == "states":
         specs.extend(_trajectory(config, names, batch, seq, dtype))
+    elif main == "query_embeds":  # BLIP-2's Q-Former: learned queries reading an image encoder's states
+        specs.append(InputSpec("query_embeds", (batch, seq, config.hidden_size), dtype, dynamic=(0, 1)))
+        width = getattr(config, "encoder_hidden_size", None)
+        if "encoder_hidden_states" in names and isinstance(width, int) and width > 0:
+            specs.append(InputSpec("encoder_hidden_states", (batch, seq, width), dtype, dynamic=(0, 1)))
     else:
         specs.append(_values(model, config, batch, seq, dtype))
     if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in names:

@@ -123,6 +123,14 @@ class TrajectoryGraph(ModelGraph):
         return self._run(states=states, **extra)
 
 
+class QueryGraph(ModelGraph):
+    """query_embeds, encoder_hidden_states -> the first output (BLIP-2's Q-Former)."""
+
+    def forward(self, query_embeds: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
+        return self._run(query_embeds=query_embeds, **extra)
+
+
 class EncoderGraph(ModelGraph):
     """input_ids, attention_mask -> the encoder's last hidden state."""
 
@@ -151,7 +159,7 @@ class DecoderGraph(nn.Module):
 
 _GRAPHS = {"input_ids": ModelGraph, "pixel_values": PixelGraph, "input_features": FeaturesGraph,
            "input_values": AudioGraph, "past_values": SeriesGraph, "pixel_values_videos": VideoGraph,
-           "states": TrajectoryGraph}
+           "states": TrajectoryGraph, "query_embeds": QueryGraph}
 
 
 @torch.no_grad()

@@ -37,6 +37,8 @@ CASES = {
     "seggpt": ("seggpt", "SegGptModel", ["pixel_values", "prompt_pixel_values", "prompt_masks"]),
     # detected regions beside the tokens: their features and boxes
     "lxmert": ("lxmert", "LxmertModel", ["input_ids", "attention_mask", "visual_feats", "visual_pos"]),
+    # learned queries and the image encoder's states they read
+    "blip-2-qformer": ("blip_2_qformer", "Blip2QFormerModel", ["query_embeds", "encoder_hidden_states"]),
     # an episode: states, actions, returns-to-go, timesteps
     "decision-transformer": ("decision_transformer", "DecisionTransformerModel",
                              ["states", "actions", "returns_to_go", "timesteps", "attention_mask"]),
