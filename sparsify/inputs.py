@@ -3,13 +3,28 @@
 A Hugging Face model names its main input (`main_input_name`) and its config holds the sizes
 that input must have. One rule per kind of input, keyed by the input's name:
 
-    input_ids        token ids [batch, seq] below the vocabulary size; with attention_mask
-                     (ones) when forward takes one, and decoder ids for encoder-decoder models
+    input_ids        token ids [batch, seq] below the vocabulary size (the config's, else that of
+                     a tokenizer that needs no files: CANINE's Unicode code points); with attention_mask
+                     (ones) when forward takes one, and decoder ids for encoder-decoder models;
+                     bbox [batch, seq, 4] for document models that take one (LayoutLM, LiLT,
+                     BROS, UDOP): a box per token, x0 <= x1 and y0 <= y1, integers below
+                     max_2d_position_embeddings (and 1001) where configured, else in [0, 1);
+                     pixel_values beside them where forward takes them and the config sizes
+                     the image (ViLT); visual_feats [batch, seq, visual_feat_dim] and their
+                     boxes visual_pos (LXMERT's regions); lang_ids (X-MOD) in the configured
+                     default language
     pixel_values     [batch, num_channels, image_size, image_size] (224 when none is configured);
                      [batch, num_frames, num_channels, image_size, image_size] for video (also as
-                     pixel_values_videos: V-JEPA 2's crop_size and frames_per_clip)
+                     pixel_values_videos: V-JEPA 2's crop_size and frames_per_clip);
+                     [batch, 2, num_channels, image_size, image_size] for the image pairs of
+                     keypoint matchers (the families of transformers' keypoint-matching class);
+                     [batch, num_patches, channels x patch x patch] already cut into patches,
+                     with spatial_shapes and pixel_attention_mask, where forward takes them
+                     (SigLIP 2's NaFlex: a square grid)
     inputs_embeds    where it is the declared main input (a head fed another model's states):
                      [batch, seq, hidden_size]
+    prompt_*         beside pixel values, where forward takes them (SegGPT's prompt image and
+                     mask), of the same shape: each half the height of the configured canvas
     noise            beside pixel values, where forward takes it (ViT-MAE's random masking):
                      seeded [batch, patches], so that the forward is a function of its inputs
     input_features   mel features: [batch, num_mel_bins, frames] when the config has num_mel_bins
@@ -30,7 +45,9 @@ that input must have. One rule per kind of input, keyed by the input's name:
     (a declared main input that forward names otherwise is fed under forward's name for it)
     past_values      a time series: [batch, context_length + the largest lag] (by input_size
                      when it is above 1), with past_time_features [.., num_time_features] and an
-                     all-ones past_observed_mask (Time Series Transformer, Informer, Autoformer);
+                     all-ones past_observed_mask (Time Series Transformer, Informer, Autoformer),
+                     or, where forward requires them, a past_values_padding of zeros and
+                     frequency class 0 (TimesFM);
                      [batch, context_length, num_input_channels] for patch models (PatchTST,
                      PatchTSMixer)
     grid_thw         vision towers of Qwen2-VL style (Qwen2.5/3-VL, GLM-4V, ...), whose forward takes
@@ -44,6 +61,11 @@ that input must have. One rule per kind of input, keyed by the input's name:
                      channels] for a Linear over one patch (Inkling 2, its grid in tokens). The grid's
                      values fix every shape of the forward (which reads them with .tolist()):
                      its specs are `static_values`, which capture and export specialise to
+                     their values (sparsify.capture)
+    query_embeds     BLIP-2's Q-Former: queries [batch, seq, hidden_size] and the image encoder's
+                     encoder_hidden_states [batch, seq, encoder_hidden_size] they attend to
+    states           a Decision Transformer's episode: states [batch, seq, state_dim], actions
+                     [.., act_dim], returns_to_go [.., 1], timesteps below max_ep_len, a mask
 
 `input_specs` gives the shapes (and which axes may vary, for exports with dynamic shapes);
 `example_inputs_for` gives seeded tensors. A model that fits none of the rules, or whose
@@ -96,11 +118,24 @@ class InputSpec:
             t = torch.tensor(self.fill, dtype=self.dtype).expand(self.shape).clone()
         elif self.name.endswith("attention_mask"):
             t = torch.ones(self.shape, dtype=self.dtype)
+        elif self.name.endswith("bbox") or self.name == "visual_pos" and self.shape[-1] == 4:
+            t = _boxes(self, generator)
         elif self.high:
             t = torch.randint(0, self.high, self.shape, generator=generator, dtype=self.dtype)
         else:
             t = torch.randn(self.shape, generator=generator).to(self.dtype)
         return t.to(device)
+
+
+def _boxes(spec: InputSpec, generator: torch.Generator) -> torch.Tensor:
+    """Boxes (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1: integers below `spec.high`, or
+    fractions of the page where `high` is 0."""
+    shape = (*spec.shape[:-1], 2, 2)  # two corners of (x, y)
+    if spec.high:
+        corners = torch.randint(0, spec.high, shape, generator=generator)
+    else:
+        corners = torch.rand(shape, generator=generator)
+    return corners.sort(dim=-2).values.reshape(spec.shape).to(spec.dtype)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -132,9 +167,6 @@ def _forward_params(model: nn.Module) -> tuple[set[str], bool]:
     return {p.name for p in params}, untyped
 
 
-_KINDS = ("input_ids", "pixel_values", "pixel_values_videos", "input_features", "input_values", "past_values")
-
-
 GRID_INPUTS = ("grid_thw", "image_grid_thw")  # the names vision towers give the grid of their patches
 STATIC_VALUE_INPUTS = (*GRID_INPUTS, "merge_sizes")  # inputs made with static_values=True
 
@@ -143,18 +175,26 @@ def _grid_input(names: set[str]) -> str | None:
     return next((n for n in GRID_INPUTS if n in names), None)
 
 
+_KINDS = ("input_ids", "pixel_values", "pixel_values_videos", "input_features", "input_values", "past_values",
+          "states", "query_embeds")
+
+
 def main_input_name(model: nn.Module) -> str | None:
     """The kind of input a model is fed: its flattened patches when forward takes an image grid
     and no token ids (a vision tower; the whole vision-language model is fed token ids), else its
-    `main_input_name` when forward takes it, else the first of the known kinds that forward takes,
-    else the declared kind where forward takes it under another name (see `main_input_param`)."""
+    `main_input_name` when forward takes it (unless it is of no known kind and forward also takes
+    a known one: Perceiver's generic `inputs` beside its `input_ids`), else the first of the known
+    kinds that forward takes, else the declared kind where forward takes it under another name
+    (see `main_input_param`)."""
     names, _ = _forward_params(model)
     if _grid_input(names) and "input_ids" not in names:
         return next((n for n in ("hidden_states", "pixel_values") if n in names), None)
     declared = getattr(model, "main_input_name", None)
-    if declared in names:
+    if declared in names and declared in _KINDS:
         return declared
     found = next((n for n in _KINDS if n in names), None)
+    if declared in names and found is None:
+        return declared
     if found is None and declared in (*_KINDS, "latents") and _first_required(model):
         return declared
     return found
@@ -185,6 +225,20 @@ def _vocab(config, *names: str) -> int | None:
     return None
 
 
+def _tokenizer_vocab(config) -> int | None:
+    """The id space of the family's tokenizer where the config names none and the tokenizer needs
+    no vocabulary file to say it (CANINE reads Unicode code points)."""
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES, tokenizer_class_from_name
+
+    name = TOKENIZER_MAPPING_NAMES.get(getattr(config, "model_type", None) or "")
+    name = name[0] if isinstance(name, (list, tuple)) else name
+    try:
+        vocab = tokenizer_class_from_name(name)().vocab_size if name else None
+    except Exception:  # a tokenizer that needs its files (or is not installed): nothing to learn here
+        return None
+    return vocab if isinstance(vocab, int) and vocab > 0 else None
+
+
 def _conv_stride(module: nn.Module | None) -> int:
     """How many input frames one output position of `module`'s 1-d convolutions covers."""
     if module is None:
@@ -210,7 +264,42 @@ def _image(config, batch: int, dtype: torch.dtype, name: str = "pixel_values") -
         frames = 2 * tubelet if isinstance(tubelet, int) and tubelet > 0 else 2
     if isinstance(frames, int) and frames > 0:  # a video: VideoMAE, TimeSformer, ViViT, V-JEPA 2
         return InputSpec(name, (batch, frames, channels, h, w), dtype)
+    if _keypoint_matcher(config):  # two images to match keypoints between, side by side
+        return InputSpec(name, (batch, 2, channels, h, w), dtype)
     return InputSpec(name, (batch, channels, h, w), dtype)
+
+
+def _keypoint_matcher(config) -> bool:
+    """The config is of a family that transformers' keypoint-matching auto class serves
+    (EfficientLoFTR, SuperGlue, LightGlue): its models read image pairs."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_KEYPOINT_MATCHING_MAPPING_NAMES
+
+    return getattr(config, "model_type", None) in MODEL_FOR_KEYPOINT_MATCHING_MAPPING_NAMES
+
+
+def _bbox(config, batch: int, seq: int, dtype: torch.dtype) -> InputSpec:
+    """A box per token for document models: integer corners below max_2d_position_embeddings
+    (LayoutLM's page normalised to 0-1000) where the config sets it, else fractions (BROS)."""
+    positions = getattr(config, "max_2d_position_embeddings", None)
+    if isinstance(positions, int) and positions > 1:
+        return InputSpec("bbox", (batch, seq, 4), torch.long, high=min(positions, 1001), dynamic=(0, 1))
+    return InputSpec("bbox", (batch, seq, 4), dtype, dynamic=(0, 1))
+
+
+def _patch_sequence(config, batch: int, dtype: torch.dtype, names: set[str]) -> list[InputSpec]:
+    """SigLIP 2's NaFlex input: images already cut into a square grid of num_patches flattened
+    patches [batch, num_patches, channels x patch x patch], their (rows, columns) and a mask of ones."""
+    patches, patch = getattr(config, "num_patches", None), getattr(config, "patch_size", None)
+    side = math.isqrt(patches) if isinstance(patches, int) and patches > 0 else 0
+    if not side or not isinstance(patch, int):
+        raise CaptureError("cannot make pixel_values for a model that reads spatial_shapes: its config names no "
+                           "num_patches and patch_size; pass example_inputs=(x,)")
+    channels = getattr(config, "num_channels", None) or 3
+    specs = [InputSpec("pixel_values", (batch, side * side, channels * patch * patch), dtype)]
+    if "pixel_attention_mask" in names:
+        specs.append(InputSpec("pixel_attention_mask", (batch, side * side), torch.long, fill=(1,)))
+    specs.append(InputSpec("spatial_shapes", (batch, 2), torch.long, fill=(side, side)))
+    return specs
 
 
 def _patches(config, image: InputSpec) -> int | None:
@@ -347,7 +436,8 @@ def _read_channels(model: nn.Module, batch: int, samples: int, dtype: torch.dtyp
     return conv.in_channels if isinstance(got, torch.Tensor) and got.dim() == 2 else None
 
 
-def _series(config, names: set[str], batch: int, dtype: torch.dtype) -> list[InputSpec]:
+def _series(config, names: set[str], batch: int, dtype: torch.dtype, required: set[str] = frozenset()
+            ) -> list[InputSpec]:
     context = getattr(config, "context_length", None) or DEFAULT_SEQ
     channels = getattr(config, "num_input_channels", None)
     if isinstance(channels, int) and channels > 0:  # patch models: [batch, time, channels]
@@ -361,6 +451,29 @@ def _series(config, names: set[str], batch: int, dtype: torch.dtype) -> list[Inp
         specs.append(InputSpec("past_time_features", (batch, length, getattr(config, "num_time_features", 0) or 0), dtype))
     if "past_observed_mask" in names:
         specs.append(InputSpec("past_observed_mask", values, dtype, fill=(1,)))
+    # TimesFM requires these (TimesFM 2.5 takes the padding optionally, no padding by default):
+    # no step is padding; each series of frequency class 0 (high frequency)
+    if "past_values_padding" in required:
+        specs.append(InputSpec("past_values_padding", values, dtype, fill=(0,)))
+    if "freq" in required:
+        specs.append(InputSpec("freq", (batch, 1), torch.long, fill=(0,)))
+    return specs
+
+
+def _trajectory(config, names: set[str], batch: int, seq: int, dtype: torch.dtype) -> list[InputSpec]:
+    """An episode for a Decision Transformer: states, actions and returns-to-go per step, the
+    steps' timesteps (below max_ep_len) and a mask of ones."""
+    steps = (batch, seq)
+    specs = [InputSpec("states", (*steps, config.state_dim), dtype, dynamic=(0, 1))]
+    if "actions" in names:
+        specs.append(InputSpec("actions", (*steps, config.act_dim), dtype, dynamic=(0, 1)))
+    if "returns_to_go" in names:
+        specs.append(InputSpec("returns_to_go", (*steps, 1), dtype, dynamic=(0, 1)))
+    if "timesteps" in names:
+        high = getattr(config, "max_ep_len", None) or seq
+        specs.append(InputSpec("timesteps", steps, torch.long, high=high, dynamic=(0, 1)))
+    if "attention_mask" in names:
+        specs.append(InputSpec("attention_mask", steps, torch.long, dynamic=(0, 1)))
     return specs
 
 
@@ -459,7 +572,7 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
     dtype = _float_dtype(model)
     specs: list[InputSpec] = []
     if main == "input_ids":
-        vocab = _vocab(config, "vocab_size", "src_vocab_size")
+        vocab = _vocab(config, "vocab_size", "src_vocab_size") or _tokenizer_vocab(config)
         if vocab is None:
             raise CaptureError(f"cannot make input_ids for {type(model).__name__}: its config has no vocab_size; "
                                "pass example_inputs=(x,)")
@@ -474,6 +587,22 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
             raise CaptureError(f"cannot make inputs_embeds for {type(model).__name__}: its config has no hidden_size; "
                                "pass example_inputs=(x,)")
         specs.append(InputSpec("inputs_embeds", (batch, seq, width), dtype, dynamic=(0, 1)))
+        if "bbox" in names:
+            specs.append(_bbox(config, batch, seq, dtype))
+        feats, pos = getattr(config, "visual_feat_dim", None), getattr(config, "visual_pos_dim", None)
+        if "visual_feats" in names and isinstance(feats, int) and isinstance(pos, int):
+            # LXMERT's image: detected regions' features and boxes (as many regions as tokens)
+            specs.append(InputSpec("visual_feats", (batch, seq, feats), dtype, dynamic=(0, 1)))
+            specs.append(InputSpec("visual_pos", (batch, seq, pos), dtype, dynamic=(0, 1)))
+        if "pixel_values" in names and isinstance(getattr(config, "image_size", None), (int, list, tuple)):
+            # a vision-and-language model whose own config sizes its image (ViLT): the image too
+            specs.append(_image(config, batch, dtype))
+        languages = getattr(config, "languages", None)
+        if "lang_ids" in names and isinstance(languages, (list, tuple)) and languages:
+            # X-MOD's language adapters: each sequence in the configured default language (else the first)
+            default = getattr(config, "default_language", None)
+            index = list(languages).index(default) if default in languages else 0
+            specs.append(InputSpec("lang_ids", (batch,), torch.long, fill=(index,)))
     elif main in ("pixel_values", "pixel_values_videos"):
         specs.append(_image(config, batch, dtype, main))
         patches = _patches(config, specs[-1])
@@ -481,13 +610,28 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
             # masked autoencoders (ViT-MAE) draw a random mask per call unless given its noise:
             # seeded noise makes the forward a function of its inputs, so outputs can be compared
             specs.append(InputSpec("noise", (batch, patches), dtype))
+        if "spatial_shapes" in names:
+            specs[0:1] = _patch_sequence(config, batch, dtype, names)
+        if "prompt_pixel_values" in names and len(specs[0].shape) == 4:
+            # SegGPT: the configured image is a canvas of the prompt stacked on the input, half as high each
+            b, c, h, w = specs[0].shape
+            specs[0] = InputSpec(specs[0].name, (b, c, h // 2, w), dtype)
+            specs.extend(InputSpec(name, specs[0].shape, dtype) for name in ("prompt_pixel_values", "prompt_masks")
+                         if name in names)
     elif main == "input_features":
         specs.append(_features(model, config, batch, seq, dtype))
         specs.extend(_frame_mask(model, specs[-1]))
     elif main == "past_values":
-        specs.extend(_series(config, names, batch, dtype))
+        specs.extend(_series(config, names, batch, dtype, _required(model)))
     elif main == "latents":
         specs.append(_latents(model, config, batch, seq, dtype))
+    elif main == "states":
+        specs.extend(_trajectory(config, names, batch, seq, dtype))
+    elif main == "query_embeds":  # BLIP-2's Q-Former: learned queries reading an image encoder's states
+        specs.append(InputSpec("query_embeds", (batch, seq, config.hidden_size), dtype, dynamic=(0, 1)))
+        width = getattr(config, "encoder_hidden_size", None)
+        if "encoder_hidden_states" in names and isinstance(width, int) and width > 0:
+            specs.append(InputSpec("encoder_hidden_states", (batch, seq, width), dtype, dynamic=(0, 1)))
     elif main == "input_values":
         specs.append(_values(model, config, batch, seq, dtype))
     else:

@@ -7,7 +7,8 @@ A projection is any of
 - `aten.matmul` / `aten.mm` by a parameter ([in, out]) or by its transpose (`x @ W.T`, with W
   [out, in]), with an optional bias `add`;
 - a 1x1 convolution, `aten.conv1d` / `aten.conv2d` with unit kernel, stride and dilation and
-  no padding (SqueezeBERT's grouped Conv1d): channels-first, weight [out, in / groups, 1...].
+  no padding (SqueezeBERT's grouped Conv1d; `padding="same"` or `"valid"`, EfficientNet's,
+  pads a unit kernel with nothing): channels-first, weight [out, in / groups, 1...].
 
 A projection may also be fused: one projection whose output is cut into equal parts (gate and
 up of a fused gate/up projection, GLM's and ModernBERT's `chunk(2, dim=-1)`, or interleaved
@@ -39,7 +40,8 @@ VIEWS = {
     aten.detach.default,
 }
 TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.mT.default, aten.permute.default, aten.transpose.int}
-_CONVS = {aten.conv1d.default: 1, aten.conv2d.default: 2}
+# (the .padding overloads take padding as a string: "same" or "valid", both none for a 1x1 kernel)
+_CONVS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv1d.padding: 1, aten.conv2d.padding: 2}
 
 
 @dataclass
@@ -118,6 +120,10 @@ def _conv(captured: Captured, node: Node) -> Projection | None:
     w, shape = _param(captured, wnode), _shape(wnode)
     if w is None or shape is None or len(shape) != 2 + dims or any(d != 1 for d in shape[2:]):
         return None
+    if isinstance(padding, str):  # padding="same" / "valid": a unit kernel at stride 1 pads nothing
+        padding = 0 if padding in ("same", "valid") else None
+        if padding is None:
+            return None
     if not (_ones(stride if stride is not None else 1, dims, 1) and _ones(padding if padding is not None else 0, dims, 0)
             and _ones(dilation if dilation is not None else 1, dims, 1)):
         return None

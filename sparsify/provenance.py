@@ -53,6 +53,22 @@ def check_source(recorded: Any, dense: Source) -> SourceCheck:
                               "from those sparsify.json records")
 
 
+def _site_width(dense: Any, site: Any) -> int | None:
+    """The input width of the dense FFN at `site`, from its first projection's weight (an FFN may
+    be narrower than the model: LiLT's layout stream, a squeeze-excitation block)."""
+    name = getattr(site, "weights", {}).get("w1")
+    try:
+        shape = tuple(dense.get_parameter(name).shape) if name else None
+    except AttributeError:
+        return None
+    if not shape or len(shape) < 2:
+        return None
+    layout = getattr(site, "layout", "linear")
+    if layout == "conv1d":  # GPT-2's Conv1D: [in, out]
+        return shape[0]
+    return shape[1] * (site.groups.get("w1", 1) if layout == "conv1x1" else 1)
+
+
 def check_architecture(dense: Any, plan: Any, spec: str, source_model_type: str | None = None) -> None:
     """An `OptionError` when `dense` is of another model type than `source_model_type` (what a
     native output's config records), or lacks a module, or has another width, than the plan's
@@ -69,7 +85,9 @@ def check_architecture(dense: Any, plan: Any, spec: str, source_model_type: str 
                               "plan converts: it is another architecture than the output was made from; pass the "
                               "dense model it was upcycled from") from None
         hidden = getattr(site, "hidden_size", None)
-        width = getattr(getattr(dense, "config", None), "hidden_size", None)
+        width = _site_width(dense, site)
+        if width is None:  # no weight to read the width from: the model's own
+            width = getattr(getattr(dense, "config", None), "hidden_size", None)
         if hidden is not None and width is not None and hidden != width:
             raise OptionError(f"DENSE '{spec}' has hidden size {width} but the output's plan was made for {hidden}; "
                               "pass the dense model it was upcycled from")

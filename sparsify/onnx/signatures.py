@@ -5,9 +5,11 @@
                                   STEM-decoder: decoder_input_ids, encoder_hidden_states
                                                 [, encoder_attention_mask] -> logits
 
-MAIN is the model's own input (`sparsify.inputs`): `input_ids` (with `attention_mask`),
-`pixel_values`, `input_features` or `input_values`, so a graph's inputs carry the names the
-model's forward gives them. Each graph is a small wrapper module around the model (held as
+MAIN is the model's own input (`sparsify.inputs`): `input_ids` (with `attention_mask`, and
+`bbox` for document models, `pixel_values` for ViLT, LXMERT's regions, `lang_ids` for X-MOD), `pixel_values`, `input_features`, `input_values`, `past_values` or a
+Decision Transformer's `states` (with actions, returns-to-go, timesteps and mask), so a
+graph's inputs carry the names the model's forward gives them. Each graph is a small wrapper
+module around the model (held as
 attribute `WRAPPER`), traced with example inputs and, by default, dynamic axes: batch and
 sequence for token inputs, batch for images and audio (their other sizes are the configured ones).
 
@@ -46,10 +48,17 @@ class ModelGraph(nn.Module):
         setattr(self, WRAPPER, model)
         self.encoder = encoder
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        # no mask for models whose forward takes none (FNet, xLSTM): model_graphs then passes none
-        mask = {} if attention_mask is None else {"attention_mask": attention_mask}
-        return self._run(input_ids=input_ids, **mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                bbox: torch.Tensor | None = None, visual_feats: torch.Tensor | None = None,
+                visual_pos: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                lang_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # no mask for models whose forward takes none (FNet, xLSTM): model_graphs then passes none;
+        # bbox: the token boxes of document models (LayoutLM, LiLT, BROS); pixel_values: the image
+        # of a vision-and-language model (ViLT); visual_*: LXMERT's regions; lang_ids: X-MOD's languages
+        extra = {k: v for k, v in (("attention_mask", attention_mask), ("bbox", bbox), ("visual_feats", visual_feats),
+                                   ("visual_pos", visual_pos), ("pixel_values", pixel_values), ("lang_ids", lang_ids))
+                 if v is not None}
+        return self._run(input_ids=input_ids, **extra)
 
     def _run(self, **inputs: torch.Tensor) -> torch.Tensor:
         model = getattr(self, WRAPPER)
@@ -62,9 +71,16 @@ class ModelGraph(nn.Module):
 class PixelGraph(ModelGraph):
     """pixel_values -> the model's first output (or the encoder's last hidden state)."""
 
-    def forward(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        # noise: ViT-MAE's masking noise, an input of the graph so that it computes the same mask
-        return self._run(pixel_values=pixel_values, **({} if noise is None else {"noise": noise}))
+    def forward(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None,
+                prompt_pixel_values: torch.Tensor | None = None, prompt_masks: torch.Tensor | None = None,
+                pixel_attention_mask: torch.Tensor | None = None, spatial_shapes: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        # noise: ViT-MAE's masking noise, an input of the graph so that it computes the same mask;
+        # prompt_*: SegGPT's prompt image and mask; the patch grid of SigLIP 2's patch sequences
+        extra = {k: v for k, v in (("noise", noise), ("prompt_pixel_values", prompt_pixel_values),
+                                   ("prompt_masks", prompt_masks), ("pixel_attention_mask", pixel_attention_mask),
+                                   ("spatial_shapes", spatial_shapes)) if v is not None}
+        return self._run(pixel_values=pixel_values, **extra)
 
 
 class VideoGraph(ModelGraph):
@@ -113,13 +129,15 @@ class EmbedsGraph(ModelGraph):
 
 
 class SeriesGraph(ModelGraph):
-    """past_values (a time series), with its time features and observed mask where the model
-    takes them -> the first output."""
+    """past_values (a time series), with its time features and observed mask, or its padding
+    and frequency (TimesFM), where the model takes them -> the first output."""
 
     def forward(self, past_values: torch.Tensor, past_time_features: torch.Tensor | None = None,
-                past_observed_mask: torch.Tensor | None = None) -> torch.Tensor:
+                past_observed_mask: torch.Tensor | None = None, past_values_padding: torch.Tensor | None = None,
+                freq: torch.Tensor | None = None) -> torch.Tensor:
         extra = {k: v for k, v in (("past_time_features", past_time_features),
-                                   ("past_observed_mask", past_observed_mask)) if v is not None}
+                                   ("past_observed_mask", past_observed_mask),
+                                   ("past_values_padding", past_values_padding), ("freq", freq)) if v is not None}
         return self._run(past_values=past_values, **extra)
 
 
@@ -149,6 +167,26 @@ class PixelPatchesGraph(GridGraph):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self._patches("pixel_values", pixel_values)
+
+
+class TrajectoryGraph(ModelGraph):
+    """states, actions, returns_to_go, timesteps, attention_mask -> the first output (a Decision
+    Transformer's state predictions)."""
+
+    def forward(self, states: torch.Tensor, actions: torch.Tensor | None = None,
+                returns_to_go: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {k: v for k, v in (("actions", actions), ("returns_to_go", returns_to_go), ("timesteps", timesteps),
+                                   ("attention_mask", attention_mask)) if v is not None}
+        return self._run(states=states, **extra)
+
+
+class QueryGraph(ModelGraph):
+    """query_embeds, encoder_hidden_states -> the first output (BLIP-2's Q-Former)."""
+
+    def forward(self, query_embeds: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
+        return self._run(query_embeds=query_embeds, **extra)
 
 
 class EncoderGraph(ModelGraph):
@@ -201,7 +239,8 @@ def _encoder_output(hidden: torch.Tensor):
 
 _GRAPHS = {"input_ids": ModelGraph, "pixel_values": PixelGraph, "input_features": FeaturesGraph,
            "input_values": AudioGraph, "past_values": SeriesGraph, "pixel_values_videos": VideoGraph,
-           "inputs_embeds": EmbedsGraph, "latents": LatentsGraph, "hidden_states": HiddenStatesGraph}
+           "inputs_embeds": EmbedsGraph, "latents": LatentsGraph, "hidden_states": HiddenStatesGraph,
+           "states": TrajectoryGraph, "query_embeds": QueryGraph}
 
 
 @torch.no_grad()

@@ -165,8 +165,19 @@ def _histc(x, bins: int = 100, min: float = 0.0, max: float = 0.0):  # noqa: A00
     return op.ReduceSum(op.CastLike(hits, x), const(op, [0], np.int64), keepdims=0)
 
 
+def _is_all_true(x):
+    """aten._is_all_true, the reduction of a checked condition (SigLIP 2's `torch_compilable_check`
+    on its patch grid): no element false (True for none, as torch)."""
+    from onnxscript import INT64
+    from onnxscript import opset18 as op
+
+    false = op.ReduceSum(op.Cast(op.Not(x), to=INT64.dtype), keepdims=0)
+    return op.Equal(false, op.Constant(value_int=0))
+
+
 TRANSLATIONS = {torch.ops.sparsify.moe_ffn.default: _translate, torch.ops.prims.erf_inv.default: _erfinv,
-                torch.ops.aten.erfinv.default: _erfinv, torch.ops.aten.histc.default: _histc}
+                torch.ops.aten.erfinv.default: _erfinv, torch.ops.aten.histc.default: _histc,
+                torch.ops.aten._is_all_true.default: _is_all_true}
 
 
 class ExportMoE(nn.Module):

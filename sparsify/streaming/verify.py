@@ -193,10 +193,19 @@ def _check_dense(dense: nn.Module, plan: UpcyclePlan, moe: str | Path) -> None:
             if name not in shapes:
                 raise PlanError(f"'{moe}' was upcycled from another model: the dense {type(dense).__name__} has no "
                                 f"FFN weight '{name}'; pass the dense model it was made from")
-            if sorted(shapes[name]) != sorted(canonical_shape(site, role)):  # sorted: GPT-2 stores [in, out]
+            if sorted(_stored_as_matrix(site, role, shapes[name])) != sorted(canonical_shape(site, role)):
                 raise PlanError(f"'{moe}' was upcycled from another model: the dense weight '{name}' has shape "
                                 f"{list(shapes[name])}, not that of a {site.hidden_size} x {site.intermediate_size} FFN; "
                                 "pass the dense model it was made from")
+
+
+def _stored_as_matrix(site: Any, role: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A dense weight's shape as the matrix it holds, to compare with the canonical one (sorted,
+    since GPT-2 stores [in, out]): a 1x1 convolution's [out, in / groups, 1...] without its unit
+    kernel axes, its input axis whole."""
+    if site.layout != "conv1x1" or not role.startswith("w") or len(shape) < 3 or any(k != 1 for k in shape[2:]):
+        return shape
+    return (shape[0], shape[1] * site.groups.get(role, 1))
 
 
 def _difference(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:

@@ -5,7 +5,8 @@ Independent of sparsify's matcher on purpose. An FFN-like chain is a projection 
 alone) whose output reaches another such projection through elementwise ops, views, casts and
 normalisations, at least one of them nonlinear, where every other tensor an op on the way takes
 is a weight or constant (a scale) or itself such a projection's output (a gate). Attention
-(softmax over a product of two activations), state-space scans and residual adds therefore end a
+(softmax over a product of two activations), state-space scans and residual adds (also of
+another projection's output: a projected shortcut, ResNet's downsampling) therefore end a
 chain. A family whose graph has no such chain has no FFN to upcycle; one whose graph has some,
 but where sparsify finds no site, is a dense family that fails, with sparsify's reason.
 """
@@ -25,7 +26,8 @@ __all__ = ["has_ffn_like_chain"]
 aten = torch.ops.aten
 _LINEAR = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default, aten.bmm.default,
            aten.einsum.default}
-_CONV = {aten.conv1d.default, aten.conv2d.default, aten.convolution.default}
+_CONV = {aten.conv1d.default, aten.conv2d.default, aten.convolution.default, aten.conv1d.padding,
+         aten.conv2d.padding}
 _LOOKED_THROUGH = {
     operator.getitem, *TRANSPARENT, aten.to.dtype, aten._to_copy.default, aten.type_as.default,
     aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.split.Tensor,
@@ -93,18 +95,37 @@ class _Graph:
             return "gate"
         return "statistic" if kinds - {None} else None
 
-    def step(self, node: Node, came_from: Node) -> tuple[bool, bool]:
-        """(the chain goes on through `node`, `node` is nonlinear), entering it from `came_from`."""
+    def step(self, node: Node, came_from: Node, start: Node | None = None) -> tuple[bool, bool]:
+        """(the chain goes on through `node`, `node` is nonlinear), entering it from `came_from` on
+        a chain from the projection `start`."""
         if not self.elementwise(node):
             return False, False
-        others = [self.from_projection(n) for n in node.all_input_nodes
-                  if n is not came_from and not self.from_weights(n)]
+        operands = [n for n in node.all_input_nodes if n is not came_from and not self.from_weights(n)]
+        others = [self.from_projection(n) for n in operands]
         if None in others:
             return False, False
         if node.target is aten.mul.Tensor:
             return True, "gate" in others
+        if node.target in (aten.add.Tensor, aten.sub.Tensor) and start is not None and any(
+                kind == "gate" and not _descends(n, start) for n, kind in zip(operands, others)):
+            return False, False  # another projection's output summed in: a residual merge (a projected shortcut)
         nonlinear = torch.Tag.pointwise in getattr(node.target, "tags", ()) and node.target not in _AFFINE
         return True, nonlinear
+
+
+def _descends(node: Node, start: Node) -> bool:
+    """`node` is computed from `start` within a few ops (ConvNeXt V2's response normalisation adds
+    the chain's own value, rescaled, back to it)."""
+    frontier, seen = [(node, 0)], set()
+    while frontier:
+        n, depth = frontier.pop()
+        if n is start:
+            return True
+        if n in seen or depth >= _MAX_DEPTH:
+            continue
+        seen.add(n)
+        frontier.extend((m, depth + 1) for m in n.all_input_nodes)
+    return False
 
 
 def has_ffn_like_chain(captured: Captured) -> bool:
@@ -124,7 +145,7 @@ def has_ffn_like_chain(captured: Captured) -> bool:
                 if nonlinear:
                     return True
                 continue
-            goes_on, is_nonlinear = g.step(node, came_from)
+            goes_on, is_nonlinear = g.step(node, came_from, start)
             if goes_on:
                 frontier.extend((u, node, nonlinear or is_nonlinear, depth + 1) for u in node.users)
     return False

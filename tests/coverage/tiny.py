@@ -115,6 +115,56 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "nemotron3_5_transcribe_word_timestamp": {"blank_token_id": VOCAB - 1, "num_key_value_heads": _HEADS},
     # no projections around the quantizer: the codebook is as wide as the hidden size
     **dict.fromkeys(("wavtokenizer", "wavtokenizer_encoder"), {"codebook_dim": _HIDDEN}),
+    # the top convolution is round_filters(1280) wide by the width coefficient, which hidden_dim
+    # (its norm and the classifier) must equal: 128 at a tenth of the width, one block per stage
+    "efficientnet": {"width_coefficient": 0.1, "depth_coefficient": 0.3, "hidden_dim": 128, "initializer_range": 0.7},
+    # the stages are sized by stage_*_channels, chained stem -> stage 1 -> ...; hidden_sizes (the
+    # classifier's input) must be their outputs
+    "hgnet_v2": {"stem_channels": [3, 16, 16], "embedding_size": 16, "stage_in_channels": [16, 16, 32, 64],
+                 "stage_mid_channels": [16, 16, 32, 32], "stage_out_channels": [16, 32, 64, 128],
+                 "stage_num_blocks": [1, 1, 1, 1], "stage_numb_of_layers": [2, 2, 2, 2], "initializer_range": 0.15},
+    # the stem's output is the first stage's input (hidden_sizes[0])
+    "textnet": {"stem_out_channels": 16},
+    # LeViT's patch embedding is four stride-2 convolutions whatever patch_size says (16 px a
+    # patch), and each stage halves the grid: 64 px make 4x4 patches, then 2x2 and 1x1
+    # (BatchNorm weights are drawn with initializer_range, here and in EfficientNet and MobileViT:
+    # at 0.02 the activations vanish through the stack, so the tiny models draw them wider)
+    "levit": {"image_size": 64, "patch_size": 16, "initializer_range": 0.2},
+    # the six box embeddings (x, y, w, h of a bounding box) are hidden_size // 6 wide each and
+    # concatenated back to hidden_size: a width divisible by 6 (and by the channel shrink, 4)
+    "lilt": {"hidden_size": 48, "head_dim": 12},
+    # four coordinate and two shape embeddings concatenate to the hidden size (4 x 4 + 2 x 8 = 32)
+    "layoutlmv3": {"coordinate_size": 4, "shape_size": 8, "input_size": 32},
+    "mobilevit": {"initializer_range": 0.25},
+    # SigLIP 2 reads images as sequences of num_patches patches (a 4 x 4 grid)
+    "siglip2_vision_model": {"num_patches": 16},
+    # SegGPT's image is a canvas of the prompt stacked on the input: twice as high as wide
+    "seggpt": {"image_size": [64, 32]},
+    # LXMERT's depths are per stream (language, cross-modality, regions); its region features 2048 wide
+    "lxmert": {"l_layers": 2, "x_layers": 1, "r_layers": 1, "visual_feat_dim": 64},
+    # Perceiver's latent array has sizes of its own (1280 wide, 26 self-attentions)
+    "perceiver": {"num_latents": 16, "d_latents": 32, "num_self_attends_per_block": 2, "num_self_attention_heads": 4,
+                  "num_cross_attention_heads": 4},
+    # BROS embeds each of its 8 box coordinates sinusoidally in hidden_size / 4 / 8 dimensions,
+    # taken in pairs: the width must be at least 64
+    "bros": {"hidden_size": 64, "head_dim": 16},
+    # five stride-2 stages: 64 px leave the last one a 2x2 map for its 2x2 patches
+    "mobilevitv2": {"image_size": 64, "initializer_range": 0.2},
+    # Hiera's stages are embed_dim_per_stage wide (the first is hidden_size); a global-attention
+    # block may not be a stage's first (its query pooling divides by the window size)
+    "sam2_hiera_det_model": {"image_size": [64, 64], "embed_dim_per_stage": [32, 64, 128, 256],
+                             "blocks_per_stage": [1, 1, 2, 1], "global_attention_blocks": [3],
+                             "num_attention_heads_per_stage": [1, 1, 2, 2], "window_size_per_stage": [8, 4, 2, 2]},
+    # the default has no RoPE parameters at all, and the rotary embedding reads one set per layer
+    # type (with its multimodal sections, which sum to half the head: 8 = 32 / 4 heads)
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0,
+                                                                   "mrope_section": [2, 1, 1]}}},
+    # the image is cut into num_windows square windows of whole patches (32 px: 2 x 2 windows)
+    "lw_detr_vit": {"num_windows": 4},
+    # the last stage of the convolutional backbone is the transformer's width (hidden_size); the
+    # 2-d rotary embedding is hidden_size / 4 wide, 4 x head_dim by its partial factor: 8 heads
+    "efficientloftr": {"out_features": [16, 16, 32, 32], "stage_num_blocks": [1, 1, 1, 1],
+                       "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 4},
 }
 
 
