@@ -579,14 +579,6 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
         specs.append(InputSpec("input_ids", (batch, seq), torch.long, high=vocab, dynamic=(0, 1)))
         if "attention_mask" in names:
             specs.append(InputSpec("attention_mask", (batch, seq), torch.long, dynamic=(0, 1)))
-    elif main in ("hidden_states", "pixel_values") and _grid_input(names):
-        specs.extend(_patch_grid(model, config, names, main, batch, dtype))
-    elif main == "inputs_embeds":  # a model fed another's states (Nemotron 3.5's word-timestamp head)
-        width = _vocab(config, "hidden_size", "d_model")
-        if width is None:
-            raise CaptureError(f"cannot make inputs_embeds for {type(model).__name__}: its config has no hidden_size; "
-                               "pass example_inputs=(x,)")
-        specs.append(InputSpec("inputs_embeds", (batch, seq, width), dtype, dynamic=(0, 1)))
         if "bbox" in names:
             specs.append(_bbox(config, batch, seq, dtype))
         feats, pos = getattr(config, "visual_feat_dim", None), getattr(config, "visual_pos_dim", None)
@@ -603,6 +595,14 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
             default = getattr(config, "default_language", None)
             index = list(languages).index(default) if default in languages else 0
             specs.append(InputSpec("lang_ids", (batch,), torch.long, fill=(index,)))
+    elif main in ("hidden_states", "pixel_values") and _grid_input(names):
+        specs.extend(_patch_grid(model, config, names, main, batch, dtype))
+    elif main == "inputs_embeds":  # a model fed another's states (Nemotron 3.5's word-timestamp head)
+        width = _vocab(config, "hidden_size", "d_model")
+        if width is None:
+            raise CaptureError(f"cannot make inputs_embeds for {type(model).__name__}: its config has no hidden_size; "
+                               "pass example_inputs=(x,)")
+        specs.append(InputSpec("inputs_embeds", (batch, seq, width), dtype, dynamic=(0, 1)))
     elif main in ("pixel_values", "pixel_values_videos"):
         specs.append(_image(config, batch, dtype, main))
         patches = _patches(config, specs[-1])

@@ -35,7 +35,14 @@ _LOOKED_THROUGH = {
     aten.t.default, aten.expand.default, aten.select.int,
     # normalisation inside an FFN (BitNet's ffn_sub_norm) is neither projection nor activation
     aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default, aten.group_norm.default,
+    aten.reshape_as.default,
 }
+# elementwise activations that torch does not tag pointwise
+_UNTAGGED = {aten.hardswish.default}
+# a batch norm right after a linear layer (LeViT's Linear + BatchNorm1d) is per channel at
+# inference, part of that projection; after a convolution it is a CNN's (ResNet's), which the
+# chain does not go through, or every residual network would look like a chain of FFNs
+_BATCH_NORM = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
 # elementwise ops that are affine in their input: not an activation on their own
 _AFFINE = {aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.mul.Tensor, aten.neg.default, aten.clone.default}
 # a normalisation written out (x * rsqrt(mean(x^2))) scales by a statistic of the chain's own value
@@ -80,7 +87,23 @@ class _Graph:
         target = node.target
         if node.op != "call_function":
             return False
-        return target in _LOOKED_THROUGH or torch.Tag.pointwise in getattr(target, "tags", ()) or "view" in str(target)
+        if target in _BATCH_NORM:
+            return self._after_linear(node.args[0])
+        return (target in _LOOKED_THROUGH or target in _UNTAGGED or torch.Tag.pointwise in getattr(target, "tags", ())
+                or "view" in str(target))
+
+    def _after_linear(self, node: Node) -> bool:
+        """`node` is a linear layer's output, through views only."""
+        for _ in range(_MAX_DEPTH):
+            if not isinstance(node, Node) or node.op != "call_function":
+                return False
+            if node.target in _LINEAR:
+                return self.is_projection(node)
+            if not ("view" in str(node.target) or node.target in (aten.reshape.default, aten.flatten.using_ints,
+                                                                  aten.transpose.int, aten.permute.default)):
+                return False
+            node = node.args[0]
+        return False
 
     def from_projection(self, node: Node, depth: int = 0) -> str | None:
         """"gate" when `node` is a projection's output through elementwise ops only, "statistic"
@@ -109,7 +132,8 @@ class _Graph:
         if node.target in (aten.add.Tensor, aten.sub.Tensor) and start is not None and any(
                 kind == "gate" and not _descends(n, start) for n, kind in zip(operands, others)):
             return False, False  # another projection's output summed in: a residual merge (a projected shortcut)
-        nonlinear = torch.Tag.pointwise in getattr(node.target, "tags", ()) and node.target not in _AFFINE
+        nonlinear = (torch.Tag.pointwise in getattr(node.target, "tags", ()) or node.target in _UNTAGGED) \
+            and node.target not in _AFFINE
         return True, nonlinear
 
 

@@ -53,7 +53,7 @@ def test_a_registry_entry_naming_no_class_is_not_a_dense_failure():
 
 
 @pytest.mark.parametrize("model_type,expected", [("mamba", False), ("resnet", False), ("bert", True), ("whisper", True),
-                                                 ("bitnet", True)])
+                                                 ("bitnet", True), ("levit", True)])
 def test_ffn_like_chains(model_type, expected):
     """Mamba's gate multiplies a state-space scan, not a projection; ResNet's 1x1 convolutions are
     separated by 3x3 ones; BitNet's FFN normalises between its projections."""

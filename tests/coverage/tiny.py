@@ -90,6 +90,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
                      "activation_sparsity_pattern": [0.95, 0.0, 0.0, 0.0]},
     # V-JEPA 2's predictor has sizes of its own
     "vjepa2": {"pred_hidden_size": 32, "pred_num_attention_heads": 4, "pred_num_hidden_layers": 2},
+    # Zamba's hybrid layers share one transformer block, which transformers ties from the first
+    # hybrid layer into the others: the tiny model needs two of them to have something to tie
+    "zamba": {"num_hidden_layers": 4, "layers_block_type": ["linear_attention", "hybrid", "linear_attention", "hybrid"]},
     # BiT's group norms have 32 groups; the tiny stages are 16 channels wide
     "bit": {"num_groups": 2},
     # one gated-delta-net layer, not two: its reference chunked kernel unrolls a 63-step loop per
