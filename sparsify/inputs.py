@@ -312,6 +312,14 @@ def _patches(config, image: InputSpec) -> int | None:
 
 def _features(model: nn.Module, config, batch: int, seq: int, dtype: torch.dtype) -> InputSpec:
     mel = getattr(config, "num_mel_bins", None)
+    window = getattr(config, "n_window", None)
+    if mel and isinstance(window, int) and window > 0:
+        # an encoder that cuts its features into chunks of 2 x n_window frames (Qwen3-ASR's, whose
+        # 2-d convolutions read each chunk as [bins, frames]): whole chunks, as many as `seq` needs
+        stride = math.prod(m.stride[0] for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d)))
+        chunk = 2 * window
+        return InputSpec("input_features", (batch, mel, chunk * max(1, -(-seq * stride // chunk))), dtype,
+                         dynamic=(0,))
     if mel and not any(isinstance(m, nn.Conv1d) and m.in_channels == mel for m in model.modules()):
         # no convolution reads the mel bins as channels: frames first, bins last (Parakeet, LASR),
         # as many as its subsampling (the config's subsampling_factor, else its convolutions: 1-d,
@@ -321,7 +329,8 @@ def _features(model: nn.Module, config, batch: int, seq: int, dtype: torch.dtype
             stride = math.prod(m.stride[0] for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d)))
         # a config's input_size: frames stacked by the feature extractor (Fun-ASR: 7 x the bins)
         width = getattr(config, "input_size", None)
-        width = width if isinstance(width, int) and width >= mel else mel
+        width = width if isinstance(width, int) and width >= mel else (_read_width(model, batch, seq * stride, mel, dtype)
+                                                                         or mel)
         return InputSpec("input_features", (batch, seq * stride, width), dtype, dynamic=(0, 1))
     if mel:
         stride = _conv_stride(_encoder(model) or model)
@@ -331,11 +340,63 @@ def _features(model: nn.Module, config, batch: int, seq: int, dtype: torch.dtype
         return InputSpec("input_features", (batch, mel, seq * stride), dtype, dynamic=(0, 2))
     width = getattr(config, "feature_projection_input_dim", None) or (
         (getattr(config, "input_feat_per_channel", 0) or 0) * (getattr(config, "input_channels", None) or 1))
-    if not width:
+    if not width:  # frames first, as wide as the first Linear the forward reaches needs (Gemma 4's audio)
+        stride = math.prod(m.stride[0] for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d)))
+        width = _read_width(model, batch, seq * stride, _PROBE_BINS, dtype)
+        if width:
+            return InputSpec("input_features", (batch, seq * stride, width), dtype, dynamic=(0, 1))
         raise CaptureError(f"cannot make input_features for {type(model).__name__}: its config names neither "
                            "num_mel_bins nor a feature size; pass example_inputs=(x,)")
     stride = _conv_stride(_encoder(model) or model)
     return InputSpec("input_features", (batch, seq * max(stride, 1), width), dtype, dynamic=(0, 1))
+
+
+_PROBE_BINS = 64  # the bins a probe feeds a model whose config does not say how many it reads
+
+
+def _read_width(model: nn.Module, batch: int, frames: int, guess: int, dtype: torch.dtype) -> int | None:
+    """How wide a frame `model` reads as [batch, frames, width] where the config does not say, from
+    the first Linear its forward reaches: fed frames of `guess` bins, that Linear gets a width in
+    proportion to them (the frames as they come: Granite Speech 5's, each mel frame with its delta
+    and two stacked, 4 x the bins; or the bins its 2-d convolutions subsample, times their channels:
+    Gemma 4's audio tower), and the width it is sized for follows. None where the probe cannot tell
+    (a forward that fails before any Linear, or whose Linear still does not fit at that width). The
+    probe is the model's own forward on zeros, stopped at that Linear (on the meta device for a model
+    whose weights are there)."""
+    def first_linear(width: int) -> tuple[nn.Linear, int] | None:
+        reached: list[tuple[nn.Linear, torch.Tensor]] = []
+
+        def hook(module, args):
+            reached.append((module, args[0] if args else None))
+            raise _Reached
+
+        params = [*model.parameters()]
+        device = torch.device("meta") if params and params[0].device.type == "meta" else model_device(model)
+        x = torch.zeros(batch, frames, width, dtype=dtype, device=device)
+        handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(**{main_input_param(model) or "input_features": x})
+        except _Reached:
+            pass
+        except Exception:  # a forward that cannot run on the probe: the config decides
+            return None
+        finally:
+            model.train(was_training)
+            for h in handles:
+                h.remove()
+        if not reached or not isinstance(reached[0][1], torch.Tensor) or reached[0][1].dim() < 2:
+            return None
+        return reached[0][0], reached[0][1].shape[-1]
+
+    seen = first_linear(guess)
+    if seen is None or seen[1] == seen[0].in_features or (guess * seen[0].in_features) % seen[1]:
+        return None
+    width = guess * seen[0].in_features // seen[1]
+    again = first_linear(width)  # the width is right only if that Linear now gets what it is sized for
+    return width if again is not None and again[1] == again[0].in_features else None
 
 
 def _frame_mask(model: nn.Module, main: InputSpec) -> list[InputSpec]:

@@ -8,6 +8,10 @@ make those inputs:
 - mel features frames-first, [batch, frames, mel bins], for encoders where no convolution reads
   the bins as channels (Parakeet, Nemotron 3.5's audio encoder), as many frames as their
   subsampling turns into the sequence;
+- frames as wide as the first Linear the forward reaches is sized for, where the config does not
+  say (Granite Speech 5's stacked frames, 4 x the bins; Gemma 4's audio tower, no bins configured);
+- whole chunks of 2 x n_window frames, bins first, for an encoder that cuts its features into
+  chunks (Qwen3-ASR's);
 - an all-valid input_features_mask where forward takes one (Audio Flamingo 3's encoder);
 - an audio decoder's latents, [batch, channels its first convolution reads, frames] (Mimi's,
   Pocket TTS's), and a declared main input that forward names otherwise, under forward's name
@@ -37,6 +41,8 @@ CASES = {
     "omniasr-audio": ("omniasr_audio", "OmniASRAudioModel", ["input_values"]),
     "parakeet-encoder": ("parakeet_encoder", "ParakeetEncoder", ["input_features"]),
     "nemotron3_5-audio": ("nemotron3_5_transcribe_asr_audio", "Nemotron3_5TranscribeAsrAudioModel", ["input_features"]),
+    # frames as wide as its first Linear reads: 4 x the mel bins (each with its delta, two stacked)
+    "granite-speech5-encoder": ("granite_speech5_encoder", "GraniteSpeech5Encoder", ["input_features"]),
     "audioflamingo3-encoder": ("audioflamingo3_encoder", "AudioFlamingo3Encoder",
                                ["input_features", "input_features_mask"]),
     # an audio decoder's latents, as many channels as its first convolution reads
@@ -112,6 +118,38 @@ def test_mel_layout_follows_the_convolution_that_reads_the_bins():
     assert mask.shape == features.shape[:2]
     with torch.no_grad():
         assert torch.isfinite(main_output(fun(**example_inputs_for(fun, batch=2, seq=8)))).all()
+
+
+def test_frame_width_follows_the_first_linear():
+    """No config field gives the width of a frame: the first Linear the forward reaches does, on
+    real weights and on the meta device."""
+    for make in (_tiny, _meta):
+        granite = make("granite_speech5_encoder", "GraniteSpeech5Encoder")
+        (spec,) = input_specs(granite, batch=2, seq=8)
+        assert spec.shape[0] == 2 and spec.shape[2] == 4 * granite.config.num_mel_bins == granite.input_linear.in_features
+        assert spec.dynamic == (0, 1)
+        gemma = make("gemma4_audio", "Gemma4AudioModel")
+        (spec,) = input_specs(gemma, batch=2, seq=8)
+        # two stride-2 convolutions over [frames, bins], then a Linear over (bins / 4) x their channels
+        assert spec.shape == (2, 32, 4 * gemma.subsample_conv_projection.input_proj_linear.in_features
+                              // gemma.config.subsampling_conv_channels[1])
+    for model in (_tiny("granite_speech5_encoder", "GraniteSpeech5Encoder"), _tiny("gemma4_audio", "Gemma4AudioModel")):
+        with torch.no_grad():
+            out = main_output(model(**example_inputs_for(model, batch=2, seq=8)))
+        assert out.shape[0] == 2 and torch.isfinite(out).all()
+
+
+def test_features_in_whole_chunks():
+    """Qwen3-ASR's encoder cuts [batch, bins, frames] into chunks of 2 x n_window frames."""
+    model = _tiny("qwen3_asr_encoder", "Qwen3ASREncoder")
+    features, mask = input_specs(model, batch=2, seq=8)
+    chunk = 2 * model.config.n_window
+    assert features.shape[:2] == (2, model.config.num_mel_bins) and features.shape[2] % chunk == 0
+    assert mask.shape == (2, features.shape[2])
+    (longer, _) = input_specs(model, batch=2, seq=40)  # 40 positions need more than one chunk's 13
+    assert longer.shape[2] > features.shape[2] and longer.shape[2] % chunk == 0
+    with torch.no_grad():
+        assert torch.isfinite(main_output(model(**example_inputs_for(model, batch=2, seq=8)))).all()
 
 
 def test_frame_mask_beside_features():

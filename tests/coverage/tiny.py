@@ -168,6 +168,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # 2-d rotary embedding is hidden_size / 4 wide, 4 x head_dim by its partial factor: 8 heads
     "efficientloftr": {"out_features": [16, 16, 32, 32], "stage_num_blocks": [1, 1, 1, 1],
                        "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 4},
+    # its attention projects keys and values to every head (no grouped heads): as many as the queries
+    "granite_speech5_encoder": {"num_key_value_heads": 4},
 }
 
 
