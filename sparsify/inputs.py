@@ -29,9 +29,13 @@ that input must have. One rule per kind of input, keyed by the input's name:
                      seeded [batch, patches], so that the forward is a function of its inputs
     input_features   mel features: [batch, num_mel_bins, frames] when the config has num_mel_bins
                      and a 1-d convolution reads them as channels (Whisper: exactly the frames its
-                     encoder's convolutions reduce to max_source_positions); [batch, frames,
-                     num_mel_bins] when none does (Parakeet, LASR); else [batch, frames, feature
-                     size] (Speech2Text, SeamlessM4T, wav2vec2-BERT)
+                     encoder's convolutions reduce to max_source_positions), or when it has
+                     n_window (Qwen3-ASR: whole chunks of 2 x n_window frames); [batch, frames,
+                     num_mel_bins] when none does (Parakeet, LASR), as wide as the config's
+                     input_size (Fun-ASR's stacked frames) or else as the first Linear the forward
+                     reaches is sized for (a probe: Granite Speech 5's 4 x the bins); else [batch,
+                     frames, feature size] (Speech2Text, SeamlessM4T, wav2vec2-BERT), where no
+                     config field gives that size, the probe's (Gemma 4's audio tower)
     input_features_mask  beside features, where forward takes it: [batch, frames], all valid
     input_values     a spectrogram [batch, max_length, num_mel_bins] when the config has both
                      (audio spectrogram transformer), else raw audio [batch, samples], as many
