@@ -457,7 +457,8 @@ def _latents(model: nn.Module, config, batch: int, seq: int, dtype: torch.dtype)
 
 
 class _Reached(Exception):
-    """Raised by the probe's hook at the first convolution, to stop the forward there."""
+    """Raised by a probe's hook at the module it looks for (the first convolution, a tower's
+    patch embedding), to stop the forward there."""
 
 
 def _read_channels(model: nn.Module, batch: int, samples: int, dtype: torch.dtype) -> int | None:
@@ -591,10 +592,6 @@ def _patch_layouts(embed: nn.Module | None, flat: int, patch: int, merge: int) -
     elif isinstance(embed, _EMBEDDINGS) and embed.groups == 1:
         layouts.append(tuple(embed.weight.shape[1:]))
     return list(dict.fromkeys(layouts))
-
-
-class _Reached(Exception):
-    """Raised by the probe's hook once the patch embedding has run on the patches."""
 
 
 def _reaches(model: nn.Module, specs: list[InputSpec], embed: nn.Module) -> bool:
