@@ -64,6 +64,10 @@ that input must have. One rule per kind of input, keyed by the input's name:
                      their values (sparsify.capture)
     query_embeds     BLIP-2's Q-Former: queries [batch, seq, hidden_size] and the image encoder's
                      encoder_hidden_states [batch, seq, encoder_hidden_size] they attend to
+    noise_embeds     a block-diffusion drafter's (DFlash: Muse Glimmer's assistant): one block of
+                     block_size token embeddings [batch, block_size, hidden_size] and the target
+                     model's context_hidden_states [batch, seq, hidden_size x len(target_layer_ids)],
+                     with a mask of ones over both [batch, seq + block_size]
     states           a Decision Transformer's episode: states [batch, seq, state_dim], actions
                      [.., act_dim], returns_to_go [.., 1], timesteps below max_ep_len, a mask
 
@@ -634,6 +638,8 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
             specs.append(InputSpec("encoder_hidden_states", (batch, seq, width), dtype, dynamic=(0, 1)))
     elif main == "input_values":
         specs.append(_values(model, config, batch, seq, dtype))
+    elif main == "noise_embeds":
+        specs.extend(_draft_block(model, config, names, batch, seq, dtype))
     else:
         raise CaptureError(f"cannot make example inputs for {type(model).__name__}: its main input {main} is not a "
                            "kind sparsify makes (token ids, pixel values, audio, features, latents, time series); "
@@ -650,6 +656,30 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
             f"cannot make example inputs for {type(model).__name__}: its forward also requires "
             f"{', '.join(sorted(missing))}, which its config does not describe; pass example_inputs=(x,)"
         )
+    return specs
+
+
+def _draft_block(model: nn.Module, config, names: set[str], batch: int, seq: int, dtype: torch.dtype
+                 ) -> list[InputSpec]:
+    """A block-diffusion drafter's inputs (DFlash: Muse Glimmer's assistant): the embeddings of
+    one block of block_size tokens to denoise [batch, block_size, hidden_size], and the target
+    model's states at its target_layer_ids, concatenated [batch, seq, hidden_size x layers]."""
+    width = _vocab(config, "hidden_size")
+    layers = getattr(config, "target_layer_ids", None)
+    if width is None:
+        raise CaptureError(f"cannot make noise_embeds for {type(model).__name__}: its config has no hidden_size; "
+                           "pass example_inputs=(x,)")
+    block = _vocab(config, "block_size") or seq
+    specs = [InputSpec("noise_embeds", (batch, block, width), dtype)]
+    if "context_hidden_states" in names:
+        if not isinstance(layers, (list, tuple)) or not layers:
+            raise CaptureError(f"cannot make context_hidden_states for {type(model).__name__}: its config names no "
+                               "target_layer_ids whose states they concatenate; pass example_inputs=(x,)")
+        specs.append(InputSpec("context_hidden_states", (batch, seq, width * len(layers)), dtype, dynamic=(0, 1)))
+        if "attention_mask" in names:
+            # over the keys: the context's positions, then the block's (without it the drafter's
+            # mask would span the block alone, and an export fails to broadcast it over the keys)
+            specs.append(InputSpec("attention_mask", (batch, seq + block), torch.long, dynamic=(0, 1)))
     return specs
 
 
