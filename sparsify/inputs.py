@@ -62,6 +62,11 @@ that input must have. One rule per kind of input, keyed by the input's name:
                      values fix every shape of the forward (which reads them with .tolist()):
                      its specs are `static_values`, which capture and export specialise to
                      their values (sparsify.capture)
+    target_sizes     NaViT-style towers (MiniCPM-V, MiniCPM-OCR), whose forward takes images'
+                     patches packed side by side in one row and each image's (rows, columns) of
+                     patches: `batch` images of 2w x 2w patches (w the merger's window), packed
+                     [1, channels, patch, batch * 4w^2 * patch] as their image processor packs
+                     them, and target_sizes [batch, 2]: static values too, as grid_thw's
     query_embeds     BLIP-2's Q-Former: queries [batch, seq, hidden_size] and the image encoder's
                      encoder_hidden_states [batch, seq, encoder_hidden_size] they attend to
     noise_embeds     a block-diffusion drafter's (DFlash: Muse Glimmer's assistant): one block of
@@ -172,7 +177,8 @@ def _forward_params(model: nn.Module) -> tuple[set[str], bool]:
 
 
 GRID_INPUTS = ("grid_thw", "image_grid_thw")  # the names vision towers give the grid of their patches
-STATIC_VALUE_INPUTS = (*GRID_INPUTS, "merge_sizes")  # inputs made with static_values=True
+SIZES_INPUT = "target_sizes"  # NaViT-style towers' (rows, columns) of patches per image (MiniCPM-V)
+STATIC_VALUE_INPUTS = (*GRID_INPUTS, "merge_sizes", SIZES_INPUT)  # inputs made with static_values=True
 
 
 def _grid_input(names: set[str]) -> str | None:
@@ -507,6 +513,25 @@ def _patch_grid(model: nn.Module, config, names: set[str], main: str, batch: int
     return candidates[0]  # none reads: the flat rows, whose error then names what the tower expected
 
 
+def _packed_patches(model: nn.Module, config, batch: int, dtype: torch.dtype) -> list[InputSpec]:
+    """A NaViT-style tower's input (MiniCPM-V, MiniCPM-OCR): `batch` images of side x side
+    patches, packed as its image processor packs them, every patch side by side in one row
+    [1, channels, patch, batch * side^2 * patch], and their target_sizes [batch, 2] (side, side);
+    side is twice the merger's window (window_kernel_size, else 2), so that the window merge and
+    the 2 x 2 downsampling after it both divide the grid."""
+    patch = getattr(config, "patch_size", None)
+    patch = patch[0] if isinstance(patch, (list, tuple)) and patch else patch
+    if not isinstance(patch, int) or patch <= 0:
+        raise CaptureError(f"cannot make pixel_values for {type(model).__name__}: its config has no patch_size; "
+                           "pass example_inputs=(x,)")
+    window = getattr(config, "window_kernel_size", None)
+    window = max(window) if isinstance(window, (list, tuple)) and window else 2
+    side = 2 * window
+    channels = getattr(config, "num_channels", None) or 3
+    return [InputSpec("pixel_values", (1, channels, patch, batch * side * side * patch), dtype, dynamic=()),
+            InputSpec(SIZES_INPUT, (batch, 2), torch.long, dynamic=(), fill=(side, side), static_values=True)]
+
+
 _EMBEDDINGS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -599,6 +624,8 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
             default = getattr(config, "default_language", None)
             index = list(languages).index(default) if default in languages else 0
             specs.append(InputSpec("lang_ids", (batch,), torch.long, fill=(index,)))
+    elif main == "pixel_values" and SIZES_INPUT in names:
+        specs.extend(_packed_patches(model, config, batch, dtype))
     elif main in ("hidden_states", "pixel_values") and _grid_input(names):
         specs.extend(_patch_grid(model, config, names, main, batch, dtype))
     elif main == "inputs_embeds":  # a model fed another's states (Nemotron 3.5's word-timestamp head)

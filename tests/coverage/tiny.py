@@ -168,6 +168,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # 2-d rotary embedding is hidden_size / 4 wide, 4 x head_dim by its partial factor: 8 heads
     "efficientloftr": {"out_features": [16, 16, 32, 32], "stage_num_blocks": [1, 1, 1, 1],
                        "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 4},
+    # the window-attention merger runs after layer insert_layer_id (6 of 27 in the checkpoints):
+    # after the first of the two tiny layers, so that the tiny tower runs it too
+    "minicpm_ocr_vision": {"insert_layer_id": 0},
+    "minicpmv4_7_vision": {"insert_layer_id": 0},
 }
 
 
