@@ -20,7 +20,9 @@ that input must have. One rule per kind of input, keyed by the input's name:
                      keypoint matchers (the families of transformers' keypoint-matching class);
                      [batch, num_patches, channels x patch x patch] already cut into patches,
                      with spatial_shapes and pixel_attention_mask, where forward takes them
-                     (SigLIP 2's NaFlex: a square grid)
+                     (SigLIP 2's NaFlex: a square grid), or with each patch's (x, y) in
+                     pixel_position_ids [batch, num_patches, 2] (Gemma 4: a square grid of twice
+                     pooling_kernel_size patches a side)
     inputs_embeds    where it is the declared main input (a head fed another model's states):
                      [batch, seq, hidden_size]
     prompt_*         beside pixel values, where forward takes them (SegGPT's prompt image and
@@ -116,7 +118,8 @@ class InputSpec:
     dtype: torch.dtype
     high: int = 0  # token ids are drawn from [0, high); 0: a float input drawn from N(0, 1)
     dynamic: tuple[int, ...] = (0,)
-    fill: tuple[int, ...] = ()  # a constant, broadcast to the shape (a mask of ones), not drawn
+    # a constant, broadcast to the shape (a mask of ones; nested: patches' coordinates), not drawn
+    fill: tuple = ()
     # values the forward reads as Python numbers to size its tensors (an image grid): a capture or
     # an export is specialised to them, and an exported graph holds them instead of taking them
     static_values: bool = False
@@ -310,6 +313,23 @@ def _patch_sequence(config, batch: int, dtype: torch.dtype, names: set[str]) -> 
         specs.append(InputSpec("pixel_attention_mask", (batch, side * side), torch.long, fill=(1,)))
     specs.append(InputSpec("spatial_shapes", (batch, 2), torch.long, fill=(side, side)))
     return specs
+
+
+def _positioned_patches(model: nn.Module, config, batch: int, dtype: torch.dtype) -> list[InputSpec]:
+    """Gemma 4's vision input: each image a square grid of side x side patches, flattened as its
+    image processor cuts them [batch, side^2, channels x patch x patch], and each patch's (x, y)
+    column and row in pixel_position_ids [batch, side^2, 2], row by row; side is twice the
+    pooling_kernel_size, so that the pooler averages whole k x k blocks of patches."""
+    patch = getattr(config, "patch_size", None)
+    if not isinstance(patch, int) or patch <= 0:
+        raise CaptureError(f"cannot make pixel_values for {type(model).__name__}, which reads pixel_position_ids: "
+                           "its config has no patch_size; pass example_inputs=(x,)")
+    kernel = getattr(config, "pooling_kernel_size", None)
+    side = 2 * (kernel if isinstance(kernel, int) and kernel > 0 else 1)
+    channels = getattr(config, "num_channels", None) or 3
+    grid = tuple((x, y) for y in range(side) for x in range(side))
+    return [InputSpec("pixel_values", (batch, side * side, channels * patch * patch), dtype),
+            InputSpec("pixel_position_ids", (batch, side * side, 2), torch.long, fill=grid)]
 
 
 def _patches(config, image: InputSpec) -> int | None:
@@ -643,6 +663,8 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
             specs.append(InputSpec("noise", (batch, patches), dtype))
         if "spatial_shapes" in names:
             specs[0:1] = _patch_sequence(config, batch, dtype, names)
+        if "pixel_position_ids" in names:
+            specs[0:1] = _positioned_patches(model, config, batch, dtype)
         if "prompt_pixel_values" in names and len(specs[0].shape) == 4:
             # SegGPT: the configured image is a canvas of the prompt stacked on the input, half as high each
             b, c, h, w = specs[0].shape

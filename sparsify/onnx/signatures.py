@@ -74,13 +74,15 @@ class PixelGraph(ModelGraph):
 
     def forward(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None,
                 prompt_pixel_values: torch.Tensor | None = None, prompt_masks: torch.Tensor | None = None,
-                pixel_attention_mask: torch.Tensor | None = None, spatial_shapes: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                pixel_attention_mask: torch.Tensor | None = None, spatial_shapes: torch.Tensor | None = None,
+                pixel_position_ids: torch.Tensor | None = None) -> torch.Tensor:
         # noise: ViT-MAE's masking noise, an input of the graph so that it computes the same mask;
-        # prompt_*: SegGPT's prompt image and mask; the patch grid of SigLIP 2's patch sequences
+        # prompt_*: SegGPT's prompt image and mask; the patch grid of SigLIP 2's patch sequences;
+        # the patches' coordinates (Gemma 4)
         extra = {k: v for k, v in (("noise", noise), ("prompt_pixel_values", prompt_pixel_values),
                                    ("prompt_masks", prompt_masks), ("pixel_attention_mask", pixel_attention_mask),
-                                   ("spatial_shapes", spatial_shapes)) if v is not None}
+                                   ("spatial_shapes", spatial_shapes), ("pixel_position_ids", pixel_position_ids))
+                 if v is not None}
         return self._run(pixel_values=pixel_values, **extra)
 
 
