@@ -20,7 +20,9 @@ that input must have. One rule per kind of input, keyed by the input's name:
                      keypoint matchers (the families of transformers' keypoint-matching class);
                      [batch, num_patches, channels x patch x patch] already cut into patches,
                      with spatial_shapes and pixel_attention_mask, where forward takes them
-                     (SigLIP 2's NaFlex: a square grid)
+                     (SigLIP 2's NaFlex: a square grid), or with each patch's (x, y) in
+                     pixel_position_ids [batch, num_patches, 2] (Gemma 4: a square grid of twice
+                     pooling_kernel_size patches a side)
     inputs_embeds    where it is the declared main input (a head fed another model's states):
                      [batch, seq, hidden_size]
     prompt_*         beside pixel values, where forward takes them (SegGPT's prompt image and
@@ -66,8 +68,17 @@ that input must have. One rule per kind of input, keyed by the input's name:
                      values fix every shape of the forward (which reads them with .tolist()):
                      its specs are `static_values`, which capture and export specialise to
                      their values (sparsify.capture)
+    target_sizes     NaViT-style towers (MiniCPM-V, MiniCPM-OCR), whose forward takes images'
+                     patches packed side by side in one row and each image's (rows, columns) of
+                     patches: `batch` images of 2w x 2w patches (w the merger's window), packed
+                     [1, channels, patch, batch * 4w^2 * patch] as their image processor packs
+                     them, and target_sizes [batch, 2]: static values too, as grid_thw's
     query_embeds     BLIP-2's Q-Former: queries [batch, seq, hidden_size] and the image encoder's
                      encoder_hidden_states [batch, seq, encoder_hidden_size] they attend to
+    noise_embeds     a block-diffusion drafter's (DFlash: Muse Glimmer's assistant): one block of
+                     block_size token embeddings [batch, block_size, hidden_size] and the target
+                     model's context_hidden_states [batch, seq, hidden_size x len(target_layer_ids)],
+                     with a mask of ones over both [batch, seq + block_size]
     states           a Decision Transformer's episode: states [batch, seq, state_dim], actions
                      [.., act_dim], returns_to_go [.., 1], timesteps below max_ep_len, a mask
 
@@ -111,7 +122,8 @@ class InputSpec:
     dtype: torch.dtype
     high: int = 0  # token ids are drawn from [0, high); 0: a float input drawn from N(0, 1)
     dynamic: tuple[int, ...] = (0,)
-    fill: tuple[int, ...] = ()  # a constant, broadcast to the shape (a mask of ones), not drawn
+    # a constant, broadcast to the shape (a mask of ones; nested: patches' coordinates), not drawn
+    fill: tuple = ()
     # values the forward reads as Python numbers to size its tensors (an image grid): a capture or
     # an export is specialised to them, and an exported graph holds them instead of taking them
     static_values: bool = False
@@ -172,7 +184,8 @@ def _forward_params(model: nn.Module) -> tuple[set[str], bool]:
 
 
 GRID_INPUTS = ("grid_thw", "image_grid_thw")  # the names vision towers give the grid of their patches
-STATIC_VALUE_INPUTS = (*GRID_INPUTS, "merge_sizes")  # inputs made with static_values=True
+SIZES_INPUT = "target_sizes"  # NaViT-style towers' (rows, columns) of patches per image (MiniCPM-V)
+STATIC_VALUE_INPUTS = (*GRID_INPUTS, "merge_sizes", SIZES_INPUT)  # inputs made with static_values=True
 
 
 def _grid_input(names: set[str]) -> str | None:
@@ -304,6 +317,23 @@ def _patch_sequence(config, batch: int, dtype: torch.dtype, names: set[str]) -> 
         specs.append(InputSpec("pixel_attention_mask", (batch, side * side), torch.long, fill=(1,)))
     specs.append(InputSpec("spatial_shapes", (batch, 2), torch.long, fill=(side, side)))
     return specs
+
+
+def _positioned_patches(model: nn.Module, config, batch: int, dtype: torch.dtype) -> list[InputSpec]:
+    """Gemma 4's vision input: each image a square grid of side x side patches, flattened as its
+    image processor cuts them [batch, side^2, channels x patch x patch], and each patch's (x, y)
+    column and row in pixel_position_ids [batch, side^2, 2], row by row; side is twice the
+    pooling_kernel_size, so that the pooler averages whole k x k blocks of patches."""
+    patch = getattr(config, "patch_size", None)
+    if not isinstance(patch, int) or patch <= 0:
+        raise CaptureError(f"cannot make pixel_values for {type(model).__name__}, which reads pixel_position_ids: "
+                           "its config has no patch_size; pass example_inputs=(x,)")
+    kernel = getattr(config, "pooling_kernel_size", None)
+    side = 2 * (kernel if isinstance(kernel, int) and kernel > 0 else 1)
+    channels = getattr(config, "num_channels", None) or 3
+    grid = tuple((x, y) for y in range(side) for x in range(side))
+    return [InputSpec("pixel_values", (batch, side * side, channels * patch * patch), dtype),
+            InputSpec("pixel_position_ids", (batch, side * side, 2), torch.long, fill=grid)]
 
 
 def _patches(config, image: InputSpec) -> int | None:
@@ -569,6 +599,25 @@ def _patch_grid(model: nn.Module, config, names: set[str], main: str, batch: int
     return candidates[0]  # none reads: the flat rows, whose error then names what the tower expected
 
 
+def _packed_patches(model: nn.Module, config, batch: int, dtype: torch.dtype) -> list[InputSpec]:
+    """A NaViT-style tower's input (MiniCPM-V, MiniCPM-OCR): `batch` images of side x side
+    patches, packed as its image processor packs them, every patch side by side in one row
+    [1, channels, patch, batch * side^2 * patch], and their target_sizes [batch, 2] (side, side);
+    side is twice the merger's window (window_kernel_size, else 2), so that the window merge and
+    the 2 x 2 downsampling after it both divide the grid."""
+    patch = getattr(config, "patch_size", None)
+    patch = patch[0] if isinstance(patch, (list, tuple)) and patch else patch
+    if not isinstance(patch, int) or patch <= 0:
+        raise CaptureError(f"cannot make pixel_values for {type(model).__name__}: its config has no patch_size; "
+                           "pass example_inputs=(x,)")
+    window = getattr(config, "window_kernel_size", None)
+    window = max(window) if isinstance(window, (list, tuple)) and window else 2
+    side = 2 * window
+    channels = getattr(config, "num_channels", None) or 3
+    return [InputSpec("pixel_values", (1, channels, patch, batch * side * side * patch), dtype, dynamic=()),
+            InputSpec(SIZES_INPUT, (batch, 2), torch.long, dynamic=(), fill=(side, side), static_values=True)]
+
+
 _EMBEDDINGS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -657,6 +706,8 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
             default = getattr(config, "default_language", None)
             index = list(languages).index(default) if default in languages else 0
             specs.append(InputSpec("lang_ids", (batch,), torch.long, fill=(index,)))
+    elif main == "pixel_values" and SIZES_INPUT in names:
+        specs.extend(_packed_patches(model, config, batch, dtype))
     elif main in ("hidden_states", "pixel_values") and _grid_input(names):
         specs.extend(_patch_grid(model, config, names, main, batch, dtype))
     elif main == "inputs_embeds":  # a model fed another's states (Nemotron 3.5's word-timestamp head)
@@ -674,6 +725,8 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
             specs.append(InputSpec("noise", (batch, patches), dtype))
         if "spatial_shapes" in names:
             specs[0:1] = _patch_sequence(config, batch, dtype, names)
+        if "pixel_position_ids" in names:
+            specs[0:1] = _positioned_patches(model, config, batch, dtype)
         if "prompt_pixel_values" in names and len(specs[0].shape) == 4:
             # SegGPT: the configured image is a canvas of the prompt stacked on the input, half as high each
             b, c, h, w = specs[0].shape
@@ -696,6 +749,8 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
             specs.append(InputSpec("encoder_hidden_states", (batch, seq, width), dtype, dynamic=(0, 1)))
     elif main == "input_values":
         specs.append(_values(model, config, batch, seq, dtype))
+    elif main == "noise_embeds":
+        specs.extend(_draft_block(model, config, names, batch, seq, dtype))
     else:
         raise CaptureError(f"cannot make example inputs for {type(model).__name__}: its main input {main} is not a "
                            "kind sparsify makes (token ids, pixel values, audio, features, latents, time series); "
@@ -712,6 +767,30 @@ def input_specs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT
             f"cannot make example inputs for {type(model).__name__}: its forward also requires "
             f"{', '.join(sorted(missing))}, which its config does not describe; pass example_inputs=(x,)"
         )
+    return specs
+
+
+def _draft_block(model: nn.Module, config, names: set[str], batch: int, seq: int, dtype: torch.dtype
+                 ) -> list[InputSpec]:
+    """A block-diffusion drafter's inputs (DFlash: Muse Glimmer's assistant): the embeddings of
+    one block of block_size tokens to denoise [batch, block_size, hidden_size], and the target
+    model's states at its target_layer_ids, concatenated [batch, seq, hidden_size x layers]."""
+    width = _vocab(config, "hidden_size")
+    layers = getattr(config, "target_layer_ids", None)
+    if width is None:
+        raise CaptureError(f"cannot make noise_embeds for {type(model).__name__}: its config has no hidden_size; "
+                           "pass example_inputs=(x,)")
+    block = _vocab(config, "block_size") or seq
+    specs = [InputSpec("noise_embeds", (batch, block, width), dtype)]
+    if "context_hidden_states" in names:
+        if not isinstance(layers, (list, tuple)) or not layers:
+            raise CaptureError(f"cannot make context_hidden_states for {type(model).__name__}: its config names no "
+                               "target_layer_ids whose states they concatenate; pass example_inputs=(x,)")
+        specs.append(InputSpec("context_hidden_states", (batch, seq, width * len(layers)), dtype, dynamic=(0, 1)))
+        if "attention_mask" in names:
+            # over the keys: the context's positions, then the block's (without it the drafter's
+            # mask would span the block alone, and an export fails to broadcast it over the keys)
+            specs.append(InputSpec("attention_mask", (batch, seq + block), torch.long, dynamic=(0, 1)))
     return specs
 
 

@@ -7,7 +7,8 @@
 
 MAIN is the model's own input (`sparsify.inputs`): `input_ids` (with `attention_mask`, and
 `bbox` for document models, `pixel_values` for ViLT, LXMERT's regions, `lang_ids` for X-MOD), `pixel_values`, `input_features`, `input_values`, `past_values` or a
-Decision Transformer's `states` (with actions, returns-to-go, timesteps and mask), so a
+Decision Transformer's `states` (with actions, returns-to-go, timesteps and mask) or a drafter's
+`noise_embeds` (with the target model's `context_hidden_states`), so a
 graph's inputs carry the names the model's forward gives them. Each graph is a small wrapper
 module around the model (held as
 attribute `WRAPPER`), traced with example inputs and, by default, dynamic axes: batch and
@@ -73,13 +74,15 @@ class PixelGraph(ModelGraph):
 
     def forward(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None,
                 prompt_pixel_values: torch.Tensor | None = None, prompt_masks: torch.Tensor | None = None,
-                pixel_attention_mask: torch.Tensor | None = None, spatial_shapes: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                pixel_attention_mask: torch.Tensor | None = None, spatial_shapes: torch.Tensor | None = None,
+                pixel_position_ids: torch.Tensor | None = None) -> torch.Tensor:
         # noise: ViT-MAE's masking noise, an input of the graph so that it computes the same mask;
-        # prompt_*: SegGPT's prompt image and mask; the patch grid of SigLIP 2's patch sequences
+        # prompt_*: SegGPT's prompt image and mask; the patch grid of SigLIP 2's patch sequences;
+        # the patches' coordinates (Gemma 4)
         extra = {k: v for k, v in (("noise", noise), ("prompt_pixel_values", prompt_pixel_values),
                                    ("prompt_masks", prompt_masks), ("pixel_attention_mask", pixel_attention_mask),
-                                   ("spatial_shapes", spatial_shapes)) if v is not None}
+                                   ("spatial_shapes", spatial_shapes), ("pixel_position_ids", pixel_position_ids))
+                 if v is not None}
         return self._run(pixel_values=pixel_values, **extra)
 
 
@@ -189,6 +192,17 @@ class QueryGraph(ModelGraph):
         return self._run(query_embeds=query_embeds, **extra)
 
 
+class DraftGraph(ModelGraph):
+    """noise_embeds, context_hidden_states, attention_mask -> the first output (a DFlash drafter's
+    block)."""
+
+    def forward(self, noise_embeds: torch.Tensor, context_hidden_states: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {k: v for k, v in (("context_hidden_states", context_hidden_states),
+                                   ("attention_mask", attention_mask)) if v is not None}
+        return self._run(noise_embeds=noise_embeds, **extra)
+
+
 class EncoderGraph(ModelGraph):
     """input_ids, attention_mask -> the encoder's last hidden state."""
 
@@ -240,7 +254,7 @@ def _encoder_output(hidden: torch.Tensor):
 _GRAPHS = {"input_ids": ModelGraph, "pixel_values": PixelGraph, "input_features": FeaturesGraph,
            "input_values": AudioGraph, "past_values": SeriesGraph, "pixel_values_videos": VideoGraph,
            "inputs_embeds": EmbedsGraph, "latents": LatentsGraph, "hidden_states": HiddenStatesGraph,
-           "states": TrajectoryGraph, "query_embeds": QueryGraph}
+           "states": TrajectoryGraph, "query_embeds": QueryGraph, "noise_embeds": DraftGraph}
 
 
 @torch.no_grad()
@@ -356,7 +370,10 @@ def fixed_inputs(module: nn.Module) -> dict[str, list]:
 
 
 def name_io(model: ir.Model, outputs: list[str]) -> None:
-    """Name the graph outputs, and the symbolic dims batch / sequence (not torch's s43)."""
+    """Name the graph outputs, and the symbolic dims batch / sequence (not torch's s43). Each
+    length torch keeps apart gets a name of its own (ONNX Runtime takes dims of one name to be
+    equal): one that another input's already named is called after its input (a drafter's mask
+    over context and block: attention_mask_sequence); the batch is one, whatever torch kept apart."""
     for value, name in zip(model.graph.outputs, outputs):
         value.name = name
     names: dict[str, str] = {}
@@ -364,7 +381,9 @@ def name_io(model: ir.Model, outputs: list[str]) -> None:
         for axis, dim in enumerate(value.shape or ()):
             if isinstance(dim, ir.SymbolicDim) and dim.value and dim.value not in names:
                 prefix = "encoder_" if value.name.startswith("encoder") else ""
-                names[dim.value] = prefix + ("batch" if axis == 0 else "sequence")
+                name = prefix + ("batch" if axis == 0 else "sequence")
+                taken = axis and name in names.values()
+                names[dim.value] = f"{value.name}_{name.removeprefix(prefix)}" if taken else name
     for value in [*model.graph.inputs, *model.graph.outputs, *(o for n in model.graph for o in n.outputs)]:
         if value.shape is not None and any(isinstance(d, ir.SymbolicDim) and d.value in names for d in value.shape):
             value.shape = ir.Shape([ir.SymbolicDim(names[d.value]) if isinstance(d, ir.SymbolicDim) and d.value in names

@@ -42,6 +42,13 @@ CASES = {
     # an episode: states, actions, returns-to-go, timesteps
     "decision-transformer": ("decision_transformer", "DecisionTransformerModel",
                              ["states", "actions", "returns_to_go", "timesteps", "attention_mask"]),
+    # patches packed in one row with each image's (rows, columns): the graph holds the sizes
+    "minicpm-ocr-vision": ("minicpm_ocr_vision", "MiniCPMOcrVisionModel", ["pixel_values"]),
+    # flattened patches with each one's (x, y)
+    "gemma4-vision": ("gemma4_vision", "Gemma4VisionModel", ["pixel_values", "pixel_position_ids"]),
+    # a drafter's block of noise embeddings, the target model's states and a mask over both
+    "muse-glimmer-assistant": ("muse_glimmer_assistant", "MuseGlimmerAssistantModel",
+                               ["noise_embeds", "context_hidden_states", "attention_mask"]),
 }
 
 
@@ -180,3 +187,63 @@ def test_is_all_true_in_onnx_runtime(values, tmp_path):
     sess = ort.InferenceSession(str(tmp_path / "all.onnx"), providers=["CPUExecutionProvider"])
     (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     assert bool(np.asarray(got)) == bool(torch.ops.aten._is_all_true.default(x > 0))
+
+
+def test_packed_patches_are_whole_windows():
+    """MiniCPM-V's tower: batch images of 2w x 2w patches side by side in one row, so that its
+    window merger (w x w) and the 2 x 2 downsampling after it divide each grid; the merger runs."""
+    config = tiny_config("minicpmv4_7_vision", ["MiniCPMV4_7VisionModel"])
+    torch.manual_seed(0)
+    model = transformers.MiniCPMV4_7VisionModel(config).eval()
+    specs = {s.name: s for s in input_specs(model, batch=3)}
+    assert specs["target_sizes"].static_values and specs["pixel_values"].dynamic == ()
+    inputs = example_inputs_for(model, batch=3)
+    side = 2 * max(config.window_kernel_size)
+    assert inputs["target_sizes"].tolist() == [[side, side]] * 3
+    assert inputs["pixel_values"].shape == (1, 3, config.patch_size, 3 * side * side * config.patch_size)
+    with torch.no_grad():
+        out = main_output(model(**inputs))
+    w = max(config.window_kernel_size)
+    assert out.shape == (1, 3 * side * side // (w * w), config.hidden_size) and torch.isfinite(out).all()
+
+
+def test_gemma4_patch_positions_are_a_grid():
+    """Each patch's (x, y), row by row as Gemma 4's image processor lays them out; the pooler
+    averages whole k x k blocks into (side / k)^2 soft tokens per image."""
+    config = tiny_config("gemma4_vision", ["Gemma4VisionModel"])
+    torch.manual_seed(0)
+    model = transformers.Gemma4VisionModel(config).eval()
+    inputs = example_inputs_for(model, batch=2)
+    k = config.pooling_kernel_size
+    side = 2 * k
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    grid = torch.stack([xs, ys], dim=-1).reshape(side * side, 2)
+    assert torch.equal(inputs["pixel_position_ids"], grid.expand(2, -1, -1))
+    assert inputs["pixel_values"].shape == (2, side * side, 3 * config.patch_size ** 2)
+    with torch.no_grad():
+        out = main_output(model(**inputs))
+    assert out.shape == (2 * (side // k) ** 2, config.hidden_size) and torch.isfinite(out).all()
+
+
+def test_drafter_mask_spans_context_and_block():
+    """A DFlash drafter attends over the target's context and its own block: the mask covers both."""
+    config = tiny_config("muse_glimmer_assistant", ["MuseGlimmerAssistantModel"])
+    model = transformers.MuseGlimmerAssistantModel(config).eval()
+    shapes = {s.name: s.shape for s in input_specs(model, batch=2, seq=5)}
+    assert shapes == {"noise_embeds": (2, config.block_size, config.hidden_size),
+                      "context_hidden_states": (2, 5, config.hidden_size * len(config.target_layer_ids)),
+                      "attention_mask": (2, 5 + config.block_size)}
+
+
+def test_distinct_lengths_get_distinct_onnx_names():
+    """Dims torch keeps apart are named apart (ONNX Runtime takes one name for one size); the
+    batch keeps one name."""
+    import onnx_ir as ir
+
+    from sparsify.onnx.signatures import name_io
+
+    graph = ir.Graph(inputs=[ir.Value(name="context", shape=ir.Shape(["s0", "s1"])),
+                             ir.Value(name="attention_mask", shape=ir.Shape(["s2", "s3"]))],
+                     outputs=[], nodes=[])
+    name_io(ir.Model(graph, ir_version=10), [])
+    assert [str(d) for v in graph.inputs for d in v.shape] == ["batch", "sequence", "batch", "attention_mask_sequence"]

@@ -170,6 +170,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {
                        "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 4},
     # its attention projects keys and values to every head (no grouped heads): as many as the queries
     "granite_speech5_encoder": {"num_key_value_heads": 4},
+    # the window-attention merger runs after layer insert_layer_id (6 of 27 in the checkpoints):
+    # after the first of the two tiny layers, so that the tiny tower runs it too
+    "minicpm_ocr_vision": {"insert_layer_id": 0},
+    "minicpmv4_7_vision": {"insert_layer_id": 0},
 }
 
 
