@@ -10,7 +10,11 @@ traces with. A model built with its parameters on the meta device (`sparsify.io.
 captures exactly like a loaded one: its fakes are CPU tensors, so the position tables, masks and
 ranges that forward computes from buffers or creates on the CPU meet weights of the same device
 (with meta parameters they met meta tensors and failed). Buffers are faked from their values
-(they are small and computed from the config), which the second trace below propagates.
+(they are small and computed from the config), which the second trace below propagates. Buffers
+of a few integers (`_shape_constant`: a convolution's stride, kernel size and padding, which Mimi,
+EnCodec and WavTokenizer keep as tensors and pad every call by) stay real and trace as constants,
+so that the sizes computed from them are numbers in every trace (faked, they were unbacked
+symbols, and propagated for real, garbage); `shape_constants` does the same for the ONNX export.
 
 Forward may branch on the values of its inputs ("if padding_mask.any()": FSMT, LED), which a
 symbolic trace cannot decide ("Could not guard on data-dependent expression"). Capture then

@@ -93,3 +93,60 @@ def test_large_integer_buffers_stay_symbolic_inputs():
     names = {captured.param_name(n) for n in captured.graph.nodes if n.op == "placeholder"}
     assert "position_ids" in names
     assert not any(n.op == "get_attr" for n in captured.graph.nodes)
+
+
+def test_mimi_encoder_upcycles_through_the_cli(tmp_path, sparsify_cli):
+    """The CLI path (a saved checkpoint, captured from its meta skeleton) of a codec whose every
+    convolution pads by a size computed from its integer buffers."""
+    import transformers
+
+    import sparsify
+    from sparsify.verify import compare
+    from tests.coverage.registry import family
+    from tests.coverage.tiny import tiny_config
+
+    cls_name = family("mimi_encoder").class_name
+    torch.manual_seed(0)
+    dense = getattr(transformers, cls_name)(tiny_config("mimi_encoder", [cls_name])).eval()
+    dense.save_pretrained(tmp_path / "dense")
+    code, _, err = sparsify_cli("upcycle", tmp_path / "dense", "--experts", "4", "-o", tmp_path / "moe")
+    assert code == 0, err
+    c = compare(dense, sparsify.load(tmp_path / "moe"))
+    assert c.max_abs <= 1e-5 * c.max_ref, (c.max_abs, c.max_ref)
+
+
+def test_onnx_program_of_mimi_keeps_its_integer_buffers():
+    """ONNX export traces the real model with torch.export, which fakes its buffers again: Mimi's
+    paddings (its encoder's and decoder's, computed from them) must still be numbers there."""
+    import transformers
+
+    from sparsify.inputs import example_inputs_for
+    from sparsify.onnx.export import _export_program
+    from tests.coverage.tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = transformers.MimiModel(tiny_config("mimi", ["MimiModel"])).eval()
+    kwargs = example_inputs_for(model)
+    program = _export_program(model, kwargs, None)
+    with torch.no_grad():
+        got, want = program.module()(**kwargs), model(**kwargs)
+    torch.testing.assert_close(got.audio_values, want.audio_values)
+
+
+def test_dynamic_onnx_program_of_mimi_says_to_export_static():
+    """With a dynamic audio length, Mimi's paddings are tensors computed from the length, which
+    no trace can size: refused in one line that says what to do (the static export above works)."""
+    import pytest
+    import transformers
+    from torch.export import Dim
+
+    from sparsify.errors import CaptureError
+    from sparsify.inputs import example_inputs_for
+    from sparsify.onnx.export import _export_program
+    from tests.coverage.tiny import tiny_config
+
+    model = transformers.MimiModel(tiny_config("mimi", ["MimiModel"])).eval()
+    kwargs = example_inputs_for(model)
+    dynamic = {"input_values": {0: Dim("batch", min=1), 2: Dim("length", min=2000)}}
+    with pytest.raises(CaptureError, match=r"export with static shapes \(--static"):
+        _export_program(model, kwargs, dynamic)
