@@ -10,7 +10,11 @@ traces with. A model built with its parameters on the meta device (`sparsify.io.
 captures exactly like a loaded one: its fakes are CPU tensors, so the position tables, masks and
 ranges that forward computes from buffers or creates on the CPU meet weights of the same device
 (with meta parameters they met meta tensors and failed). Buffers are faked from their values
-(they are small and computed from the config), which the second trace below propagates.
+(they are small and computed from the config), which the second trace below propagates. Buffers
+of a few integers (`_shape_constant`: a convolution's stride, kernel size and padding, which Mimi,
+EnCodec and WavTokenizer keep as tensors and pad every call by) stay real and trace as constants,
+so that the sizes computed from them are numbers in every trace (faked, they were unbacked
+symbols, and propagated for real, garbage); `shape_constants` does the same for the ONNX export.
 
 Forward may branch on the values of its inputs ("if padding_mask.any()": FSMT, LED), which a
 symbolic trace cannot decide ("Could not guard on data-dependent expression"). Capture then
@@ -47,7 +51,7 @@ import torch.nn as nn
 from .errors import CaptureError
 from .inputs import DEFAULT_BATCH, DEFAULT_SEQ, STATIC_VALUE_INPUTS, example_inputs_for, model_device
 
-__all__ = ["Captured", "capture", "specialised", "constant_tracing", "static_values", "example_inputs_for",
+__all__ = ["Captured", "capture", "shape_constants", "specialised", "constant_tracing", "static_values", "example_inputs_for",
            "DEFAULT_BATCH", "DEFAULT_SEQ"]
 
 
@@ -70,24 +74,55 @@ class Captured:
         return sig.inputs_to_parameters.get(node.name) or sig.inputs_to_buffers.get(node.name)
 
 
-def _fake_mode():
+def _fake_mode(**shape_env):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     # what torch.export makes for itself (non_strict_utils.make_fake_inputs), so that it can use this one
-    return FakeTensorMode(shape_env=ShapeEnv(tracked_fakes=[]), allow_non_fake_inputs=True, export=True)
+    return FakeTensorMode(shape_env=ShapeEnv(tracked_fakes=[], **shape_env), allow_non_fake_inputs=True, export=True)
+
+
+_SHAPE_CONSTANT_NUMEL = 64  # integer buffers up to this many elements keep their values in the trace
+
+
+def _shape_constant(t: torch.Tensor) -> bool:
+    """Whether buffer `t` holds numbers that sizes are computed from (a stride, a kernel size, a
+    padding stored as a tensor): a few integers, computed by the model, never a weight."""
+    return (t.numel() <= _SHAPE_CONSTANT_NUMEL and not (t.is_floating_point() or t.is_complex())
+            and t.device.type != "meta" and not t.is_sparse)
+
+
+@contextlib.contextmanager
+def shape_constants(model: nn.Module) -> Iterator[None]:
+    """Inside the block, torch.export of `model` (with its real weights: ONNX export) keeps the
+    values of its few-integer buffers (`_shape_constant`), as capture does: the block gives
+    torch.export the fake mode it would make for itself, which already holds those buffers as
+    constant fakes. Without such buffers nothing changes."""
+    buffers = [t for t in model.buffers() if _shape_constant(t)]
+    if not buffers:
+        yield
+        return
+    from torch._guards import TracingContext, tracing
+
+    mode = _fake_mode(trace_asserts=True)  # as torch.export's own, which asserts dynamic sizes' ranges
+    kept = [mode.fake_tensor_converter.from_real_tensor(mode, t, make_constant=True) for t in buffers]
+    with tracing(TracingContext(mode)):
+        yield
+    del kept
 
 
 @contextlib.contextmanager
 def _fake_weights(model: nn.Module, mode, device: torch.device) -> Iterator[None]:
     """Inside the block every parameter of `model` is a fake tensor of `mode` (meta ones on
     `device`) and every buffer a fake of its own value (meta ones on `device`, without one).
-    Tied tensors stay tied. The model's own tensors are put back on exit."""
+    Tied tensors stay tied; a few integers (`_shape_constant`) stay real and trace as constants.
+    The model's own tensors are put back on exit."""
     # the swap torch.export itself makes to trace with its fakes (torch.func.functional_call's too)
     from torch.nn.utils.stateless import _reparametrize_module
 
     fakes: dict[int, torch.Tensor] = {}
     state: dict[str, torch.Tensor] = {}
+    kept: list[torch.Tensor] = []
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     for name, t in named:
         if id(t) not in fakes:
@@ -97,6 +132,14 @@ def _fake_weights(model: nn.Module, mode, device: torch.device) -> Iterator[None
                 meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
                 fake = mode.fake_tensor_converter.from_meta_and_device(
                     mode, meta, device if t.device.type == "meta" else t.device)
+            elif _shape_constant(t):
+                # its value is part of the architecture: kept, so that sizes computed from it
+                # (a convolution's padding from its stride and kernel size) are numbers. The
+                # buffer itself stays: torch.export fakes it again and finds this constant fake
+                # in the mode's memo (a fake of a fake would lose the value); the memo holds
+                # fakes weakly, so `kept` holds them for the block
+                kept.append(mode.fake_tensor_converter.from_real_tensor(mode, t, make_constant=True))
+                fake = t
             else:
                 fake = mode.from_tensor(t, static_shapes=True)
             fakes[id(t)] = nn.Parameter(fake, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else fake

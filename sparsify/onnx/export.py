@@ -188,16 +188,30 @@ def _export_program(module: nn.Module, kwargs: dict, dynamic_shapes: dict | None
     ties it to another (xLSTM, CPM-Ant: a fixed sequence length; Reformer: its chunking), makes
     torch.export fail with "Constraints violated (L['input_ids'].size()[1])"; that is refused in
     one line naming the axes. (Dim.AUTO would export such models, but as graphs that only run at
-    the traced sizes while their inputs read as dynamic: ONNX Runtime then fails at other sizes.)"""
+    the traced sizes while their inputs read as dynamic: ONNX Runtime then fails at other sizes.)
+    A forward that computes sizes as tensors from a dynamic size (audio codecs pad each
+    convolution by a length computed from the input's and their integer stride buffers, which
+    `shape_constants` keeps as values) cannot be traced dynamic: refused, saying to export static."""
+    from ..capture import shape_constants
+
     try:
-        return torch.export.export(module, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        with shape_constants(module):
+            return torch.export.export(module, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as err:
+        from ..capture import _data_dependent
+
         first = (str(err).strip().splitlines() or [""])[0]
+        model = type(getattr(module, WRAPPER, module)).__name__
+        if dynamic_shapes and _data_dependent(err):
+            # sizes computed as tensors from a dynamic size (an audio codec's padding from the
+            # length): unknown values to the trace, known ones at fixed shapes
+            raise CaptureError(f"could not export {model} to ONNX with dynamic shapes: its forward computes sizes from "
+                               "tensor values (data-dependent); export with static shapes (--static, or dynamic=False)"
+                               ) from err
         if not dynamic_shapes or "Constraints violated" not in first:
             raise
         axes = re.findall(r"L\['(\w+)'\]\.size\(\)\[(\d+)\]", first)
         named = ", ".join(dict.fromkeys(f"{name} axis {axis}" for name, axis in axes)) or "an input axis"
-        model = type(getattr(module, WRAPPER, module)).__name__
         raise CaptureError(f"could not export {model} to ONNX with dynamic shapes: the model fixes the size of {named} "
                            "(or ties it to another); export with static shapes (--static, or dynamic=False)") from err
 
