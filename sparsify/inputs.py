@@ -408,19 +408,8 @@ def _read_width(model: nn.Module, batch: int, frames: int, guess: int, dtype: to
         device = torch.device("meta") if params and params[0].device.type == "meta" else model_device(model)
         x = torch.zeros(batch, frames, width, dtype=dtype, device=device)
         handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)]
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                model(**{main_input_param(model) or "input_features": x})
-        except _Reached:
-            pass
-        except Exception:  # a forward that cannot run on the probe: the config decides
+        if not _run_probe(model, {main_input_param(model) or "input_features": x}, handles):
             return None
-        finally:
-            model.train(was_training)
-            for h in handles:
-                h.remove()
         if not reached or not isinstance(reached[0][1], torch.Tensor) or reached[0][1].dim() < 2:
             return None
         return reached[0][0], reached[0][1].shape[-1]
@@ -491,6 +480,26 @@ class _Reached(Exception):
     patch embedding), to stop the forward there."""
 
 
+def _run_probe(model: nn.Module, kwargs: dict, handles: list) -> bool:
+    """Run `model(**kwargs)` in eval mode without gradients until a probe hook raises `_Reached`;
+    False when the forward fails before that (the config decides then). Restores the mode and
+    removes `handles` either way."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(**kwargs)
+    except _Reached:
+        pass
+    except Exception:  # a forward that cannot run on the probe
+        return False
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return True
+
+
 def _read_channels(model: nn.Module, batch: int, samples: int, dtype: torch.dtype) -> int | None:
     """How many channels `model` reads its main input with, as [batch, channels, samples], when
     it hands that input to its first 1-d convolution without a channel axis (codecs: DAC, EnCodec,
@@ -512,19 +521,8 @@ def _read_channels(model: nn.Module, batch: int, samples: int, dtype: torch.dtyp
     x = torch.zeros(batch, samples, dtype=dtype, device=device)
     param = main_input_param(model) or "input_values"
     handles = [c.register_forward_pre_hook(hook) for c in convs]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(**{param: x})
-    except _Reached:
-        pass
-    except Exception:  # a forward that cannot run on the probe: the config decides
+    if not _run_probe(model, {param: x}, handles):
         return None
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
     if not reached:
         return None
     conv, got = reached[0]
