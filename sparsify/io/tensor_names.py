@@ -152,7 +152,7 @@ class TensorNames:
             try:
                 made = self._convert(group, meta)
             except Exception:  # an op that needs values: learn its outputs from the real tensors once
-                made = self._convert(group, lambda n: (lambda: store.read(n)))
+                made = self._convert_stored(group)
             for name, t in made.items():
                 self.converted[name] = (first, tuple(t.shape), t.dtype)
         # Tied pairs as transformers declares them ({target: source}), then tensors the model
@@ -182,6 +182,19 @@ class TensorNames:
             converter.add_tensor(group.first, original, pattern, reader(original))
         made = converter.convert(group.first, model=self.model, config=getattr(self.model, "config", None))
         return {k: (v[0] if isinstance(v, list) else v) for k, v in made.items()}
+
+    def _convert_stored(self, group: _Group) -> dict[str, torch.Tensor]:
+        """`_convert` on the stored tensors. A converter that fails on them (a view by head
+        counts that the tensors' sizes do not fit) would fail in `from_pretrained` too: the
+        checkpoint does not match its config, said in one line instead of transformers' traceback."""
+        try:
+            return self._convert(group, lambda n: (lambda: self.store.read(n)))
+        except Exception as err:
+            stored = ", ".join(f"'{s}'" for s, _ in group.sources[:2]) + (", ..." if len(group.sources) > 2 else "")
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise SourceError(f"checkpoint '{self.path}': transformers cannot convert stored tensor {stored} into "
+                              f"the model's '{group.first}' ({reason}); the weights do not match config.json "
+                              "(transformers' from_pretrained runs the same conversion)") from err
 
     def _resolve(self, name: str) -> str | None:
         """The model name whose stored tensor fills `name` (itself, or the source it is tied to)."""
@@ -260,7 +273,7 @@ class TensorNames:
         first = self.converted[resolved][0]
         if self._cached is None or self._cached[0] != first:
             self._cached = None  # release the previous group before converting the next
-            self._cached = (first, self._convert(self.groups[first], lambda n: (lambda: self.store.read(n))))
+            self._cached = (first, self._convert_stored(self.groups[first]))
         return self._cached[1][resolved].contiguous()
 
     def check(self, spec: str) -> None:

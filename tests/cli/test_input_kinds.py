@@ -7,16 +7,12 @@ transformers saves ViT, CLIP and AST under legacy names that this branch's reade
 
 from __future__ import annotations
 
-import onnx
 import pytest
 import torch
 import transformers
 
-import sparsify
 from sparsify.inputs import example_inputs_for
-from sparsify.onnx.signatures import graph_paths
-from sparsify.verify import compare, main_output
-from tests.coverage.check import run_onnx
+from tests.cli.round_trip import graph_inputs, onnx_rel, upcycle_verify_export
 from tests.coverage.tiny import tiny_config
 
 # id: (model_type, class, config overrides, ONNX graph inputs by role)
@@ -54,31 +50,14 @@ def _saved(case: str, path):
     return model
 
 
-def _onnx_matches(model, out, inputs) -> float:
-    with torch.no_grad():
-        ref = main_output(model(**inputs)).float()
-    got = torch.from_numpy(run_onnx(graph_paths(model, out), inputs)).float()
-    assert got.shape == ref.shape
-    return float((got - ref).abs().max() / ref.abs().max())
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_upcycle_verify_export_without_input_arguments(case, tmp_path, sparsify_cli):
     dense = _saved(case, tmp_path / "dense")
-    code, stdout, err = sparsify_cli("upcycle", tmp_path / "dense", "--experts", "8", "-o", tmp_path / "moe")
-    assert code == 0, err
-    moe = sparsify.load(tmp_path / "moe")
-    c = compare(dense, moe)
-    assert c.max_abs <= 1e-5 * c.max_ref, (c.max_abs, c.max_ref)
-    code, stdout, _ = sparsify_cli("verify", tmp_path / "dense", tmp_path / "moe")
-    assert code == 0 and "match" in stdout
-    out = tmp_path / "moe.onnx"
-    code, _, err = sparsify_cli("export", tmp_path / "moe", "--onnx", "-o", out)
-    assert code == 0, err
+    moe, out = upcycle_verify_export(sparsify_cli, dense, tmp_path, experts=8)
     for role, names in CASES[case][3].items():
-        assert [i.name for i in onnx.load(str(graph_paths(moe, out)[role])).graph.input] == names
+        assert graph_inputs(moe, out, role) == names
     # another batch size (and, for raw audio and tokens, another length) than the export traced
-    assert _onnx_matches(moe, out, example_inputs_for(moe, batch=3, seq=11, seed=1)) < 1e-4
+    assert onnx_rel(moe, out, example_inputs_for(moe, batch=3, seq=11, seed=1)) < 1e-4
 
 
 def test_whisper_verifies_and_exports_with_mel_features(tmp_path, sparsify_cli):
@@ -90,7 +69,6 @@ def test_whisper_verifies_and_exports_with_mel_features(tmp_path, sparsify_cli):
     out = tmp_path / "whisper.onnx"
     code, _, err = sparsify_cli("export", tmp_path / "dense", "--onnx", "-o", out)
     assert code == 0, err
-    paths = graph_paths(dense, out)
-    assert [i.name for i in onnx.load(str(paths["encoder"])).graph.input] == ["input_features"]
-    assert [i.name for i in onnx.load(str(paths["decoder"])).graph.input] == ["decoder_input_ids", "encoder_hidden_states"]
-    assert _onnx_matches(dense, out, example_inputs_for(dense, batch=3, seq=5, seed=1)) < 1e-4
+    assert graph_inputs(dense, out, "encoder") == ["input_features"]
+    assert graph_inputs(dense, out, "decoder") == ["decoder_input_ids", "encoder_hidden_states"]
+    assert onnx_rel(dense, out, example_inputs_for(dense, batch=3, seq=5, seed=1)) < 1e-4

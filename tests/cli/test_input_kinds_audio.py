@@ -24,16 +24,13 @@ make those inputs:
 
 from __future__ import annotations
 
-import onnx
 import pytest
 import torch
 import transformers
 
-import sparsify
 from sparsify.inputs import example_inputs_for, fixed_options, input_specs
-from sparsify.onnx.signatures import graph_paths
-from sparsify.verify import compare, main_output
-from tests.coverage.check import run_onnx
+from sparsify.verify import main_output
+from tests.cli.round_trip import graph_inputs, onnx_rel, upcycle_verify_export
 from tests.coverage.tiny import tiny_config
 
 # id: (model_type, class, ONNX graph inputs of the single graph)
@@ -68,24 +65,9 @@ def test_upcycle_verify_export_without_input_arguments(case, tmp_path, sparsify_
     model_type, cls, names = CASES[case]
     dense = _tiny(model_type, cls)
     dense.save_pretrained(tmp_path / "dense", save_original_format=False)
-    code, _, err = sparsify_cli("upcycle", tmp_path / "dense", "--experts", "4", "-o", tmp_path / "moe")
-    assert code == 0, err
-    moe = sparsify.load(tmp_path / "moe")
-    c = compare(dense, moe)
-    assert c.max_abs <= 1e-5 * c.max_ref, (c.max_abs, c.max_ref)
-    code, stdout, _ = sparsify_cli("verify", tmp_path / "dense", tmp_path / "moe")
-    assert code == 0 and "match" in stdout
-    out = tmp_path / "moe.onnx"
-    code, _, err = sparsify_cli("export", tmp_path / "moe", "--onnx", "-o", out)
-    assert code == 0, err
-    path = graph_paths(moe, out)["model"]
-    assert [i.name for i in onnx.load(str(path)).graph.input] == names
-    inputs = example_inputs_for(moe, batch=3, seq=11, seed=1)  # another batch and length than traced
-    with torch.no_grad():
-        ref = main_output(moe(**inputs)).float()
-    got = torch.from_numpy(run_onnx({"model": path}, inputs)).float()
-    assert got.shape == ref.shape
-    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-4
+    moe, out = upcycle_verify_export(sparsify_cli, dense, tmp_path)
+    assert graph_inputs(moe, out) == names
+    assert onnx_rel(moe, out, example_inputs_for(moe, batch=3, seq=11, seed=1)) < 1e-4  # another batch and length
 
 
 def test_raw_audio_channels_follow_the_first_convolution():

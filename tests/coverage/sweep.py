@@ -17,6 +17,8 @@ transformers lacks is reported, not failed).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import multiprocessing
 import os
@@ -25,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from tests.coverage.check import Result, check_family, classify
 from tests.coverage.registry import families
@@ -141,13 +144,34 @@ def load_results(path: Path = RESULTS) -> dict[str, Result]:
 
 
 def save_results(results: dict[str, Result], path: Path = RESULTS) -> None:
-    """Record `results` (sorted by family) with the versions they were measured with."""
+    """Record `results` (sorted by family) with the versions they were measured with, written
+    whole to a temporary file and renamed over `path` (a reader never sees half a file)."""
     import torch
     import transformers
 
     data = {"transformers": transformers.__version__, "torch": torch.__version__,
             "results": [results[k].to_dict() for k in sorted(results)]}
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _locked(path: Path = RESULTS):
+    """Hold an exclusive lock on `path`'s directory: sweeps run at once (two `--record` runs)
+    take turns to read, change and write results.json, so none drops another's records."""
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def record_results(update: Callable[[dict[str, Result]], dict[str, Result]], path: Path = RESULTS) -> None:
+    """Apply `update` to the results on disk now (not as they were when this sweep began) and save."""
+    with _locked(path):
+        save_results(update(load_results(path)), path)
 
 
 def expected_pass(path: Path = EXPECTED) -> list[str]:
@@ -213,19 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     names = args.families or [f.model_type for f in families()]
 
     record = not args.families or args.record
-    recorded = load_results()
 
     def progress(r: Result, n: int, total: int) -> None:
         print(f"[{n}/{total}] {row(r)}  ({r.seconds:.0f} s)", flush=True)
         if record:  # saved as each family ends, so that an interrupted sweep keeps what it measured
-            recorded[r.model_type] = r
-            save_results(recorded)
+            record_results(lambda recorded: {**recorded, r.model_type: r})
 
     results = run_families(names, jobs=args.jobs, timeout=args.timeout, progress=progress)
     print()
     _print_table(results)
     if not args.families:  # a whole sweep also forgets families the registry no longer has
-        save_results({n: recorded[n] for n in names})
+        record_results(lambda recorded: {n: recorded[n] for n in names if n in recorded})
     bad = regressions({r.model_type: r for r in results}, expected_pass())
     for r in bad:
         print(f"REGRESSION: {r.model_type} is expected to pass: {r.stage}: {r.reason}", file=sys.stderr)

@@ -96,3 +96,33 @@ def test_readme_and_details_are_the_recorded_results():
     section = BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END
     assert section == render(_recorded, _versions(RESULTS))
     assert DETAILS.read_text() == render_details(_recorded, _versions(RESULTS))
+
+
+def _record_many(path: str, worker: int, count: int, start) -> None:
+    from pathlib import Path
+
+    from tests.coverage.check import Result
+    from tests.coverage.sweep import record_results
+
+    start.wait()  # all at once
+    for i in range(count):
+        r = Result(f"w{worker}-{i}", result="pass")
+        record_results(lambda recorded: {**recorded, r.model_type: r}, Path(path))
+
+
+def test_sweeps_recording_at_once_keep_every_record(tmp_path):
+    """Two `--record` sweeps at once: each writes as its families end, and neither drops what
+    the other wrote (real processes on a real file)."""
+    import multiprocessing
+
+    path = tmp_path / "results.json"
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Barrier(3)
+    procs = [ctx.Process(target=_record_many, args=(str(path), w, 100, start)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert set(load_results(path)) == {f"w{w}-{i}" for w in range(3) for i in range(100)}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left

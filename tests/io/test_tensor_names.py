@@ -162,3 +162,23 @@ def test_every_family_with_other_saved_names_reads_back_by_model_name(tmp_path, 
     names.check(str(tmp_path))
     for name, tensor in dense.state_dict().items():
         assert torch.equal(names.read(name), tensor), name
+
+
+def test_a_conversion_the_stored_tensors_do_not_fit_is_one_line(tmp_path, sparsify_cli):
+    """Gradium Phonon TTS saves its attention as one `in_proj` that transformers splits and
+    permutes by head counts. Saved with grouped queries, the stored tensor does not fit that
+    view (from_pretrained fails on it too): one line naming the tensors, no output."""
+    from transformers import AutoModel
+
+    from tests.coverage.tiny import tiny_config
+
+    config = tiny_config("gradium_phonon_tts")
+    config.num_key_value_heads = config.num_attention_heads // 2
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(tmp_path / "src")
+    code, out, err = sparsify_cli("upcycle", tmp_path / "src", "--experts", "4", "-o", tmp_path / "out")
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "cannot convert stored tensor 'layers.0.self_attn.in_proj.weight'" in err, err
+    assert "do not match config.json" in err, err
+    assert not (tmp_path / "out").exists()

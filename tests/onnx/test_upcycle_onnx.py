@@ -109,3 +109,42 @@ def test_a_recipe_sets_each_layer_of_the_graph(dense_onnx, tmp_path):
     assert Recipe(json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["sparsify"])["plan"]["recipe"]) \
         == recipe.with_options({"router_init_std": 0.5})
     assert rel(run(out, feeds("model")), run(dense, feeds("model"))) < 1e-5
+
+
+def _scaled_gated_graph(path, scale: float):
+    """A gated FFN written as Falcon-H1 writes its multipliers: x -> gate MatMul * s -> SiLU
+    (x * Sigmoid(x)), times up MatMul * s, * s, -> down MatMul * s (an Identity on the way)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("gate.weight", (8, 16)), ("up.weight", (8, 16)), ("down.weight", (16, 8)))]
+    inits.append(numpy_helper.from_array(np.array(scale, np.float32), "s"))
+    nodes = [helper.make_node("MatMul", ["x", "gate.weight"], ["g0"]), helper.make_node("Mul", ["g0", "s"], ["g"]),
+             helper.make_node("Sigmoid", ["g"], ["sg"]), helper.make_node("Mul", ["g", "sg"], ["act"]),
+             helper.make_node("MatMul", ["x", "up.weight"], ["u0"]), helper.make_node("Mul", ["s", "u0"], ["u"]),
+             helper.make_node("Mul", ["act", "u"], ["p0"]), helper.make_node("Div", ["p0", "s"], ["p1"]),
+             helper.make_node("Identity", ["p1"], ["p"]),
+             helper.make_node("MatMul", ["p", "down.weight"], ["y0"]), helper.make_node("Mul", ["y0", "s"], ["y"])]
+    graph = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+@pytest.mark.parametrize("target", ["ort", "standard"])
+def test_products_by_one_are_the_identity(tmp_path, target):
+    """Multipliers of 1 around and inside a gated FFN (Falcon-H1's defaults) are looked
+    through, as the ATen matcher does: one gated SiLU site, and the MoE reproduces the graph."""
+    src = _scaled_gated_graph(tmp_path / "ffn.onnx", 1.0)
+    x = {"x": np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)}
+    out = tmp_path / "moe.onnx"
+    result = upcycle_onnx(src, out, experts=3, top_k=1, layers=[0], router_init_std=0.5, target=target)
+    assert [(s.form, s.activation) for s in result.plan.sites] == [("gated", "silu")]
+    assert rel(run(out, x), run(src, x)) < 1e-5
+
+
+def test_a_product_by_another_constant_is_not_looked_through(tmp_path):
+    src = _scaled_gated_graph(tmp_path / "ffn.onnx", 2.0)
+    with pytest.raises(NoFFNFoundError):
+        upcycle_onnx(src, tmp_path / "moe.onnx", experts=3, target="standard")

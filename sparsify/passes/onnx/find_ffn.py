@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import ast
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx_ir as ir
 
 from ...plan import FFNSite, Rejected
 from ..find_ffn import _stack_and_layer
-from .trace import FFNTrace, Projection, projection_at, trace_ffn
+from .trace import FFNTrace, Projection, projection_at, through_ones, trace_ffn
 
 __all__ = ["OnnxFFN", "FindFFNOnnx", "find_ffns"]
 
@@ -94,7 +94,9 @@ def find_ffns(model: ir.Model) -> tuple[list[OnnxFFN], list[Rejected]]:
         down = projection_at(node, rank=2)
         if down is None:
             continue
-        a = down.input
+        a, ones = through_ones(down.input)  # products by 1 before the output projection are part of it
+        if ones:
+            down = replace(down, input=a, nodes=[*ones, *down.nodes])
         t = trace_ffn(a, rank=2)
         if t is None:
             continue
@@ -103,7 +105,8 @@ def find_ffns(model: ir.Model) -> tuple[list[OnnxFFN], list[Rejected]]:
         weights = [p.weight.name or "" for p in roles if p is not None]
         name = _site_name([*(t.nodes if traced else []), *down.nodes], weights, len(found) + len(rejected))
         problem = None if traced else t
-        if problem is None and (a.is_graph_output() or any(user not in down.nodes for user, _ in a.uses())):
+        if problem is None and any(v.is_graph_output() or any(user not in down.nodes for user, _ in v.uses())
+                                   for v in (a, *(n.outputs[0] for n in ones))):
             problem = "the activation output is also used outside the FFN"
         if problem is None:
             dims = _check_shapes(t, down)

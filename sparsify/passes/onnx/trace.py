@@ -16,7 +16,7 @@ Both ONNX FFN discovery (weights [in, out]) and `fuse-moe-ort` (experts [E, in, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -24,7 +24,8 @@ import torch
 
 from ...activations import identify_activation
 
-__all__ = ["Projection", "FFNTrace", "projection_at", "projection_of", "trace_ffn", "is_const", "name_activation"]
+__all__ = ["Projection", "FFNTrace", "projection_at", "projection_of", "trace_ffn", "is_const", "name_activation",
+           "through_ones"]
 
 _UNARY = {
     "Relu", "Sigmoid", "Tanh", "Erf", "Gelu", "Elu", "Selu", "Celu", "LeakyRelu", "Softplus",
@@ -179,8 +180,48 @@ def _fused_part(value: ir.Value, rank: int) -> Projection | None:
     return Projection(proj.input, proj.weight, proj.bias, value, [*proj.nodes, node], proj.transposed, part)
 
 
+def _is_one(value: ir.Value | None) -> bool:
+    """True for a constant single 1 that broadcasting cannot widen (a scalar or a [1])."""
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    if tensor is None:
+        return False
+    array = tensor.numpy()
+    return array.size == 1 and array.ndim <= 1 and float(array.reshape(-1)[0]) == 1.0
+
+
+def through_ones(value: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
+    """`value` looked back through the ops that return their input (`Identity`, a product with
+    or a quotient by the constant 1, as Falcon-H1 writes its default multipliers), and those
+    ops in graph order. `x * 1` is `x` for every float, so a function of one is a function of
+    the other: the same rule as the ATen matcher's `is_transparent`."""
+    nodes: list[ir.Node] = []
+    while True:
+        node = value.producer()
+        if _std(node, "Identity"):
+            inner = node.inputs[0]
+        elif _std(node, "Mul") and len(node.inputs) == 2 and _is_one(node.inputs[1]) != _is_one(node.inputs[0]):
+            inner = node.inputs[0] if _is_one(node.inputs[1]) else node.inputs[1]
+        elif _std(node, "Div") and len(node.inputs) == 2 and _is_one(node.inputs[1]) and not is_const(node.inputs[0]):
+            inner = node.inputs[0]
+        else:
+            return value, nodes[::-1]
+        if inner is None:
+            return value, nodes[::-1]
+        nodes.append(node)
+        value = inner
+
+
 def projection_of(value: ir.Value, rank: int) -> Projection | None:
-    """The projection whose output is `value`, if it is one (or one part of a fused one)."""
+    """The projection whose output is `value`, if it is one (or one part of a fused one), the
+    products by 1 after it included (`through_ones`)."""
+    inner, ones = through_ones(value)
+    if ones:
+        p = _projection_of(inner, rank)
+        return None if p is None else replace(p, output=value, nodes=[*p.nodes, *ones])
+    return _projection_of(value, rank)
+
+
+def _projection_of(value: ir.Value, rank: int) -> Projection | None:
     fused = _fused_part(value, rank)
     if fused is not None:
         return fused

@@ -88,4 +88,6 @@ class UpcycleFFNOnnx(ir.passes.InPlacePass):
         if old in graph.outputs:
             out.name, old.name = old.name, None
         ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
-        out.dtype, out.shape = old.dtype, old.shape
+        # a graph without inferred types (hand-written, or not shape-inferred) leaves the old
+        # value untyped; the MoE computes in the weights' dtype, which a typed graph agrees with
+        out.dtype, out.shape = old.dtype or dtype, old.shape
