@@ -12,7 +12,7 @@ import torch.nn as nn
 from .errors import OptionError
 from .inputs import example_inputs_for
 
-__all__ = ["Comparison", "compare", "main_output", "RTOL", "rtol_for", "weights_dtype", "lowest_precision", "check_atol"]
+__all__ = ["Comparison", "compare", "main_output", "seeded_output", "RTOL", "rtol_for", "weights_dtype", "lowest_precision", "check_atol"]
 
 # Default tolerance relative to the largest reference output, by the lowest precision among the
 # weights compared. float32 differs only by summation order; bfloat16 (8-bit mantissa) and
@@ -87,15 +87,25 @@ def main_output(out) -> torch.Tensor:
     return t
 
 
+def seeded_output(model: nn.Module, inputs: dict, seed: int = 0) -> torch.Tensor:
+    """`main_output(model(**inputs))` with torch's generator set to `seed` for the call (and
+    restored after). A forward that draws random numbers in eval mode (ViLT samples image
+    patches with torch.multinomial) then draws the same ones in the dense model and in its
+    conversion, whose MoE layers draw none: their outputs are comparable."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return main_output(model(**inputs))
+
+
 @torch.no_grad()
 def compare(reference: nn.Module, candidate: nn.Module, seed: int = 0, batch: int = 2, seq: int = 16) -> Comparison:
     """Run both models (eval mode) on the same inputs made from the reference's config."""
     inputs = example_inputs_for(reference, batch=batch, seq=seq, seed=seed)
     reference.eval()
     candidate.eval()
-    ref = main_output(reference(**inputs)).float()
+    ref = seeded_output(reference, inputs, seed).float()
     try:
-        got = main_output(candidate(**inputs)).float()
+        got = seeded_output(candidate, inputs, seed).float()
     except (TypeError, ValueError, RuntimeError, IndexError, StopIteration) as err:
         # Another architecture's model does not take the reference's inputs (decoder ids, token
         # ids past its vocabulary, ...): the two were not meant to be compared.

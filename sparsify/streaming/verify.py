@@ -39,7 +39,7 @@ from ..moe import Router
 from ..formats.native import native_config_view
 from ..plan import UpcyclePlan
 from ..rewrite import chain_steps
-from ..verify import Comparison, main_output
+from ..verify import Comparison, seeded_output
 from .layers import StreamedMoE, install_streamed
 from .layout import Part, StoredTensor
 from .output import UpcycledOutput, converted_skeleton
@@ -234,7 +234,7 @@ def compare_streamed(dense: nn.Module, moe: str | Path, seed: int = 0, batch: in
     dense.eval()
     inputs = example_inputs_for(dense, batch=batch, seq=seq, seed=seed)
     say("running the dense model")
-    ref = main_output(dense(**inputs)).float()
+    ref = seeded_output(dense, inputs, seed).float()
 
     meta = converted_skeleton(dense.config, plan, type(dense), where=out.path)
     layout = out.layout(meta)
@@ -282,7 +282,7 @@ def compare_streamed(dense: nn.Module, moe: str | Path, seed: int = 0, batch: in
 
     replaced = install_streamed(dense, plan, make)
     say("running the MoE model layer by layer")
-    got = main_output(dense(**inputs)).float()
+    got = seeded_output(dense, inputs, seed).float()
     for site in plan.selected_sites:  # layers no input reached: their tensors are checked all the same
         if dense.get_submodule(site.path).calls == 0:
             read_site(ckpt, layout, plan, site, check, derived)

@@ -13,7 +13,7 @@ import transformers
 
 import sparsify
 from sparsify.inputs import example_inputs_for, input_specs
-from sparsify.verify import main_output
+from sparsify.verify import compare, main_output
 from tests.cli.round_trip import graph_inputs, onnx_rel, upcycle_verify_export
 from tests.coverage.tiny import tiny_config
 
@@ -229,3 +229,23 @@ def test_distinct_lengths_get_distinct_onnx_names():
                      outputs=[], nodes=[])
     name_io(ir.Model(graph, ir_version=10), [])
     assert [str(d) for v in graph.inputs for d in v.shape] == ["batch", "sequence", "batch", "attention_mask_sequence"]
+
+
+def test_a_forward_that_samples_is_compared_under_one_seed(tmp_path, sparsify_cli):
+    """ViLT picks image patches with torch.multinomial in eval mode: two dense runs on the same
+    inputs differ. `compare` and `sparsify verify` run both models under the same seed, so the
+    upcycled model matches, and verify says so instead of blaming the output's weights."""
+    from sparsify.inputs import example_inputs_for as inputs_for
+    from sparsify.verify import seeded_output
+
+    dense = _saved("vilt", "ViltModel", tmp_path / "dense")
+    x = inputs_for(dense)
+    with torch.no_grad():
+        assert not torch.equal(main_output(dense(**x)), main_output(dense(**x)))  # it does sample
+        assert torch.equal(seeded_output(dense, x), seeded_output(dense, x))
+    code, _, err = sparsify_cli("upcycle", tmp_path / "dense", "--experts", "4", "-o", tmp_path / "moe")
+    assert code == 0, err
+    c = compare(dense, sparsify.load(tmp_path / "moe"))
+    assert c.max_abs <= 1e-5 * c.max_ref, (c.max_abs, c.max_ref)
+    code, stdout, _ = sparsify_cli("verify", tmp_path / "dense", tmp_path / "moe")
+    assert code == 0 and "match" in stdout
