@@ -183,10 +183,9 @@ def _fused_part(value: ir.Value, rank: int) -> Projection | None:
 def _is_one(value: ir.Value | None) -> bool:
     """True for a constant single 1 that broadcasting cannot widen (a scalar or a [1])."""
     tensor = ir.convenience.get_const_tensor(value) if value is not None else None
-    if tensor is None:
+    if tensor is None or tensor.size != 1 or len(tensor.shape) > 1:  # checked before reading: a weight may be large
         return False
-    array = tensor.numpy()
-    return array.size == 1 and array.ndim <= 1 and float(array.reshape(-1)[0]) == 1.0
+    return float(tensor.numpy().reshape(-1)[0]) == 1.0
 
 
 def through_ones(value: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
