@@ -92,7 +92,9 @@ def seeded_output(model: nn.Module, inputs: dict, seed: int = 0) -> torch.Tensor
     restored after). A forward that draws random numbers in eval mode (ViLT samples image
     patches with torch.multinomial) then draws the same ones in the dense model and in its
     conversion, whose MoE layers draw none: their outputs are comparable."""
-    with torch.random.fork_rng(devices=[]):
+    tensors = [*model.parameters(), *(v for v in inputs.values() if isinstance(v, torch.Tensor))]
+    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):  # manual_seed seeds CUDA too: restore what it touches
         torch.manual_seed(seed)
         return main_output(model(**inputs))
 
