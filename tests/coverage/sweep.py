@@ -159,7 +159,8 @@ def save_results(results: dict[str, Result], path: Path = RESULTS) -> None:
 @contextlib.contextmanager
 def _locked(path: Path = RESULTS):
     """Hold an exclusive lock on `path`'s directory: sweeps run at once (two `--record` runs)
-    take turns to read, change and write results.json, so none drops another's records."""
+    take turns to read, change and write results.json, so none drops another's records. By hand
+    (fcntl) rather than with `filelock`, which would leave a lock file beside results.json."""
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
